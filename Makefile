@@ -1,0 +1,54 @@
+# Two commands do everything on a fresh machine: `make test` and `make demo`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: help deps venv tools lint typecheck unit test demo stack-up stack-down crd clean
+
+help:
+	@echo "make test   - install what is missing, start the local stack, run ruff, mypy and every test"
+	@echo "make unit   - pure unit tests only (no services)"
+	@echo "make demo   - run the demo job on a local stack"
+	@echo "make crd    - re-render crds/ and the chart's CRD from the models"
+
+deps:
+	@scripts/install-deps
+
+$(BIN)/mljob: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/mljob
+
+tools: deps venv
+	$(BIN)/mljob dev tools
+
+lint: venv
+	$(BIN)/ruff check operator tests
+	$(BIN)/ruff format --check operator tests
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -m unit -q
+
+test: deps venv lint typecheck tools
+	@scripts/run-tests
+
+crd: venv
+	$(BIN)/mljob crd
+
+demo: deps venv tools
+	@scripts/demo
+
+stack-up: deps venv tools
+	$(BIN)/mljob dev stack up
+
+stack-down: venv
+	$(BIN)/mljob dev stack down
+
+clean:
+	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The MLJob API: pydantic models that are the single source of truth for the CRD."""

@@ -1,0 +1,121 @@
+"""The `mljob` command: operator, worker, collector, CRD rendering and the local dev stack."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+POINTER = Path(".stack") / "dir"
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from mljob.api import crd
+
+    root = Path(args.root)
+    if args.check:
+        stale = [p for p, text in crd.rendered_files(root).items() if not p.exists() or p.read_text() != text]
+        if stale:
+            print("stale CRD files (run `mljob crd`): " + ", ".join(map(str, stale)), file=sys.stderr)
+            return 1
+        return 0
+    if args.stdout:
+        sys.stdout.write(crd.render_yaml())
+        return 0
+    for path in crd.write(root):
+        print(f"wrote {path}")
+    return 0
+
+
+def _stack_dir(args: argparse.Namespace) -> Path:
+    if args.dir:
+        return Path(args.dir)
+    if os.environ.get("MLJOB_STACK_DIR"):
+        return Path(os.environ["MLJOB_STACK_DIR"])
+    if POINTER.exists():
+        return Path(POINTER.read_text().strip())
+    raise SystemExit("no running stack found: run `mljob dev stack up` first")
+
+
+def _cmd_stack(args: argparse.Namespace) -> int:
+    from mljob.devstack import stack as devstack
+    from mljob.devstack.tools import ToolError
+
+    if args.action == "up":
+        try:
+            running = devstack.up(Path(args.dir) if args.dir else None)
+        except (devstack.StackError, ToolError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        POINTER.parent.mkdir(exist_ok=True)
+        POINTER.write_text(str(running.directory))
+        print(running.export_lines())
+        return 0
+    directory = _stack_dir(args)
+    if args.action == "env":
+        print(devstack.Stack.load(directory).export_lines())
+        return 0
+    devstack.down(directory)
+    if POINTER.exists() and POINTER.read_text().strip() == str(directory):
+        POINTER.unlink()
+    return 0
+
+
+def _cmd_tools(args: argparse.Namespace) -> int:
+    from mljob.devstack import tools
+
+    for name in args.names or tools.ensure_all():
+        print(tools.ensure(name))
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from mljob.db.migrate import apply_migrations
+
+    dsn = args.dsn or os.environ.get("MLJOB_POSTGRES_DSN")
+    if not dsn:
+        print("error: set --dsn or MLJOB_POSTGRES_DSN", file=sys.stderr)
+        return 1
+    with psycopg.connect(dsn) as conn:
+        applied = apply_migrations(conn, schema=args.schema)
+    print("applied: " + (", ".join(applied) or "nothing (up to date)"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mljob", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    crd = sub.add_parser("crd", help="render the MLJob CRD from the models")
+    crd.add_argument("--root", default=".", help="repository root (default: .)")
+    crd.add_argument("--check", action="store_true", help="fail if the committed files are stale")
+    crd.add_argument("--stdout", action="store_true", help="print instead of writing files")
+    crd.set_defaults(func=_cmd_crd)
+
+    migrate = sub.add_parser("migrate", help="apply the Postgres migrations")
+    migrate.add_argument("--dsn")
+    migrate.add_argument("--schema")
+    migrate.set_defaults(func=_cmd_migrate)
+
+    dev = sub.add_parser("dev", help="local development helpers").add_subparsers(dest="dev", required=True)
+    stack = dev.add_parser("stack", help="start/stop the local kube-apiserver, NATS, Redis, Postgres")
+    stack.add_argument("action", choices=["up", "down", "env"])
+    stack.add_argument("--dir", help="stack directory (default: a new temporary directory)")
+    stack.set_defaults(func=_cmd_stack)
+    tools_cmd = dev.add_parser("tools", help="build (once) and print the cached Go-built binaries")
+    tools_cmd.add_argument("names", nargs="*")
+    tools_cmd.set_defaults(func=_cmd_tools)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The functional core: pure decisions over observed snapshots. No I/O lives here."""

@@ -1,0 +1,36 @@
+"""The MLJob phase state machine.
+
+Terminal phases are absorbing; Canceling may only become Cancelled. Every writer (the CR
+status, the Postgres compare-and-set, the CEL rules on the server) follows this one table.
+"""
+
+from __future__ import annotations
+
+from mljob.api.models import FINALIZABLE_PHASES, TERMINAL_PHASES, Phase
+
+_ALLOWED: dict[Phase | None, frozenset[Phase]] = {
+    None: frozenset({Phase.PENDING, Phase.DISPATCHING, Phase.RUNNING, Phase.CANCELING, *TERMINAL_PHASES}),
+    Phase.PENDING: frozenset({Phase.DISPATCHING, Phase.RUNNING, Phase.CANCELING, *TERMINAL_PHASES}),
+    Phase.DISPATCHING: frozenset({Phase.RUNNING, Phase.CANCELING, *TERMINAL_PHASES}),
+    Phase.RUNNING: frozenset({Phase.CANCELING, *TERMINAL_PHASES}),
+    Phase.CANCELING: frozenset({Phase.CANCELLED}),
+    Phase.SUCCEEDED: frozenset(),
+    Phase.FAILED: frozenset(),
+    Phase.CANCELLED: frozenset(),
+}
+
+
+def is_terminal(phase: Phase | None) -> bool:
+    return phase in TERMINAL_PHASES
+
+
+def can_transition(current: Phase | None, target: Phase) -> bool:
+    """True when `current` may move to `target` (staying put is always allowed)."""
+    return current == target or target in _ALLOWED[current]
+
+
+def finalizable_from(target: Phase) -> frozenset[Phase]:
+    """The phases from which the guarded terminal write to `target` may fire."""
+    if target == Phase.CANCELLED:
+        return FINALIZABLE_PHASES | {Phase.CANCELING}
+    return FINALIZABLE_PHASES

@@ -1,0 +1,158 @@
+"""The worker wire protocol: names, subjects, headers and message bodies.
+
+Everything a worker (in any language) and the operator must agree on lives here, and
+docs/protocol.md describes the same contract. Every per-job name carries the MLJob UID, so a
+re-created MLJob with the same name is a different job with different streams and keys.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROTOCOL_VERSION = 1
+
+#: The shared results stream, fed by every worker of every job.
+RESULTS_STREAM = "MLJOB_RESULTS"
+RESULTS_SUBJECT_PREFIX = "mljob.results"
+RESULTS_CONSUMER = "collector"
+#: Core NATS subject on which the collector says "job <uid> has nothing pending".
+DRAINED_SUBJECT_PREFIX = "mljob.events.drained"
+#: JetStream key-value bucket where active jobs are registered; workers watch it.
+REGISTRY_BUCKET = "mljob-registry"
+#: Header carrying the idempotency key that JetStream de-duplicates on.
+MSG_ID_HEADER = "Nats-Msg-Id"
+#: Results larger than this are replaced by a failed result that says so.
+MAX_RESULT_BYTES = 256 * 1024
+
+
+def task_stream(uid: str) -> str:
+    """The job's own work-queue stream (stream names allow [A-Za-z0-9_-])."""
+    return f"MLJOB_{uid}"
+
+
+def task_subject(pipeline: str, uid: str) -> str:
+    return f"mljob.tasks.{pipeline}.{uid}"
+
+
+def task_consumer(uid: str) -> str:
+    return f"workers-{uid}"
+
+
+def results_subject(uid: str) -> str:
+    return f"{RESULTS_SUBJECT_PREFIX}.{uid}"
+
+
+def drained_subject(uid: str) -> str:
+    return f"{DRAINED_SUBJECT_PREFIX}.{uid}"
+
+
+def registry_key(pipeline: str, uid: str) -> str:
+    return f"{pipeline}.{uid}"
+
+
+def task_msg_id(uid: str, item_id: str) -> str:
+    return f"{uid}:{item_id}"
+
+
+def result_msg_id(uid: str, item_id: str) -> str:
+    return f"result:{uid}:{item_id}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobRef(BaseModel):
+    """Which job a task belongs to."""
+
+    model_config = ConfigDict(extra="ignore")
+    uid: str
+    namespace: str
+    name: str
+    pipeline: str
+
+
+class Task(BaseModel):
+    """One task message: the body published on the job's task subject."""
+
+    model_config = ConfigDict(extra="ignore")
+    version: int = PROTOCOL_VERSION
+    job: JobRef
+    item: dict[str, Any] = Field(description="The item: at least `id`, plus its free fields.")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def item_id(self) -> str:
+        return str(self.item["id"])
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Result(BaseModel):
+    """One result message, published by a worker to `mljob.results.<uid>`."""
+
+    model_config = ConfigDict(extra="ignore")
+    version: int = PROTOCOL_VERSION
+    job_uid: str = Field(min_length=1)
+    item_id: str = Field(min_length=1)
+    outcome: Outcome
+    result: Any = None
+    error: str | None = None
+    attempts: int = Field(default=1, ge=1)
+    worker: str | None = None
+    finished_at: datetime = Field(default_factory=utcnow)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class RegistryEntry(BaseModel):
+    """What a worker needs to pull a job's tasks; the value under `<pipeline>.<uid>`."""
+
+    model_config = ConfigDict(extra="ignore")
+    uid: str
+    namespace: str
+    name: str
+    pipeline: str
+    stream: str
+    consumer: str
+    subject: str
+    created: datetime
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class MalformedMessage(ValueError):
+    """A message that cannot be parsed; it goes to the dead-letter table, never crashes a loop."""
+
+
+def decode_task(data: bytes) -> Task:
+    try:
+        task = Task.model_validate_json(data)
+    except ValidationError as err:
+        raise MalformedMessage(f"invalid task: {err.errors()[0]['msg']} at {err.errors()[0]['loc']}") from err
+    if not str(task.item.get("id", "")):
+        raise MalformedMessage("invalid task: item has no id")
+    return task
+
+
+def decode_result(data: bytes) -> Result:
+    try:
+        return Result.model_validate_json(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise MalformedMessage(f"invalid result: {first['msg']} at {first['loc']}") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MalformedMessage(f"invalid result: {err}") from err
