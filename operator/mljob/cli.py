@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     tools_cmd = dev.add_parser("tools", help="build (once) and print the cached Go-built binaries")
     tools_cmd.add_argument("names", nargs="*")
     tools_cmd.set_defaults(func=_cmd_tools)
+
+    from mljob.operator_cli import add_parser as add_operator_parser
+
+    add_operator_parser(sub)
     return parser
 
 

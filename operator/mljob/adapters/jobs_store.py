@@ -1,0 +1,134 @@
+"""The Postgres job row: the arbiter of the terminal verdict.
+
+The terminal transition is a compare-and-set (`UPDATE ... WHERE phase = ANY(finalizable)`),
+so of two racing writers exactly one wins; the loser reads and mirrors the winner's phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from mljob.api.models import TERMINAL_PHASES, Phase
+from mljob.core.counts import ItemCounts
+from mljob.core.phases import finalizable_from
+
+
+@dataclass(frozen=True)
+class JobRow:
+    uid: str
+    phase: Phase
+    reason: str | None
+    message: str | None
+    total: int
+    processed: int
+    failed: int
+    completion_time: datetime | None
+
+
+@dataclass(frozen=True)
+class FinishOutcome:
+    won: bool  # this writer's guard fired
+    row: JobRow  # what Postgres holds now: mirror it
+
+
+_NON_TERMINAL = [p.value for p in Phase if p not in TERMINAL_PHASES]
+_COLUMNS = "uid, phase, reason, message, total, processed, failed, completion_time"
+
+
+def _row(values: tuple[Any, ...]) -> JobRow:
+    uid, phase, reason, message, total, processed, failed, completion = values
+    return JobRow(uid, Phase(phase), reason, message, total, processed, failed, completion)
+
+
+class JobsStore:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def ensure(self, uid: str, namespace: str, name: str, pipeline: str, spec: dict[str, Any]) -> None:
+        """Create the row (Pending) once; a resumed job keeps its row as it is."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO mljob_jobs (uid, namespace, name, pipeline, phase, spec, start_time) "
+                "VALUES (%s, %s, %s, %s, 'Pending', %s, now()) ON CONFLICT (uid) DO NOTHING",
+                (uid, namespace, name, pipeline, Jsonb(spec)),
+            )
+
+    async def get(self, uid: str) -> JobRow | None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(f"SELECT {_COLUMNS} FROM mljob_jobs WHERE uid = %s", (uid,))
+            found = await cur.fetchone()
+        return _row(found) if found else None
+
+    async def progress(self, uid: str, phase: Phase, counts: ItemCounts, dispatched: int) -> None:
+        """Mirror progress; never touches a terminal row (a late writer cannot regress it)."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE mljob_jobs SET phase = %s, total = %s, dispatched = %s, processed = %s, failed = %s, "
+                "last_activity_time = COALESCE(to_timestamp(%s), last_activity_time), updated_at = now() "
+                "WHERE uid = %s AND phase = ANY(%s)",
+                (
+                    phase.value,
+                    counts.total,
+                    dispatched,
+                    counts.processed,
+                    counts.failed,
+                    counts.last_activity,
+                    uid,
+                    _NON_TERMINAL,
+                ),
+            )
+
+    async def set_phase(
+        self, uid: str, phase: Phase, actor: str, reason: str = "", message: str = ""
+    ) -> None:
+        """A non-terminal phase change (Dispatching, Running), with its audit row."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE mljob_jobs j SET phase = %s, updated_at = now() "
+                "FROM (SELECT phase FROM mljob_jobs WHERE uid = %s FOR UPDATE) old "
+                "WHERE j.uid = %s AND j.phase = ANY(%s) AND j.phase <> %s RETURNING old.phase",
+                (phase.value, uid, uid, _NON_TERMINAL, phase.value),
+            )
+            previous = await cur.fetchone()
+            if previous:
+                await conn.execute(
+                    "INSERT INTO mljob_transitions (job_uid, from_phase, to_phase, reason, message, actor) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    (uid, previous[0], phase.value, reason, message, actor),
+                )
+
+    async def finish(
+        self, uid: str, target: Phase, reason: str, message: str, counts: ItemCounts | None, actor: str
+    ) -> FinishOutcome:
+        """Compare-and-set to a terminal phase; returns whether we won and what the row holds."""
+        allowed = [p.value for p in finalizable_from(target)]
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute("SELECT phase FROM mljob_jobs WHERE uid = %s FOR UPDATE", (uid,))
+            before = await cur.fetchone()
+            sets = "phase = %s, reason = %s, message = %s, completion_time = now(), updated_at = now()"
+            params: list[Any] = [target.value, reason, message]
+            if counts is not None:
+                sets += ", total = %s, processed = %s, failed = %s"
+                params += [counts.total, counts.processed, counts.failed]
+            cur = await conn.execute(
+                f"UPDATE mljob_jobs SET {sets} WHERE uid = %s AND phase = ANY(%s) RETURNING {_COLUMNS}",
+                (*params, uid, allowed),
+            )
+            won = await cur.fetchone()
+            if won:
+                await conn.execute(
+                    "INSERT INTO mljob_transitions (job_uid, from_phase, to_phase, reason, message, actor) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    (uid, before[0] if before else None, target.value, reason, message, actor),
+                )
+                return FinishOutcome(True, _row(won))
+            cur = await conn.execute(f"SELECT {_COLUMNS} FROM mljob_jobs WHERE uid = %s", (uid,))
+            current = await cur.fetchone()
+        if current is None:
+            raise LookupError(f"job {uid} has no Postgres row")
+        return FinishOutcome(False, _row(current))

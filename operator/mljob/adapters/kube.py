@@ -1,0 +1,136 @@
+"""Kubernetes access: MLJob status writes (merge and guarded JSON patches), ConfigMaps, Events.
+
+The official client is synchronous; every call runs in a worker thread so the operator's
+event loop never blocks on the API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from mljob.api.models import GROUP, KIND, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+
+def load_config() -> client.ApiClient:
+    """In-cluster config when running in a pod, else KUBECONFIG / ~/.kube/config."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+class GuardFailed(Exception):
+    """The guarded status patch found a phase other than the one it read."""
+
+
+@dataclass(frozen=True)
+class JobRef:
+    namespace: str
+    name: str
+    uid: str
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            body: dict[str, Any] = await asyncio.to_thread(
+                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return body
+
+    async def patch_status(self, job: JobRef, fields: dict[str, Any]) -> None:
+        """Merge-patch some status fields (progress, cursor, conditions)."""
+        await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            job.namespace,
+            PLURAL,
+            job.name,
+            {"status": fields},
+        )
+
+    async def guarded_status(self, job: JobRef, expected_phase: str | None, fields: dict[str, Any]) -> None:
+        """A JSON patch whose `test` op checks the phase we read: a concurrent writer makes it fail."""
+        ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/uid", "value": job.uid}]
+        if expected_phase is None:
+            ops.append({"op": "add", "path": "/status", "value": {}})
+        else:
+            ops.append({"op": "test", "path": "/status/phase", "value": expected_phase})
+        ops += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()]
+        try:
+            await asyncio.to_thread(
+                self.custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                job.namespace,
+                PLURAL,
+                job.name,
+                ops,
+            )
+        except ApiException as err:
+            if err.status in (409, 422):
+                raise GuardFailed(_reason(err)) from err
+            raise
+
+    async def configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            cm = await asyncio.to_thread(self.core.read_namespaced_config_map, name, namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return dict(cm.data or {})
+
+    async def event(self, job: JobRef, reason: str, message: str, warning: bool = False) -> None:
+        """Best effort: an Event that cannot be posted is logged, never fatal."""
+        from datetime import datetime
+
+        stamp = datetime.now(UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{job.name}.", namespace=job.namespace),
+            involved_object=client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}",
+                kind=KIND,
+                name=job.name,
+                namespace=job.namespace,
+                uid=job.uid,
+            ),
+            reason=reason,
+            message=message[:1024],
+            type="Warning" if warning else "Normal",
+            first_timestamp=stamp,
+            last_timestamp=stamp,
+            count=1,
+            source=client.V1EventSource(component="mljob-operator"),
+        )
+        try:
+            await asyncio.to_thread(self.core.create_namespaced_event, job.namespace, body)
+        except ApiException as err:
+            log.warning("could not post event %s for %s/%s: %s", reason, job.namespace, job.name, err.reason)
+
+
+def _reason(err: ApiException) -> str:
+    try:
+        return str(json.loads(err.body).get("message", err.reason))
+    except (TypeError, ValueError):
+        return str(err.reason)

@@ -1,0 +1,79 @@
+"""kopf wiring: a few lines per handler, each delegating to the module that does the work."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from mljob import protocol
+from mljob.api.models import GROUP, PLURAL, VERSION
+from mljob.lifecycle import JobLoop, cleanup_job
+from mljob.services import Services, connect
+from mljob.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+PREFIX = GROUP
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    settings.persistence.finalizer = f"{PREFIX}/cleanup"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    # Inline items can be large: keep them out of the diff base kopf stores in an annotation.
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration", ignored_fields=["spec.items", "spec.params"]
+    )
+    settings.posting.enabled = False  # handler log lines are not Events; we post our own
+    settings.watching.server_timeout = 300
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    configure_kopf(settings)
+    config: OperatorSettings = memo.config
+    services = await connect(config)
+    memo.services = services
+
+    async def on_drained(msg: Any) -> None:
+        services.wake(msg.subject.rsplit(".", 1)[-1])
+
+    await services.nc.subscribe(f"{protocol.DRAINED_SUBJECT_PREFIX}.*", cb=on_drained)
+    memo.collector_stop = asyncio.Event()
+    memo.collector_task = None
+    if config.run_collector:
+        from mljob.collector import Collector
+
+        collector = Collector(
+            services.js, services.nc, services.state, services.results, on_drained=_wake_async(services)
+        )
+        memo.collector_task = asyncio.create_task(collector.run(memo.collector_stop))
+    log.info("mljob operator ready (collector %s)", "in-process" if config.run_collector else "external")
+
+
+def _wake_async(services: Services) -> Any:
+    async def wake(uid: str) -> None:
+        services.wake(uid)
+
+    return wake
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    memo.collector_stop.set()
+    if memo.collector_task is not None:
+        await asyncio.wait([memo.collector_task], timeout=10)
+    await memo.services.close()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+async def job_daemon(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
+    services: Services = memo.services
+    wake = services.wakeups.setdefault(body["metadata"]["uid"], asyncio.Event())
+    await JobLoop(services, body).run(stopped, wake)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def job_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await cleanup_job(memo.services, body["metadata"]["uid"], str(body.get("spec", {}).get("pipeline", "")))

@@ -1,0 +1,67 @@
+"""`mljob operator`: run the kopf operator embedded, with its connections and the collector."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Any
+
+from mljob.settings import OperatorSettings
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("operator", help="run the MLJob operator")
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=None,
+        help="watch only this namespace (repeatable); default: cluster-wide",
+    )
+    parser.add_argument("--peering", action="store_true", help="enable kopf peering for HA replicas")
+    parser.add_argument("--reconcile-interval", type=float, help="seconds between reconcile ticks")
+    parser.add_argument(
+        "--no-collector",
+        action="store_true",
+        help="do not run the results collector in-process (run `mljob collector`)",
+    )
+    parser.add_argument("--nats-url")
+    parser.add_argument("--redis-url")
+    parser.add_argument("--postgres-dsn")
+    parser.add_argument("--verbose", "-v", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+
+    import mljob.handlers  # noqa: F401 - registers the handlers
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("kopf.objects", "kopf._core.engines.peering", "kopf.activities.probe"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = OperatorSettings()
+    for attr in ("nats_url", "redis_url", "postgres_dsn", "reconcile_interval"):
+        value = getattr(args, attr)
+        if value is not None:
+            setattr(config, attr, value)
+    if args.namespace:
+        config.namespaces = args.namespace
+    if args.peering:
+        config.peering = True
+    if args.no_collector:
+        config.run_collector = False
+    memo = kopf.Memo(config=config)
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not config.namespaces,
+            namespaces=config.namespaces,
+            standalone=not config.peering,
+            memo=memo,
+        )
+    )
+    return 0

@@ -1,0 +1,119 @@
+"""Long-lived connections shared by every job: NATS/JetStream, Redis, a Postgres pool, Kubernetes.
+
+A dependency that is down at start-up gets one clear log line naming it, then retries with
+backoff; the operator never crash-loops with a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from mljob.adapters import jetstream
+from mljob.adapters.jobs_store import JobsStore
+from mljob.adapters.kube import Kube, load_config
+from mljob.adapters.redis_state import JobState
+from mljob.adapters.results_store import ResultsStore, make_pool
+from mljob.db.migrate import apply_migrations_async
+from mljob.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def with_retry(what: str, attempt: Callable[[], Awaitable[T]], max_delay: float = 10.0) -> T:
+    """Retry `attempt` until it succeeds, logging one line per failure that names the dependency."""
+    delay = 0.5
+    while True:
+        try:
+            return await attempt()
+        except Exception as err:
+            log.error("cannot reach %s (%s: %s); retrying in %.0fs", what, type(err).__name__, err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+
+
+@dataclass
+class Services:
+    settings: OperatorSettings
+    nc: NATS
+    js: JetStreamContext
+    registry: KeyValue
+    redis: Redis
+    state: JobState
+    pool: AsyncConnectionPool
+    jobs: JobsStore
+    results: ResultsStore
+    kube: Kube
+    wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def wake(self, uid: str) -> None:
+        event = self.wakeups.get(uid)
+        if event is not None:
+            event.set()
+
+    async def close(self) -> None:
+        for closing in (self.nc.drain(), self.redis.aclose(), self.pool.close()):
+            try:
+                await closing
+            except Exception as err:
+                log.warning("error while closing: %s", err)
+
+
+async def connect(settings: OperatorSettings) -> Services:
+    async def nats_connect() -> NATS:
+        nc = await nats.connect(
+            settings.nats_url,
+            max_reconnect_attempts=-1,
+            allow_reconnect=True,
+            connect_timeout=3,
+            name="mljob-operator",
+        )
+        await nc.jetstream().account_info()
+        return nc
+
+    nc = await with_retry(f"NATS at {settings.nats_url}", nats_connect)
+    js = nc.jetstream()
+    registry = await with_retry(
+        "the NATS job registry", lambda: jetstream.registry(js, settings.stream_replicas)
+    )
+    await with_retry(
+        "the NATS results stream", lambda: jetstream.ensure_results_stream(js, settings.stream_replicas)
+    )
+
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, health_check_interval=30)
+    await with_retry(f"Redis at {settings.redis_url}", redis.ping)
+
+    pool = make_pool(settings.postgres_dsn, settings.postgres_schema, min_size=1, max_size=10)
+
+    await pool.open(wait=False)
+
+    async def open_and_migrate() -> None:
+        await pool.wait(timeout=5)
+        async with pool.connection() as conn:
+            await apply_migrations_async(conn, settings.postgres_schema)
+
+    await with_retry("Postgres", open_and_migrate)
+    kube = Kube(load_config())
+    return Services(
+        settings=settings,
+        nc=nc,
+        js=js,
+        registry=registry,
+        redis=redis,
+        state=JobState(redis, settings.redis_prefix),
+        pool=pool,
+        jobs=JobsStore(pool),
+        results=ResultsStore(pool),
+        kube=kube,
+    )
