@@ -13,8 +13,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from e2e_support.env import E2E
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = ROOT / "crds"
@@ -137,3 +141,17 @@ def pg_schema(stack: StackEnv) -> Iterator[str]:
     yield name
     with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def e2e(
+    stack: StackEnv, kubectl: Kubectl, crd_installed: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[E2E]:
+    """One operator per test module, watching its own namespace (see e2e_support.env)."""
+    from e2e_support.env import make_e2e
+
+    env_iter = make_e2e(stack, kubectl, Path(tmp_path_factory.mktemp("e2e")))
+    env = next(env_iter)
+    env.start_operator()
+    yield env
+    next(env_iter, None)

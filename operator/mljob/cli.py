@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     from mljob.operator_cli import add_parser as add_operator_parser
 
     add_operator_parser(sub)
+    from mljob.collector_cli import add_parser as add_collector_parser
+
+    add_collector_parser(sub)
+    from mljob.worker.cli import add_parser as add_worker_parser
+
+    add_worker_parser(sub)
     return parser
 
 

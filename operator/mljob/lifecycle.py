@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from mljob import protocol
 from mljob.adapters import jetstream
-from mljob.adapters.kube import GuardFailed, JobRef
+from mljob.adapters.kube import JobRef
 from mljob.api.models import TERMINAL_PHASES, MLJobSpec, Phase
 from mljob.core import reconcile
 from mljob.core.conditions import same_conditions, set_condition
@@ -32,19 +31,10 @@ from mljob.dispatch import (
     stream_settings,
     task_bodies,
 )
+from mljob.finish import finish_job, iso, now_iso
 from mljob.services import Services
 
 log = logging.getLogger(__name__)
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class JobLoop:
@@ -152,7 +142,7 @@ class JobLoop:
     async def progress(self, fields: dict[str, Any], counts: ItemCounts | None) -> None:
         desired = dict(fields)
         if counts is not None and counts.last_activity is not None:
-            desired["lastActivityTime"] = _iso(counts.last_activity)
+            desired["lastActivityTime"] = iso(counts.last_activity)
         delta = reconcile.status_delta(self.status, desired)
         if not delta:
             return  # idle: no write anywhere
@@ -261,72 +251,12 @@ class JobLoop:
 
     # ------------------------------------------------------------------ finish
     async def finish(self, verdict: reconcile.Verdict, counts: ItemCounts | None) -> None:
-        """Postgres decides (compare-and-set); the CR then mirrors what Postgres holds."""
-        outcome = await self.s.jobs.finish(
-            self.ref.uid, verdict.phase, verdict.reason, verdict.message, counts, self.s.settings.actor
+        _, _row = await finish_job(
+            self.s.jobs, self.s.kube, self.ref, self.generation, verdict, counts, self.s.settings.actor
         )
-        row = outcome.row
-        if not outcome.won:
-            log.info(
-                "job %s/%s: Postgres already holds %s; mirroring it",
-                self.ref.namespace,
-                self.ref.name,
-                row.phase,
-            )
-        await self.mirror(row.phase, row.reason or "", row.message or "", counts)
-        if outcome.won:
-            await self.s.kube.event(
-                self.ref, row.phase.value, row.message or "", warning=row.phase is Phase.FAILED
-            )
-
-    async def mirror(self, phase: Phase, reason: str, message: str, counts: ItemCounts | None) -> None:
-        for _ in range(5):
-            fresh = await self.s.kube.get_job(self.ref.namespace, self.ref.name)
-            if fresh is None or fresh["metadata"]["uid"] != self.ref.uid:
-                return
-            current = dict(fresh.get("status") or {})
-            self.status = current
-            if current.get("phase") in TERMINAL_PHASES:
-                return  # already terminal: absorbing, nothing to write
-            fields: dict[str, Any] = {
-                "phase": phase.value,
-                "completionTime": now_iso(),
-                "observedGeneration": self.generation,
-            }
-            if counts is not None:
-                fields.update(reconcile.progress_fields(counts, int(current.get("dispatched", 0))))
-                if counts.last_activity is not None:
-                    fields["lastActivityTime"] = _iso(counts.last_activity)
-            conditions = current.get("conditions", [])
-            done = "True" if phase is not Phase.FAILED else "False"
-            conditions = set_condition(
-                conditions, "Complete", done, reason, message, self.generation, now_iso()
-            )
-            conditions = set_condition(
-                conditions,
-                "Failed",
-                "True" if phase is Phase.FAILED else "False",
-                reason,
-                message,
-                self.generation,
-                now_iso(),
-            )
-            conditions = set_condition(
-                conditions, "Progressing", "False", reason, message, self.generation, now_iso()
-            )
-            fields["conditions"] = conditions
-            try:
-                await self.s.kube.guarded_status(self.ref, current.get("phase"), fields)
-            except GuardFailed as err:
-                log.info(
-                    "status of %s/%s changed under us (%s); re-reading",
-                    self.ref.namespace,
-                    self.ref.name,
-                    err,
-                )
-                continue
-            self.status.update(fields)
-            return
+        fresh = await self.s.kube.get_job(self.ref.namespace, self.ref.name)
+        if fresh is not None:
+            self.status = dict(fresh.get("status") or {})
 
     async def _mirror_terminal_to_postgres(self) -> None:
         """A CR that is terminal but whose row is not (e.g. written before a crash) gets the row fixed."""

@@ -43,6 +43,7 @@ class JobRef:
 
 class Kube:
     def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
 
@@ -78,19 +79,24 @@ class Kube:
             ops.append({"op": "test", "path": "/status/phase", "value": expected_phase})
         ops += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()]
         try:
-            await asyncio.to_thread(
-                self.custom.patch_namespaced_custom_object_status,
-                GROUP,
-                VERSION,
-                job.namespace,
-                PLURAL,
-                job.name,
-                ops,
-            )
+            await asyncio.to_thread(self._json_patch_status, job, ops)
         except ApiException as err:
             if err.status in (409, 422):
                 raise GuardFailed(_reason(err)) from err
             raise
+
+    def _json_patch_status(self, job: JobRef, ops: list[dict[str, Any]]) -> None:
+        # The generated client always sends merge-patch for custom objects; a `test` op needs
+        # a real JSON patch, so call the endpoint directly with the right content type.
+        self.api.call_api(
+            f"/apis/{GROUP}/{VERSION}/namespaces/{job.namespace}/{PLURAL}/{job.name}/status",
+            "PATCH",
+            header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
+            body=ops,
+            auth_settings=["BearerToken"],
+            response_type="object",
+            _return_http_data_only=True,
+        )
 
     async def configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
         try:

@@ -1,0 +1,258 @@
+"""Per-job item state in Redis: the authoritative "what is still pending" record.
+
+Layout (all keys of one job share the hash tag ``{<uid>}``, so a Redis Cluster keeps them on one
+slot and the Lua scripts below may touch them together):
+
+* ``<prefix>:{<uid>}:pending``  SET of item ids not finished yet
+* ``<prefix>:{<uid>}:failed``   SET of item ids that finished failed
+* ``<prefix>:{<uid>}:total``    number of items; present only once the state is complete
+* ``<prefix>:{<uid>}:activity`` unix seconds (float) of the last newly recorded result
+
+Why this shape:
+
+* ``total`` appears last, atomically with ``pending`` (failure-modes row 9): ``initialize`` fills a
+  private staging set and a script renames it into place and sets ``total`` in one step, so no
+  reader ever sees a half-registered job as "complete", and an interrupted attempt leaves nothing
+  visible (its staging set expires on its own).
+* Recording is one Lua script per item, so "remove from pending, add to failed, bump activity" is
+  atomic and a replayed result is recognised as a duplicate (row 1).
+* A result for a job without state never creates keys (row 10): recreating a cleaned-up job's
+  keys would leak them and could make a finished job look unfinished.
+
+Works with clients built with ``decode_responses`` on or off.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from mljob.core.counts import ItemCounts
+
+__all__ = ["JobKeys", "JobState", "RecordOutcome", "RecordStatus"]
+
+#: A staging set of an interrupted ``initialize`` disappears by itself after this long.
+STAGING_TTL_SECONDS = 3600
+#: Items per pipeline round trip in ``record``/``mark_failed``.
+RECORD_PIPELINE_SIZE = 1000
+#: SADD commands (of ``chunk`` ids each) sent per pipeline round trip in ``initialize``.
+CHUNKS_PER_ROUND_TRIP = 10
+
+# KEYS: total, pending, failed, activity. ARGV: item id, "1" when failed, now (unix seconds).
+# Returns {status, pending_left}: status 1 = newly recorded, 0 = duplicate, -1 = no state.
+_RECORD_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {-1, -1}
+end
+local removed = redis.call('SREM', KEYS[2], ARGV[1])
+if removed == 1 then
+  if ARGV[2] == '1' then
+    redis.call('SADD', KEYS[3], ARGV[1])
+  end
+  local now = tonumber(ARGV[3])
+  local last = tonumber(redis.call('GET', KEYS[4]))
+  if last == nil or now > last then
+    redis.call('SET', KEYS[4], ARGV[3])
+  end
+end
+return {removed, redis.call('SCARD', KEYS[2])}
+"""
+
+# KEYS: total, pending, failed, activity, staging. Returns the item count, or -1 when the state
+# already existed (another initializer won; its state is kept and the staging set dropped).
+_COMMIT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DEL', KEYS[5])
+  return -1
+end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+local n = 0
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('RENAME', KEYS[5], KEYS[2])
+  redis.call('PERSIST', KEYS[2])
+  n = redis.call('SCARD', KEYS[2])
+end
+redis.call('SET', KEYS[1], n)
+return n
+"""
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """The Redis keys of one job (one hash slot)."""
+
+    total: str
+    pending: str
+    failed: str
+    activity: str
+
+    def all(self) -> tuple[str, str, str, str]:
+        return (self.total, self.pending, self.failed, self.activity)
+
+
+class RecordStatus(StrEnum):
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    NO_STATE = "no-state"
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """What recording one result did; ``pending_left`` is None when the job has no state."""
+
+    uid: str
+    item_id: str
+    status: RecordStatus
+    pending_left: int | None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class JobState:
+    """Item state of every job, under one key prefix (tests isolate by prefix)."""
+
+    def __init__(self, redis: Redis, prefix: str = "mljob") -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._record = redis.register_script(_RECORD_LUA)
+        self._commit = redis.register_script(_COMMIT_LUA)
+
+    def keys(self, uid: str) -> JobKeys:
+        base = f"{self._prefix}:{{{uid}}}"
+        return JobKeys(
+            total=f"{base}:total",
+            pending=f"{base}:pending",
+            failed=f"{base}:failed",
+            activity=f"{base}:activity",
+        )
+
+    async def initialize(self, uid: str, item_ids: Sequence[str], chunk: int = 5000) -> bool:
+        """Register the job's items once; False (and nothing touched) if the state already exists.
+
+        The ids go to a staging set private to this attempt, then one script moves it into place and
+        writes ``total`` last, so the state appears complete or not at all. ``total`` counts distinct
+        ids (a duplicated id is one item: it can only ever be removed from the set once).
+        """
+        if chunk < 1:
+            raise ValueError("chunk must be >= 1")
+        keys = self.keys(uid)
+        if await self._redis.exists(keys.total):
+            return False
+        staging = f"{self._prefix}:{{{uid}}}:staging:{uuid.uuid4().hex}"
+        pending_cmds = 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for part in _chunks(item_ids, chunk):
+                pipe.sadd(staging, *part)
+                pipe.expire(staging, STAGING_TTL_SECONDS)
+                pending_cmds += 1
+                if pending_cmds >= CHUNKS_PER_ROUND_TRIP:
+                    await pipe.execute()
+                    pending_cmds = 0
+            if pending_cmds:
+                await pipe.execute()
+        written = int(await self._commit(keys=[*keys.all(), staging]))
+        return written >= 0
+
+    async def counts(self, uid: str) -> ItemCounts | None:
+        """One consistent read (MULTI/EXEC, one round trip); None when the state is missing.
+
+        Missing state is reported as such, never as "complete" (failure-modes row 8).
+        """
+        keys = self.keys(uid)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(keys.total)
+            pipe.scard(keys.pending)
+            pipe.scard(keys.failed)
+            pipe.get(keys.activity)
+            total, pending, failed, activity = await pipe.execute()
+        if total is None:
+            return None
+        return ItemCounts(
+            total=int(_text(total)),
+            pending=int(pending),
+            failed=int(failed),
+            last_activity=float(_text(activity)) if activity is not None else None,
+        )
+
+    async def record(self, entries: Sequence[tuple[str, str, bool]], now: float) -> list[RecordOutcome]:
+        """Record finished items ``(uid, item_id, failed)``: one script per item, one round trip.
+
+        An item leaves ``pending`` at most once, so a replayed result is a DUPLICATE and is not
+        counted again; results for jobs without state are NO_STATE and create no keys.
+        """
+        outcomes: list[RecordOutcome] = []
+        for start in range(0, len(entries), RECORD_PIPELINE_SIZE):
+            outcomes.extend(await self._record_batch(entries[start : start + RECORD_PIPELINE_SIZE], now))
+        return outcomes
+
+    async def _record_batch(
+        self, entries: Sequence[tuple[str, str, bool]], now: float
+    ) -> list[RecordOutcome]:
+        if not entries:
+            return []
+        replies: list[Any] = [None] * len(entries)
+        todo = list(range(len(entries)))
+        for attempt in range(2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    uid, item_id, failed = entries[i]
+                    keys = self.keys(uid)
+                    pipe.evalsha(self._record.sha, 4, *keys.all(), item_id, "1" if failed else "0", repr(now))
+                results = await pipe.execute(raise_on_error=False)
+            missing: list[int] = []
+            for i, reply in zip(todo, results, strict=True):
+                if isinstance(reply, NoScriptError):
+                    missing.append(i)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    replies[i] = reply
+            if not missing:
+                break
+            if attempt == 1:
+                raise NoScriptError("record script vanished twice from the Redis script cache")
+            # The script cache was flushed (restart, SCRIPT FLUSH): load it and redo only those items.
+            await self._redis.script_load(_RECORD_LUA)
+            todo = missing
+        outcomes: list[RecordOutcome] = []
+        for (uid, item_id, _), reply in zip(entries, replies, strict=True):
+            code, left = int(reply[0]), int(reply[1])
+            if code < 0:
+                outcomes.append(RecordOutcome(uid, item_id, RecordStatus.NO_STATE, None))
+            else:
+                status = RecordStatus.NEW if code == 1 else RecordStatus.DUPLICATE
+                outcomes.append(RecordOutcome(uid, item_id, status, left))
+        return outcomes
+
+    async def mark_failed(self, uid: str, item_ids: Sequence[str], now: float) -> int:
+        """Fail still-pending items (e.g. deliveries exhausted); returns how many were newly failed."""
+        outcomes = await self.record([(uid, item_id, True) for item_id in item_ids], now)
+        return sum(1 for o in outcomes if o.status is RecordStatus.NEW)
+
+    async def delete(self, uid: str) -> None:
+        """Remove every key of the job; idempotent. (A staging set of an interrupted
+        ``initialize`` is not listed here: it expires by itself.)"""
+        await self._redis.delete(*self.keys(uid).all())
+
+    async def pending_ids(self, uid: str) -> set[str]:
+        return await self._members(self.keys(uid).pending)
+
+    async def failed_ids(self, uid: str) -> set[str]:
+        return await self._members(self.keys(uid).failed)
+
+    async def _members(self, key: str) -> set[str]:
+        members = await cast(Awaitable[set[Any]], self._redis.smembers(key))
+        return {_text(v) for v in members}

@@ -1,0 +1,250 @@
+"""The result collector: shared results stream -> Postgres ledger -> Redis item state -> ACK.
+
+Why this order (failure-modes row 1): a message is acknowledged only after its result is durable
+in Postgres and its item is settled in Redis. A crash or outage anywhere before the ACK means the
+message comes back, and both writes are idempotent (primary key; SREM from the pending set), so a
+replay is never counted twice. Several replicas can share the durable consumer.
+
+* Malformed messages can never become valid: they go to the dead-letter table and are acked at
+  once (so a later failure of the batch does not store them twice). So does a result Postgres
+  refuses (NUL bytes...), isolated by retrying the batch row by row.
+* Postgres or Redis unavailable: nothing of the batch is acked, the batch is NAKed with a delay,
+  the loop backs off (0.5 s doubling to 5 s) and resumes by itself when the service returns.
+* A result for a job without Redis state (early, or after cleanup: row 10) is stored and acked,
+  and creates no Redis keys.
+* When a job's pending set becomes empty, a core NATS message on ``drained_subject(uid)`` lets the
+  operator finish the job at once instead of at its next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from mljob import protocol
+from mljob.adapters.redis_state import JobState, RecordStatus
+from mljob.adapters.results_store import RejectedResult, ResultsStore
+
+__all__ = ["DEAD_LETTER_SOURCE", "Collector"]
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_SOURCE = "collector"
+BACKOFF_INITIAL_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 5.0
+
+
+@dataclass
+class _Parsed:
+    msg: Msg
+    result: protocol.Result
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()
+    line = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+class Collector:
+    """Consumes results in batches; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        nc: NATS,
+        state: JobState,
+        store: ResultsStore,
+        *,
+        batch: int = 256,
+        fetch_timeout: float = 1.0,
+        on_drained: Callable[[str], Awaitable[None]] | None = None,
+        stream: str = protocol.RESULTS_STREAM,
+        consumer: str = protocol.RESULTS_CONSUMER,
+    ) -> None:
+        self.js = js
+        self.nc = nc
+        self.state = state
+        self.store = store
+        self.batch = batch
+        self.fetch_timeout = fetch_timeout
+        self.on_drained = on_drained
+        self.stream = stream
+        self.consumer = consumer
+        self._backoff = BACKOFF_INITIAL_SECONDS
+        self._failing: str | None = None  # the last logged outage, to log it once
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch and process batches until ``stop`` is set; never stops on bad input or outages."""
+        sub: Any = None
+        try:
+            while not stop.is_set():
+                if sub is None:
+                    try:
+                        sub = await self.js.pull_subscribe_bind(durable=self.consumer, stream=self.stream)
+                    except Exception as err:
+                        self._outage(f"cannot bind to {self.stream}/{self.consumer}", err)
+                        await self._sleep(stop)
+                        continue
+                try:
+                    msgs: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
+                except TimeoutError:
+                    continue  # nothing to do (nats' timeout errors subclass TimeoutError)
+                except Exception as err:  # consumer missing, connection lost...
+                    self._outage(f"fetching from {self.stream}/{self.consumer} failed", err)
+                    await self._sleep(stop)
+                    continue
+                if await self.process(msgs):
+                    self._recovered()
+                else:
+                    await self._sleep(stop)
+        finally:
+            if sub is not None:
+                # Late deliveries to a dead inbox would sit un-acked until ack_wait.
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def process(self, msgs: list[Msg]) -> bool:
+        """Handle one batch. True when every message was settled and acked; False when a
+        dependency failed and the batch was left for redelivery (none of its results acked)."""
+        if not msgs:
+            return True
+        settled: set[int] = set()  # id() of dead-lettered messages, already acked
+        try:
+            valid = await self._store(await self._parse(msgs, settled), settled)
+            outcomes = await self.state.record(
+                [
+                    (p.result.job_uid, p.result.item_id, p.result.outcome is protocol.Outcome.FAILED)
+                    for p in valid
+                ],
+                time.time(),
+            )
+        except Exception as err:
+            self._outage("storing results failed; batch left for redelivery", err)
+            await self._nak([m for m in msgs if id(m) not in settled])
+            return False
+        for p in valid:
+            await self._ack(p.msg)
+        await self._flush()
+        drained: list[str] = []
+        for o in outcomes:
+            # A DUPLICATE that finds nothing pending re-announces: the first announcement may have
+            # been lost (crash between record and publish, or a Redis client retry).
+            if o.pending_left == 0 and o.status is not RecordStatus.NO_STATE and o.uid not in drained:
+                drained.append(o.uid)
+        for uid in drained:
+            await self._announce(uid)
+        return True
+
+    async def _parse(self, msgs: list[Msg], settled: set[int]) -> list[_Parsed]:
+        """Decode the batch; dead-letter and ack the messages that can never be valid."""
+        valid: list[_Parsed] = []
+        for msg in msgs:
+            try:
+                msg.data.decode("utf-8")
+                result = protocol.decode_result(msg.data)
+            except UnicodeDecodeError:
+                await self._dead_letter(msg, "invalid result: body is not UTF-8", settled)
+                continue
+            except protocol.MalformedMessage as err:
+                await self._dead_letter(msg, str(err), settled)
+                continue
+            except Exception as err:  # a decoder bug must not wedge the loop either
+                await self._dead_letter(msg, f"invalid result: {_one_line(err)}", settled)
+                continue
+            valid.append(_Parsed(msg, result))
+        return valid
+
+    async def _store(self, parsed: list[_Parsed], settled: set[int]) -> list[_Parsed]:
+        """Upsert into Postgres; return the entries to record in Redis, with the stored outcome.
+
+        If Postgres refuses the batch's data, retry row by row and dead-letter the refused rows.
+        """
+        try:
+            stored = await self.store.upsert([p.result for p in parsed])
+        except RejectedResult:
+            kept: list[_Parsed] = []
+            stored = {}
+            for p in parsed:
+                try:
+                    stored.update(await self.store.upsert([p.result]))
+                except RejectedResult as err:
+                    await self._dead_letter(p.msg, str(err), settled)
+                    continue
+                kept.append(p)
+            parsed = kept
+        # Redis must agree with Postgres, where the first recorded outcome stands.
+        for p in parsed:
+            outcome = stored.get((p.result.job_uid, p.result.item_id))
+            if outcome is not None and outcome is not p.result.outcome:
+                p.result = p.result.model_copy(update={"outcome": outcome})
+        return parsed
+
+    async def _dead_letter(self, msg: Msg, reason: str, settled: set[int]) -> None:
+        """Store, then ack at once: a later failure of the batch must not store it twice."""
+        await self.store.dead_letter(DEAD_LETTER_SOURCE, msg.subject, msg.data, reason)
+        await self._ack(msg)
+        settled.add(id(msg))
+        log.warning("dead-lettered a message on %s: %s", msg.subject, reason)
+
+    async def _ack(self, msg: Msg) -> None:
+        """Fire-and-forget ack (flushed per batch); a lost ack only means an idempotent replay."""
+        try:
+            await msg.ack()
+        except Exception as err:
+            log.warning("ack failed (the message will be redelivered): %s", _one_line(err))
+
+    async def _nak(self, msgs: list[Msg]) -> None:
+        """Ask for redelivery after the current backoff; if NATS is gone too, ack_wait does it."""
+        try:
+            for msg in msgs:
+                await msg.nak(delay=self._backoff)
+            await self._flush()
+        except Exception as err:
+            log.debug("nak failed (redelivery after ack_wait instead): %s", _one_line(err))
+
+    async def _flush(self) -> None:
+        try:
+            await self.nc.flush(timeout=5)
+        except Exception as err:  # acks lost in flight only mean an idempotent redelivery
+            log.warning("NATS flush failed: %s", _one_line(err))
+
+    async def _announce(self, uid: str) -> None:
+        try:
+            await self.nc.publish(protocol.drained_subject(uid), b"")
+        except Exception as err:
+            log.warning("cannot publish drained event for job %s: %s", uid, _one_line(err))
+        if self.on_drained is not None:
+            try:
+                await self.on_drained(uid)
+            except Exception:
+                log.exception("on_drained callback failed for job %s", uid)
+
+    def _outage(self, what: str, err: BaseException) -> None:
+        """One log line per outage (and per change of its cause), not one per retry."""
+        line = f"{what}: {_one_line(err)}"
+        if line != self._failing:
+            log.warning("%s (retrying with backoff)", line)
+            self._failing = line
+        else:
+            log.debug("%s", line)
+
+    def _recovered(self) -> None:
+        if self._failing is not None:
+            log.info("collector recovered")
+            self._failing = None
+        self._backoff = BACKOFF_INITIAL_SECONDS
+
+    async def _sleep(self, stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=self._backoff)
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_SECONDS)

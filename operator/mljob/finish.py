@@ -1,0 +1,108 @@
+"""The guarded terminal transition, in both stores (failure-modes rows 6 and 7).
+
+Postgres arbitrates with a compare-and-set; the MLJob status then mirrors what Postgres holds
+through a JSON patch whose `test` op checks the phase that was read. A writer whose guard did
+not fire mirrors the winner, never its own guess.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from mljob.adapters.jobs_store import JobRow, JobsStore
+from mljob.adapters.kube import GuardFailed, JobRef, Kube
+from mljob.api.models import TERMINAL_PHASES, Phase
+from mljob.core import reconcile
+from mljob.core.conditions import set_condition
+from mljob.core.counts import ItemCounts
+
+log = logging.getLogger(__name__)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def finish_job(
+    jobs: JobsStore,
+    kube: Kube,
+    ref: JobRef,
+    generation: int,
+    verdict: reconcile.Verdict,
+    counts: ItemCounts | None,
+    actor: str,
+) -> tuple[bool, JobRow]:
+    """Returns (whether this writer won, the row Postgres holds); the CR then shows that row."""
+    outcome = await jobs.finish(ref.uid, verdict.phase, verdict.reason, verdict.message, counts, actor)
+    row = outcome.row
+    if not outcome.won:
+        log.info("job %s/%s: Postgres already holds %s; mirroring it", ref.namespace, ref.name, row.phase)
+        counts = ItemCounts(row.total, row.total - row.processed, row.failed) if row.total else None
+    await mirror_phase(kube, ref, generation, row.phase, row.reason or "", row.message or "", counts)
+    if outcome.won:
+        await kube.event(ref, row.phase.value, row.message or "", warning=row.phase is Phase.FAILED)
+    return outcome.won, row
+
+
+def terminal_fields(
+    current: dict[str, Any],
+    generation: int,
+    phase: Phase,
+    reason: str,
+    message: str,
+    counts: ItemCounts | None,
+) -> dict[str, Any]:
+    """The status fields of a terminal transition (pure)."""
+    now = now_iso()
+    fields: dict[str, Any] = {"phase": phase.value, "completionTime": now, "observedGeneration": generation}
+    if counts is not None:
+        progress = reconcile.progress_fields(counts, int(current.get("dispatched", 0)))
+        # counts never go down on the server; keep the larger of what is shown and what we know
+        for key in ("processed", "failed"):
+            progress[key] = max(int(current.get(key, 0) or 0), progress[key])
+        fields.update(progress)
+        if counts.last_activity is not None:
+            fields["lastActivityTime"] = iso(counts.last_activity)
+    conditions = current.get("conditions", [])
+    failed = "True" if phase is Phase.FAILED else "False"
+    complete = "True" if phase is not Phase.FAILED else "False"
+    for type_, status in (("Complete", complete), ("Failed", failed), ("Progressing", "False")):
+        conditions = set_condition(conditions, type_, status, reason, message, generation, now)
+    fields["conditions"] = conditions
+    return fields
+
+
+async def mirror_phase(
+    kube: Kube,
+    ref: JobRef,
+    generation: int,
+    phase: Phase,
+    reason: str,
+    message: str,
+    counts: ItemCounts | None,
+    attempts: int = 5,
+) -> dict[str, Any] | None:
+    """Write `phase` to the MLJob unless it is already terminal; retried when the guard trips."""
+    for _ in range(attempts):
+        fresh = await kube.get_job(ref.namespace, ref.name)
+        if fresh is None or fresh["metadata"]["uid"] != ref.uid:
+            return None
+        current = dict(fresh.get("status") or {})
+        if current.get("phase") in TERMINAL_PHASES:
+            return current  # absorbing: nothing to write
+        fields = terminal_fields(current, generation, phase, reason, message, counts)
+        try:
+            await kube.guarded_status(ref, current.get("phase"), fields)
+        except GuardFailed as err:
+            log.info("status of %s/%s changed under us (%s); re-reading", ref.namespace, ref.name, err)
+            continue
+        return {**current, **fields}
+    return None

@@ -1,0 +1,30 @@
+"""The worker SDK: run a Python function over the tasks of a pipeline's MLJobs.
+
+    from mljob.worker import PermanentError, TaskContext, WorkerConfig, run_worker
+
+    def handle(ctx: TaskContext) -> dict:
+        if not ctx.item.get("url"):
+            raise PermanentError("item has no url")   # fails the item, no retry
+        return {"label": classify(ctx.item["url"], **ctx.params)}
+
+    run_worker(handle, WorkerConfig(pipeline="classify"))
+
+or from a shell: `mljob worker --pipeline classify --handler mypkg.tasks:handle`.
+The wire protocol (for workers in other languages) is described in docs/protocol.md.
+"""
+
+from mljob.worker.config import WorkerConfig
+from mljob.worker.context import PermanentError, TaskContext
+from mljob.worker.handler import Handler, HandlerLoadError, load_handler
+from mljob.worker.worker import Worker, run_worker
+
+__all__ = [
+    "Handler",
+    "HandlerLoadError",
+    "PermanentError",
+    "TaskContext",
+    "Worker",
+    "WorkerConfig",
+    "load_handler",
+    "run_worker",
+]

@@ -1,0 +1,141 @@
+"""Pure decisions about one task: retry delays, exhaustion, id recovery, result bounds, publish retry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from pydantic_core import PydanticSerializationError
+
+from mljob import protocol
+
+log = logging.getLogger(__name__)
+
+#: Upper bound of the NAK delay for a transient handler failure.
+MAX_NAK_DELAY_SECONDS = 30
+#: Error texts are clipped so a failed result stays far below MAX_RESULT_BYTES.
+MAX_ERROR_CHARS = 4000
+TASK_SUBJECT_PREFIX = "mljob.tasks."
+
+
+def nak_delay(attempt: int) -> int:
+    """Seconds before a task whose handler failed transiently on delivery `attempt` comes back."""
+    delay: int = min(MAX_NAK_DELAY_SECONDS, 2 ** max(1, attempt))
+    return delay
+
+
+def is_last_delivery(attempt: int, max_deliver: int) -> bool:
+    """True when NATS will not deliver the task again (max_deliver <= 0 means unlimited)."""
+    return max_deliver > 0 and attempt >= max_deliver
+
+
+def exhausted_error(attempt: int, error: str) -> str:
+    return clip(f"exhausted {attempt} deliveries: {error}")
+
+
+def describe(err: BaseException) -> str:
+    text = str(err)
+    return clip(f"{type(err).__name__}: {text}" if text else type(err).__name__)
+
+
+def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 14] + "... (clipped)"
+
+
+def recover_ids(subject: str, headers: Mapping[str, str] | None) -> tuple[str, str] | None:
+    """(job uid, item id) of a task whose body cannot be parsed, or None when not recoverable.
+
+    The uid is the last token of `mljob.tasks.<pipeline>.<uid>`; the item id comes from the
+    `Nats-Msg-Id` header `<uid>:<item id>` the operator sets on every task.
+    """
+    if not subject.startswith(TASK_SUBJECT_PREFIX):
+        return None
+    tokens = subject[len(TASK_SUBJECT_PREFIX) :].split(".")
+    if len(tokens) != 2 or not all(tokens):
+        return None
+    uid = tokens[1]
+    msg_id = (headers or {}).get(protocol.MSG_ID_HEADER, "")
+    prefix = f"{uid}:"
+    if not msg_id.startswith(prefix) or len(msg_id) == len(prefix):
+        return None
+    return uid, msg_id[len(prefix) :]
+
+
+def failed_result(uid: str, item_id: str, error: str, attempt: int, worker: str) -> protocol.Result:
+    return protocol.Result(
+        job_uid=uid,
+        item_id=item_id,
+        outcome=protocol.Outcome.FAILED,
+        error=clip(error),
+        attempts=max(1, attempt),
+        worker=worker,
+    )
+
+
+def succeeded_result(uid: str, item_id: str, value: Any, attempt: int, worker: str) -> protocol.Result:
+    return protocol.Result(
+        job_uid=uid,
+        item_id=item_id,
+        outcome=protocol.Outcome.SUCCEEDED,
+        result=value,
+        attempts=max(1, attempt),
+        worker=worker,
+    )
+
+
+def encode_bounded(
+    result: protocol.Result, limit: int = protocol.MAX_RESULT_BYTES
+) -> tuple[bytes, str | None]:
+    """The result's body, or a failed result's body when it cannot be sent as is.
+
+    Returns (body, problem): problem is None when the result went out unchanged.
+    """
+    try:
+        body = result.encode()
+    except (PydanticSerializationError, ValueError, TypeError) as err:
+        problem = f"result is not JSON-serialisable: {describe(err)}"
+    else:
+        if len(body) <= limit:
+            return body, None
+        problem = f"result was {len(body)} bytes, over the limit of {limit} bytes"
+    replacement = failed_result(result.job_uid, result.item_id, problem, result.attempts, result.worker or "")
+    return replacement.encode(), problem
+
+
+async def publish_with_retry(
+    publish: Callable[[], Awaitable[object]],
+    *,
+    attempts: int = 5,
+    first_delay: float = 0.2,
+    what: str = "result",
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> bool:
+    """Call `publish` until it succeeds, at most `attempts` times, doubling the delay in between.
+
+    True when it succeeded; False when every try failed (the caller then NAKs the task).
+    """
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            await publish()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            if attempt == attempts:
+                log.warning("publishing %s failed %d times, giving up: %s", what, attempts, describe(err))
+                return False
+            log.warning(
+                "publishing %s failed (try %d/%d), retrying in %.1fs: %s",
+                what,
+                attempt,
+                attempts,
+                delay,
+                describe(err),
+            )
+            await sleep(delay)
+            delay *= 2
+        else:
+            return True
+    return False

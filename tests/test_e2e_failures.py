@@ -1,0 +1,137 @@
+"""End to end under failure: worker crashes and shutdowns, and guard races (rows 1, 4, 6, 7, 10)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+from e2e_support.env import E2E
+from e2e_support.harness import wait_for
+from mljob import protocol
+from mljob.api.models import Phase
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def test_worker_killed_between_result_and_ack_is_redelivered_and_counted_once(
+    e2e: E2E, tmp_path: Path
+) -> None:
+    items = [f"k-{i:02d}" for i in range(20)]
+    uid = e2e.apply("crash-before-ack", "crashy", items, ackWaitSeconds=5)
+    crashed = e2e.start_worker(
+        "crashy", "quick", "--concurrency", "1", "--batch", "1", MLJOB_WORKER_CRASH_AFTER_RESULT="k-00"
+    )
+    wait_for(lambda: not crashed.alive(), 30, what="the worker to crash after publishing k-00's result")
+    assert crashed.popen.returncode == 137, crashed.log_tail()
+    time.sleep(6)  # past ackWaitSeconds: k-00 is due for redelivery
+    record = tmp_path / "second.txt"
+    e2e.start_worker(
+        "crashy", "recording", "--concurrency", "1", "--batch", "1", MLJOB_TEST_RECORD=str(record)
+    )
+    status = e2e.wait_terminal("crash-before-ack", timeout=60)
+    handled = _read_lines(record)
+    assert "k-00" in handled, "k-00 was never redelivered"
+    assert (status["phase"], status["processed"], status["failed"]) == ("Succeeded", 20, 0)
+    assert len(e2e.result_rows(uid)) == 20
+    job = e2e.job_row(uid)
+    assert job is not None and (job["processed"], job["failed"]) == (20, 0)
+
+
+def test_sigterm_mid_batch_redelivers_within_seconds_not_after_ack_wait(e2e: E2E) -> None:
+    items = [f"t-{i:02d}" for i in range(40)]
+    e2e.apply("graceful", "sleepy", items, ackWaitSeconds=120)
+    sleeper = e2e.start_worker(
+        "sleepy", "slow", "--concurrency", "4", "--batch", "8", "--grace-seconds", "1", MLJOB_TEST_SLEEP="60"
+    )
+    wait_for(lambda: e2e.status("graceful").get("phase") == "Running", 30, what="dispatch")
+    time.sleep(3)  # the worker has fetched a batch and is stuck in the handlers
+    sent = time.monotonic()
+    sleeper.stop(signal.SIGTERM, timeout=15)
+    assert sleeper.popen.returncode == 0, sleeper.log_tail()
+    e2e.start_worker("sleepy", "quick")
+    status = e2e.wait_terminal("graceful", timeout=60)
+    elapsed = time.monotonic() - sent
+    assert (status["phase"], status["processed"], status["failed"]) == ("Succeeded", 40, 0)
+    assert elapsed < 60, (
+        f"unfinished tasks came back after {elapsed:.0f}s, not within seconds (ackWait 120 s)"
+    )
+
+
+def test_terminal_verdict_survives_stale_writers_cancel_and_late_results(e2e: E2E) -> None:
+    items = [f"g-{i:02d}" for i in range(30)]
+    uid = e2e.apply("guarded", "guards", items)
+    e2e.start_worker("guards", "quick")
+    status = e2e.wait_terminal("guarded")
+    assert status["phase"] == "Succeeded"
+
+    # A stale writer that read "Running" races to Failed in both stores, with real concurrency.
+    from e2e_support.stale import race_stale_writers
+
+    outcomes = race_stale_writers(e2e, uid, "guarded", writers=8)
+    assert all(not won for won, _ in outcomes), outcomes
+    assert {phase for _, phase in outcomes} == {"Succeeded"}
+
+    # Cancelling a finished job changes nothing; a late result is recorded and changes no verdict.
+    e2e.kubectl.run(
+        "-n",
+        e2e.namespace,
+        "patch",
+        "mljob",
+        "guarded",
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"cancel": True}}),
+    )
+    _publish_late_result(e2e, uid, "g-late")
+    wait_for(lambda: "g-late" in e2e.result_rows(uid), 20, what="the late result to be recorded")
+    time.sleep(3)  # several reconcile intervals
+    after = e2e.status("guarded")
+    assert after["phase"] == "Succeeded"
+    assert (after["processed"], after["failed"]) == (30, 0)
+    assert after["completionTime"] == status["completionTime"]
+    job = e2e.job_row(uid)
+    assert job is not None and (job["phase"], job["processed"]) == ("Succeeded", 30)
+    assert e2e.redis_keys(uid) == [], "a late result must not resurrect the job's state"
+    with e2e.pg() as conn:
+        terminal_rows = conn.execute(
+            "SELECT count(*) FROM mljob_transitions WHERE job_uid = %s AND to_phase = ANY(%s)",
+            (uid, [Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.CANCELLED.value]),
+        ).fetchone()
+    assert terminal_rows == (1,)
+
+
+def test_concurrent_finishers_exactly_one_wins_and_the_cr_mirrors_it(e2e: E2E) -> None:
+    uid = e2e.apply("racing", "nobody-serves-this", ["r-1", "r-2"])
+    wait_for(lambda: e2e.status("racing").get("phase") == "Running", 30, what="dispatch")
+    from e2e_support.stale import race_finishers
+
+    winners, phases = race_finishers(e2e, uid, "racing", [Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED] * 4)
+    assert winners == 1, phases
+    assert len(set(phases)) == 1, phases
+    final = phases[0]
+    status = e2e.wait_terminal("racing", timeout=30)
+    assert status["phase"] == final
+    job = e2e.job_row(uid)
+    assert job is not None and job["phase"] == final
+
+
+def _publish_late_result(e2e: E2E, uid: str, item_id: str) -> None:
+    async def publish() -> None:
+        import nats
+
+        nc = await nats.connect(e2e.stack.nats_url)
+        result = protocol.Result(job_uid=uid, item_id=item_id, outcome=protocol.Outcome.FAILED, error="late")
+        await nc.jetstream().publish(
+            protocol.results_subject(uid),
+            result.encode(),
+            headers={protocol.MSG_ID_HEADER: protocol.result_msg_id(uid, item_id)},
+        )
+        await nc.close()
+
+    threading.Thread(target=lambda: asyncio.run(publish())).start()
