@@ -213,14 +213,7 @@ def configmap_manifests(name: str, ids: list[str], per_map: int = 10_000) -> tup
     for index in range(0, len(ids), per_map):
         cm = f"{name}-{index // per_map}"
         names.append(cm)
-        docs.append(
-            json.dumps(
-                {
-                    "apiVersion": "v1",
-                    "kind": "ConfigMap",
-                    "metadata": {"name": cm},
-                    "data": {"ids": "\n".join(ids[index : index + per_map]) + "\n"},
-                }
-            )
-        )
-    return names, "\n---\n".join(docs)
+        chunk = "\n".join(ids[index : index + per_map]) + "\n"
+        meta = {"name": cm}
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"ids": chunk}})
+    return names, json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
