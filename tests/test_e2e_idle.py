@@ -21,3 +21,17 @@ def test_idle_running_job_causes_no_status_writes(e2e: E2E) -> None:
     e2e.start_worker("no-workers-here", "quick")
     wait_for(lambda: e2e.status("idle").get("phase") == "Succeeded", 60, what="completion")
     assert apiserver_status_patches(e2e.kubectl) > after
+
+
+def test_completion_lands_within_seconds_not_on_the_next_tick(e2e: E2E) -> None:
+    """With a 60 s reconcile interval, the collector's drained signal must finish the job."""
+    assert e2e.operator is not None
+    e2e.operator.stop()
+    e2e.start_operator(MLJOB_RECONCILE_INTERVAL="60")
+    e2e.apply("prompt", "prompt", [f"p-{i}" for i in range(50)])
+    e2e.wait_phase("prompt", {"Running"}, timeout=30)
+    started = time.monotonic()
+    e2e.start_worker("prompt", "quick")
+    status = e2e.wait_terminal("prompt", timeout=45)
+    assert status["phase"] == "Succeeded"
+    assert time.monotonic() - started < 30, "finished on a reconcile tick, not on the drained signal"

@@ -72,3 +72,14 @@ def test_invalid_items_fail_the_job_with_a_reason_naming_the_item(e2e: E2E) -> N
     assert "duplicate item id 'a' (items 0 and 2)" in failed["message"]
     job = e2e.job_row(uid)
     assert job is not None and job["phase"] == "Failed"
+
+
+def test_deleting_a_running_job_cleans_up_through_the_finalizer(e2e: E2E) -> None:
+    uid = e2e.apply("doomed", "nobody-home", [f"d-{i}" for i in range(5)])
+    e2e.wait_phase("doomed", {"Running"}, timeout=30)
+    assert e2e.get("doomed")["metadata"]["finalizers"] == ["mljob.dev/cleanup"]
+    assert e2e.nats_leftovers(uid, "nobody-home") == {"stream": True, "registry": True}
+    assert e2e.redis_keys(uid)
+    e2e.kubectl.run("-n", e2e.namespace, "delete", "mljob", "doomed", "--timeout=30s")
+    assert e2e.nats_leftovers(uid, "nobody-home") == {"stream": False, "registry": False}
+    assert e2e.redis_keys(uid) == []

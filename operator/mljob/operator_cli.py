@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for noisy in ("kopf.objects", "kopf._core.engines.peering", "kopf.activities.probe"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # we log "cannot reach Postgres" ourselves
     config = OperatorSettings()
     for attr in ("nats_url", "redis_url", "postgres_dsn", "reconcile_interval"):
         value = getattr(args, attr)

@@ -71,14 +71,22 @@ class Services:
 
 
 async def connect(settings: OperatorSettings) -> Services:
+    async def nats_error(err: Exception) -> None:
+        log.warning("NATS: %s: %s", type(err).__name__, err)  # one line, no traceback
+
     async def nats_connect() -> NATS:
+        # Two attempts for the first connection, so with_retry can name the problem;
+        # once connected, reconnect forever.
         nc = await nats.connect(
             settings.nats_url,
-            max_reconnect_attempts=-1,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.5,
             allow_reconnect=True,
             connect_timeout=3,
             name="mljob-operator",
+            error_cb=nats_error,
         )
+        nc.options["max_reconnect_attempts"] = -1
         await nc.jetstream().account_info()
         return nc
 
@@ -94,16 +102,19 @@ async def connect(settings: OperatorSettings) -> Services:
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, health_check_interval=30)
     await with_retry(f"Redis at {settings.redis_url}", redis.ping)
 
-    pool = make_pool(settings.postgres_dsn, settings.postgres_schema, min_size=1, max_size=10)
+    async def open_and_migrate() -> AsyncConnectionPool:
+        # A pool whose first connection timed out is closed by psycopg: start a fresh one.
+        pool = make_pool(settings.postgres_dsn, settings.postgres_schema, min_size=1, max_size=10)
+        try:
+            await pool.open(wait=True, timeout=5)
+            async with pool.connection() as conn:
+                await apply_migrations_async(conn, settings.postgres_schema)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
 
-    await pool.open(wait=False)
-
-    async def open_and_migrate() -> None:
-        await pool.wait(timeout=5)
-        async with pool.connection() as conn:
-            await apply_migrations_async(conn, settings.postgres_schema)
-
-    await with_retry("Postgres", open_and_migrate)
+    pool = await with_retry("Postgres", open_and_migrate)
     kube = Kube(load_config())
     return Services(
         settings=settings,
