@@ -10,12 +10,17 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from redis.asyncio import Redis
+
+from mljob.adapters.redis_state import JobState
+from mljob.adapters.results_store import ResultsStore, make_pool
+from mljob.db.migrate import apply_migrations
 
 if TYPE_CHECKING:
     from e2e_support.env import E2E
@@ -155,3 +160,39 @@ def e2e(
     env.start_operator()
     yield env
     next(env_iter, None)
+
+
+@pytest.fixture
+async def redis(stack: StackEnv) -> AsyncIterator[Redis]:
+    """An async Redis client on the stack."""
+    client = Redis.from_url(stack.redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def prefix(redis: Redis) -> AsyncIterator[str]:
+    """A key prefix of this test only; its keys (and only those) are removed afterwards."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    keys = [k async for k in redis.scan_iter(match=f"{name}:*", count=1000)]
+    if keys:
+        await redis.delete(*keys)
+
+
+@pytest.fixture
+def state(redis: Redis, prefix: str) -> JobState:
+    return JobState(redis, prefix=prefix)
+
+
+@pytest.fixture
+async def store(stack: StackEnv, pg_schema: str) -> AsyncIterator[ResultsStore]:
+    """A ResultsStore on a fresh, migrated schema."""
+    import psycopg
+
+    with psycopg.connect(stack.postgres_dsn) as conn:
+        apply_migrations(conn, schema=pg_schema)
+    pool = make_pool(stack.postgres_dsn, pg_schema, max_size=4)
+    await pool.open()
+    yield ResultsStore(pool)
+    await pool.close()

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
-import psycopg
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -36,7 +35,6 @@ from mljob import protocol
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import ResultsStore, make_pool
 from mljob.collector import Collector
-from mljob.db.migrate import apply_migrations
 from mljob.devstack.stack import free_port
 
 OK = protocol.Outcome.SUCCEEDED
@@ -99,37 +97,6 @@ async def results(js: JetStreamContext) -> AsyncIterator[ResultsStream]:
     made = await make_results_stream(js)
     yield made
     await js.delete_stream(made.stream)
-
-
-@pytest.fixture
-async def redis(stack: StackEnv) -> AsyncIterator[Redis]:
-    client = Redis.from_url(stack.redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def prefix(redis: Redis) -> AsyncIterator[str]:
-    name = f"t{uuid.uuid4().hex[:10]}"
-    yield name
-    keys = [k async for k in redis.scan_iter(match=f"{name}:*", count=1000)]
-    if keys:
-        await redis.delete(*keys)
-
-
-@pytest.fixture
-def state(redis: Redis, prefix: str) -> JobState:
-    return JobState(redis, prefix=prefix)
-
-
-@pytest.fixture
-async def store(stack: StackEnv, pg_schema: str) -> AsyncIterator[ResultsStore]:
-    with psycopg.connect(stack.postgres_dsn) as conn:
-        apply_migrations(conn, schema=pg_schema)
-    pool = make_pool(stack.postgres_dsn, pg_schema, max_size=4)
-    await pool.open()
-    yield ResultsStore(pool)
-    await pool.close()
 
 
 class RedisServer:

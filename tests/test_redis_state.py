@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, cast, overload
 
 import pytest
@@ -18,28 +18,6 @@ from redis.asyncio import Redis
 from conftest import StackEnv
 from mljob.adapters.redis_state import STAGING_TTL_SECONDS, JobState, RecordStatus
 from mljob.core.counts import Completeness, completeness
-
-
-@pytest.fixture
-async def redis(stack: StackEnv) -> AsyncIterator[Redis]:
-    client = Redis.from_url(stack.redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def prefix(redis: Redis) -> AsyncIterator[str]:
-    """A key prefix of this test only; its keys (and only those) are removed afterwards."""
-    name = f"t{uuid.uuid4().hex[:10]}"
-    yield name
-    keys = [k async for k in redis.scan_iter(match=f"{name}:*", count=1000)]
-    if keys:
-        await redis.delete(*keys)
-
-
-@pytest.fixture
-def state(redis: Redis, prefix: str) -> JobState:
-    return JobState(redis, prefix=prefix)
 
 
 def new_uid() -> str:

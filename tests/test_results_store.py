@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import psycopg
 import pytest
 
-from conftest import StackEnv
 from mljob import protocol
 from mljob.adapters.results_store import RejectedResult, ResultsStore, make_pool
-from mljob.db.migrate import apply_migrations
 from mljob.devstack.stack import free_port
 
 OK = protocol.Outcome.SUCCEEDED
 FAILED = protocol.Outcome.FAILED
-
-
-@pytest.fixture
-async def store(stack: StackEnv, pg_schema: str) -> AsyncIterator[ResultsStore]:
-    with psycopg.connect(stack.postgres_dsn) as conn:
-        apply_migrations(conn, schema=pg_schema)
-    pool = make_pool(stack.postgres_dsn, pg_schema, max_size=2)
-    await pool.open()
-    yield ResultsStore(pool)
-    await pool.close()
 
 
 def result(uid: str, item: str, outcome: protocol.Outcome = OK, **extra: object) -> protocol.Result:
