@@ -45,6 +45,12 @@ def test_thousand_items_three_workers_ten_percent_fail(e2e: E2E) -> None:
     assert e2e.redis_keys(uid) == []
     assert e2e.nats_leftovers(uid, "thumbs") == {"stream": False, "registry": False}
 
+    events = e2e.kubectl.json(
+        "-n", e2e.namespace, "get", "events", "--field-selector", "involvedObject.name=thousand"
+    )["items"]
+    reasons = [event["reason"] for event in sorted(events, key=lambda e: e["firstTimestamp"])]
+    assert reasons == ["Dispatching", "Running", "Succeeded"], reasons
+
 
 def test_more_than_half_failing_fails_the_job(e2e: E2E) -> None:
     items = [f"doc-{i:03d}" for i in range(100)]
@@ -82,4 +88,18 @@ def test_deleting_a_running_job_cleans_up_through_the_finalizer(e2e: E2E) -> Non
     assert e2e.redis_keys(uid)
     e2e.kubectl.run("-n", e2e.namespace, "delete", "mljob", "doomed", "--timeout=30s")
     assert e2e.nats_leftovers(uid, "nobody-home") == {"stream": False, "registry": False}
+    assert e2e.redis_keys(uid) == []
+
+
+def test_cancelling_a_running_job_ends_it_cancelled_and_cleans_up(e2e: E2E) -> None:
+    uid = e2e.apply("stop-me", "nobody-home-either", [f"c-{i}" for i in range(5)])
+    e2e.wait_phase("stop-me", {"Running"}, timeout=30)
+    e2e.kubectl.run(
+        "-n", e2e.namespace, "patch", "mljob", "stop-me", "--type=merge", "-p", '{"spec": {"cancel": true}}'
+    )
+    status = e2e.wait_terminal("stop-me", timeout=30)
+    assert status["phase"] == "Cancelled"
+    job = e2e.job_row(uid)
+    assert job is not None and job["phase"] == "Cancelled"
+    assert e2e.nats_leftovers(uid, "nobody-home-either") == {"stream": False, "registry": False}
     assert e2e.redis_keys(uid) == []
