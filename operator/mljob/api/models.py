@@ -61,6 +61,7 @@ class ItemObject(BaseModel):
 # "string or object", so the CRD keeps items schemaless and checks their shape with CEL.
 ITEMS_SCHEMA: dict[str, Any] = {
     "type": "array",
+    "minItems": 1,
     "maxItems": MAX_INLINE_ITEMS,
     "description": "Inline items: plain id strings, or objects with an `id` and free fields.",
     # minLength applies to string items, required to object items: together they say
