@@ -184,34 +184,8 @@ class JobLoop:
         except ItemSourceError as err:
             await self.fail_early("InvalidItems", str(err))
             return
-        total = len(items)
         if self.phase in (None, Phase.PENDING):
-            fields: dict[str, Any] = {
-                "phase": Phase.DISPATCHING.value,
-                "total": total,
-                "dispatched": 0,
-                "dispatchCursor": 0,
-                "processed": 0,
-                "failed": 0,
-                "pending": total,
-                "progress": "0%",
-                "startTime": self.status.get("startTime") or now_iso(),
-                "observedGeneration": self.generation,
-            }
-            fields["conditions"] = set_condition(
-                self._condition("ItemsSourceReady", "True", "ItemsLoaded", f"{total} items loaded"),
-                "Dispatched",
-                "False",
-                "Dispatching",
-                f"publishing {total} tasks",
-                self.generation,
-                now_iso(),
-            )
-            await self._write(fields)
-            await self.s.jobs.set_phase(self.ref.uid, Phase.DISPATCHING, self.s.settings.actor)
-            await self.s.kube.event(
-                self.ref, "Dispatching", f"publishing {total} tasks to pipeline {spec.pipeline}"
-            )
+            await self._mark_dispatching(len(items), spec.pipeline)
         # Per-item state first, complete, before any task can be published (row 9).
         await self.s.state.initialize(self.ref.uid, [item["id"] for item in items])
         settings = self.s.settings
@@ -219,25 +193,52 @@ class JobLoop:
             self.s.js, stream_settings(target, settings.stream_replicas, settings.max_ack_pending)
         )
         await jetstream.register_job(self.s.registry, entry)
-        cursor = int(self.status.get("dispatchCursor", 0))
-        while cursor < total:
-            if self.body.get("spec", {}).get("cancel"):
-                return  # the next tick finishes it as Cancelled
-            chunk = items[cursor : cursor + settings.dispatch_chunk]
-            await publish_chunk(self.s.js, entry.subject, task_bodies(target, chunk))
-            cursor += len(chunk)
-            await self._write({"dispatchCursor": cursor, "dispatched": cursor})
-        conditions = set_condition(
-            self.status.get("conditions", []),
+        if await self._publish_from_cursor(target, entry.subject, items):
+            await self._mark_running(len(items))
+
+    async def _mark_dispatching(self, total: int, pipeline: str) -> None:
+        fields: dict[str, Any] = {
+            "phase": Phase.DISPATCHING.value,
+            "total": total,
+            "dispatched": 0,
+            "dispatchCursor": 0,
+            "processed": 0,
+            "failed": 0,
+            "pending": total,
+            "progress": "0%",
+            "startTime": self.status.get("startTime") or now_iso(),
+            "observedGeneration": self.generation,
+        }
+        conditions = self._condition("ItemsSourceReady", "True", "ItemsLoaded", f"{total} items loaded")
+        fields["conditions"] = set_condition(
+            conditions,
             "Dispatched",
-            "True",
-            "AllTasksPublished",
-            f"{total} tasks published",
+            "False",
+            "Dispatching",
+            f"publishing {total} tasks",
             self.generation,
             now_iso(),
         )
+        await self._write(fields)
+        await self.s.jobs.set_phase(self.ref.uid, Phase.DISPATCHING, self.s.settings.actor)
+        await self.s.kube.event(self.ref, "Dispatching", f"publishing {total} tasks to pipeline {pipeline}")
+
+    async def _publish_from_cursor(self, target: DispatchTarget, subject: str, items: list[Any]) -> bool:
+        """Publish the items not yet covered by the cursor; False when cancelled meanwhile."""
+        cursor = int(self.status.get("dispatchCursor", 0))
+        while cursor < len(items):
+            if self._live_spec().get("cancel"):
+                return False  # the next tick finishes the job as Cancelled
+            chunk = items[cursor : cursor + self.s.settings.dispatch_chunk]
+            await publish_chunk(self.s.js, subject, task_bodies(target, chunk))
+            cursor += len(chunk)
+            await self._write({"dispatchCursor": cursor, "dispatched": cursor})
+        return True
+
+    async def _mark_running(self, total: int) -> None:
+        conditions = self._condition("Dispatched", "True", "AllTasksPublished", f"{total} tasks published")
         await self._write({"phase": Phase.RUNNING.value, "conditions": conditions})
-        await self.s.jobs.set_phase(self.ref.uid, Phase.RUNNING, settings.actor)
+        await self.s.jobs.set_phase(self.ref.uid, Phase.RUNNING, self.s.settings.actor)
         await self.s.kube.event(self.ref, "Running", f"all {total} tasks published")
 
     async def fail_early(self, reason: str, message: str) -> None:
@@ -251,7 +252,7 @@ class JobLoop:
 
     # ------------------------------------------------------------------ finish
     async def finish(self, verdict: reconcile.Verdict, counts: ItemCounts | None) -> None:
-        _, _row = await finish_job(
+        await finish_job(
             self.s.jobs, self.s.kube, self.ref, self.generation, verdict, counts, self.s.settings.actor
         )
         fresh = await self.s.kube.get_job(self.ref.namespace, self.ref.name)

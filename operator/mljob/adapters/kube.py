@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
@@ -109,8 +109,6 @@ class Kube:
 
     async def event(self, job: JobRef, reason: str, message: str, warning: bool = False) -> None:
         """Best effort: an Event that cannot be posted is logged, never fatal."""
-        from datetime import datetime
-
         stamp = datetime.now(UTC)
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{job.name}.", namespace=job.namespace),
