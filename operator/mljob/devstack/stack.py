@@ -225,6 +225,12 @@ class Stack:
         if os.geteuid() == 0:  # postgres refuses to run as root
             user = "postgres"
             shutil.chown(data, user=user)
+            blocked = [p for p in data.parents if p.exists() and not p.stat().st_mode & 0o001]
+            if blocked:
+                raise StackError(
+                    f"the postgres user cannot reach {data}: {blocked[0]} is not traversable by other "
+                    "users (chmod o+x it, or choose a stack directory elsewhere)"
+                )
         init = subprocess.run(
             [
                 str(bindir / "initdb"),
