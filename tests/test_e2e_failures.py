@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import threading
 import time
@@ -54,6 +55,7 @@ def test_sigterm_mid_batch_redelivers_within_seconds_not_after_ack_wait(e2e: E2E
     sent = time.monotonic()
     sleeper.stop(signal.SIGTERM, timeout=15)
     assert sleeper.popen.returncode == 0, sleeper.log_tail()
+    assert re.search(r"NAK [1-9]\d* unfinished task", sleeper.log_tail(100)), sleeper.log_tail()
     e2e.start_worker("sleepy", "quick")
     status = e2e.wait_terminal("graceful", timeout=60)
     elapsed = time.monotonic() - sent
