@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import redis as redis_sync
+
 from e2e_support.env import E2E
 from e2e_support.harness import wait_for
 from mljob import protocol
@@ -137,3 +139,27 @@ def _publish_late_result(e2e: E2E, uid: str, item_id: str) -> None:
         await nc.close()
 
     threading.Thread(target=lambda: asyncio.run(publish())).start()
+
+
+def test_cr_mirrors_postgres_after_a_crash_between_the_two_writes(e2e: E2E) -> None:
+    """Postgres (the arbiter) went terminal, the MLJob did not, and the job's Redis state is gone:
+    the restarted operator shows Postgres' verdict instead of waiting or guessing (rows 6-8)."""
+    uid = e2e.apply("half-written", "nobody-serves-half", ["h-1", "h-2", "h-3"])
+    e2e.wait_phase("half-written", {"Running"}, timeout=30)
+    assert e2e.operator is not None
+    e2e.operator.stop()
+    with e2e.pg() as conn:
+        conn.execute(
+            "UPDATE mljob_jobs SET phase = 'Failed', reason = 'FailureThresholdExceeded', "
+            "message = 'decided before the crash', completion_time = now() WHERE uid = %s",
+            (uid,),
+        )
+    client = redis_sync.Redis.from_url(e2e.stack.redis_url)
+    client.delete(*e2e.redis_keys(uid))
+    client.close()
+    e2e.start_operator()
+    status = e2e.wait_terminal("half-written", timeout=30)
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (failed["reason"], failed["message"]) == ("FailureThresholdExceeded", "decided before the crash")
+    assert e2e.nats_leftovers(uid, "nobody-serves-half") == {"stream": False, "registry": False}

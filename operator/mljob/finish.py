@@ -39,17 +39,18 @@ async def finish_job(
     verdict: reconcile.Verdict,
     counts: ItemCounts | None,
     actor: str,
-) -> tuple[bool, JobRow]:
-    """Returns (whether this writer won, the row Postgres holds); the CR then shows that row."""
+) -> tuple[bool, JobRow, bool]:
+    """Returns (whether this writer won, the row Postgres holds, whether the CR now shows a
+    terminal phase). When the CR could not be written yet, the caller must try again."""
     outcome = await jobs.finish(ref.uid, verdict.phase, verdict.reason, verdict.message, counts, actor)
     row = outcome.row
     if not outcome.won:
         log.info("job %s/%s: Postgres already holds %s; mirroring it", ref.namespace, ref.name, row.phase)
         counts = ItemCounts(row.total, row.total - row.processed, row.failed) if row.total else None
-    await mirror_phase(kube, ref, generation, row.phase, row.reason or "", row.message or "", counts)
+    shown = await mirror_phase(kube, ref, generation, row.phase, row.reason or "", row.message or "", counts)
     if outcome.won:
         await kube.event(ref, row.phase.value, row.message or "", warning=row.phase is Phase.FAILED)
-    return outcome.won, row
+    return outcome.won, row, shown
 
 
 def terminal_fields(
@@ -89,20 +90,21 @@ async def mirror_phase(
     message: str,
     counts: ItemCounts | None,
     attempts: int = 5,
-) -> dict[str, Any] | None:
-    """Write `phase` to the MLJob unless it is already terminal; retried when the guard trips."""
+) -> bool:
+    """Write `phase` to the MLJob unless it is already terminal; retried when the guard trips.
+    True when the MLJob shows a terminal phase afterwards (or no longer exists)."""
     for _ in range(attempts):
         fresh = await kube.get_job(ref.namespace, ref.name)
         if fresh is None or fresh["metadata"]["uid"] != ref.uid:
-            return None
+            return True  # deleted (or re-created): nothing left to show the verdict on
         current = dict(fresh.get("status") or {})
         if current.get("phase") in TERMINAL_PHASES:
-            return current  # absorbing: nothing to write
+            return True  # absorbing: nothing to write
         fields = terminal_fields(current, generation, phase, reason, message, counts)
         try:
             await kube.guarded_status(ref, current.get("phase"), fields)
         except GuardFailed as err:
             log.info("status of %s/%s changed under us (%s); re-reading", ref.namespace, ref.name, err)
             continue
-        return {**current, **fields}
-    return None
+        return True
+    return False

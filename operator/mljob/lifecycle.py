@@ -31,7 +31,7 @@ from mljob.dispatch import (
     stream_settings,
     task_bodies,
 )
-from mljob.finish import finish_job, iso, now_iso
+from mljob.finish import finish_job, iso, mirror_phase, now_iso
 from mljob.services import Services
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,9 @@ class JobLoop:
         if plan.action is reconcile.Action.DISPATCH:
             await self.dispatch()
         elif plan.action is reconcile.Action.STATE_MISSING:
+            if await self._mirror_postgres_verdict():
+                await self.cleanup()
+                return True
             await self._set_conditions(
                 (
                     "StateAvailable",
@@ -134,7 +137,8 @@ class JobLoop:
             await self.progress(plan.status, counts)
         elif plan.action is reconcile.Action.FINISH:
             assert plan.verdict is not None
-            await self.finish(plan.verdict, counts)
+            if not await self.finish(plan.verdict, counts):
+                return False  # the MLJob does not show the verdict yet: try again next tick
             await self.cleanup()
             return True
         return False
@@ -246,18 +250,31 @@ class JobLoop:
         log.info("job %s/%s failed: %s", self.ref.namespace, self.ref.name, message)
         if self.phase is None:
             await self._write({"phase": Phase.PENDING.value})
-        pipeline = str(self._live_spec().get("pipeline", ""))
-        await self.s.jobs.ensure(self.ref.uid, self.ref.namespace, self.ref.name, pipeline, {})
         await self.finish(reconcile.Verdict(Phase.FAILED, reason, message), None)
 
     # ------------------------------------------------------------------ finish
-    async def finish(self, verdict: reconcile.Verdict, counts: ItemCounts | None) -> None:
-        await finish_job(
+    async def finish(self, verdict: reconcile.Verdict, counts: ItemCounts | None) -> bool:
+        """The guarded terminal transition; True once the MLJob shows the verdict."""
+        pipeline = str(self._live_spec().get("pipeline", ""))
+        await self.s.jobs.ensure(self.ref.uid, self.ref.namespace, self.ref.name, pipeline, {})
+        _, _, shown = await finish_job(
             self.s.jobs, self.s.kube, self.ref, self.generation, verdict, counts, self.s.settings.actor
         )
         fresh = await self.s.kube.get_job(self.ref.namespace, self.ref.name)
         if fresh is not None:
             self.status = dict(fresh.get("status") or {})
+        return shown
+
+    async def _mirror_postgres_verdict(self) -> bool:
+        """Postgres already terminal while the MLJob is not (a crash between the two writes):
+        the MLJob mirrors the arbiter. True when it now shows a terminal phase."""
+        row = await self.s.jobs.get(self.ref.uid)
+        if row is None or row.phase not in TERMINAL_PHASES:
+            return False
+        counts = ItemCounts(row.total, row.total - row.processed, row.failed) if row.total else None
+        return await mirror_phase(
+            self.s.kube, self.ref, self.generation, row.phase, row.reason or "", row.message or "", counts
+        )
 
     async def _mirror_terminal_to_postgres(self) -> None:
         """A CR that is terminal but whose row is not (e.g. written before a crash) gets the row fixed."""

@@ -71,7 +71,9 @@ def race_finishers(e2e: Any, uid: str, name: str, targets: list[Phase]) -> tuple
         await pool.open()
         try:
             verdict = reconcile.Verdict(targets[index], f"Race{index}", f"finisher {index}")
-            won, row = await finish_job(JobsStore(pool), _kube(e2e), ref, 1, verdict, None, f"racer-{index}")
+            won, row, _ = await finish_job(
+                JobsStore(pool), _kube(e2e), ref, 1, verdict, None, f"racer-{index}"
+            )
         finally:
             await pool.close()
         return won, row.phase.value
