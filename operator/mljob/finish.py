@@ -46,7 +46,7 @@ async def finish_job(
     row = outcome.row
     if not outcome.won:
         log.info("job %s/%s: Postgres already holds %s; mirroring it", ref.namespace, ref.name, row.phase)
-        counts = ItemCounts(row.total, row.total - row.processed, row.failed) if row.total else None
+        counts = row.counts
     shown = await mirror_phase(kube, ref, generation, row.phase, row.reason or "", row.message or "", counts)
     if outcome.won:
         await kube.event(ref, row.phase.value, row.message or "", warning=row.phase is Phase.FAILED)

@@ -39,24 +39,17 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     async def on_drained(msg: Any) -> None:
         services.wake(msg.subject.rsplit(".", 1)[-1])
 
+    # One wake-up path for in-process and external collectors alike: the drained event on NATS.
+
     await services.nc.subscribe(f"{protocol.DRAINED_SUBJECT_PREFIX}.*", cb=on_drained)
     memo.collector_stop = asyncio.Event()
     memo.collector_task = None
     if config.run_collector:
         from mljob.collector import Collector
 
-        collector = Collector(
-            services.js, services.nc, services.state, services.results, on_drained=_wake_async(services)
-        )
+        collector = Collector(services.js, services.nc, services.state, services.results)
         memo.collector_task = asyncio.create_task(collector.run(memo.collector_stop))
     log.info("mljob operator ready (collector %s)", "in-process" if config.run_collector else "external")
-
-
-def _wake_async(services: Services) -> Any:
-    async def wake(uid: str) -> None:
-        services.wake(uid)
-
-    return wake
 
 
 @kopf.on.cleanup()

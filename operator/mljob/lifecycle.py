@@ -271,9 +271,8 @@ class JobLoop:
         row = await self.s.jobs.get(self.ref.uid)
         if row is None or row.phase not in TERMINAL_PHASES:
             return False
-        counts = ItemCounts(row.total, row.total - row.processed, row.failed) if row.total else None
         return await mirror_phase(
-            self.s.kube, self.ref, self.generation, row.phase, row.reason or "", row.message or "", counts
+            self.s.kube, self.ref, self.generation, row.phase, row.reason or "", row.message or "", row.counts
         )
 
     async def _mirror_terminal_to_postgres(self) -> None:

@@ -29,6 +29,11 @@ class JobRow:
     failed: int
     completion_time: datetime | None
 
+    @property
+    def counts(self) -> ItemCounts | None:
+        """The counts the row records, or None for a row that never had items."""
+        return ItemCounts(self.total, self.total - self.processed, self.failed) if self.total else None
+
 
 @dataclass(frozen=True)
 class FinishOutcome:
