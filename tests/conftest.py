@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -110,23 +109,14 @@ def crd_installed(kubectl: Kubectl) -> None:
     """The committed CRD, applied and Established."""
     kubectl.run("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
     kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/mljobs.mljob.dev")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # discovery lags Established by a moment
-        if kubectl.run("get", "mljobs", "-A", check=False).returncode == 0:
-            return
-        time.sleep(0.3)
-    raise AssertionError("mljobs resource never became servable")
+    from e2e_support.harness import wait_for
 
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0, interval: float = 0.3) -> bool:
-    """Poll `check` until it is true or `timeout` passes; admission policies and informers lag."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
+    # discovery lags Established by a moment
+    wait_for(
+        lambda: kubectl.run("get", "mljobs", "-A", check=False).returncode == 0,
+        30,
+        what="the mljobs resource to become servable",
+    )
 
 
 @pytest.fixture

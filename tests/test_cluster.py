@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import Kubectl
+from e2e_support.harness import wait_for
 from mljob.devstack import tools
 
 
@@ -35,8 +36,8 @@ def test_rbac_refuses_a_service_account_without_permissions(kubectl: Kubectl, na
         "--role=cm-reader",
         f"--serviceaccount={namespace}:nobody",
     )
-    from conftest import eventually
-
-    assert eventually(
-        lambda: kubectl.run("-n", namespace, "get", "configmaps", token=token, check=False).returncode == 0
+    wait_for(
+        lambda: kubectl.run("-n", namespace, "get", "configmaps", token=token, check=False).returncode == 0,
+        30,
+        what="the RoleBinding to let the same token in",
     )

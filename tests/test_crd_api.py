@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, Kubectl, eventually
+from conftest import ROOT, Kubectl
+from e2e_support.harness import wait_for
 
 EXAMPLES = ROOT / "examples"
 VALID = sorted(EXAMPLES.glob("*.yaml"))
@@ -64,7 +65,7 @@ def test_invalid_example_is_refused_with_a_message_naming_the_field(
         assert fragment in proc.stderr, proc.stderr
         return True
 
-    assert eventually(refused_with_message, timeout=30)
+    wait_for(refused_with_message, 30, what=f"{path.name} to be refused")
 
 
 def _write_status(
@@ -220,7 +221,7 @@ def test_spec_is_immutable(kubectl: Kubectl, namespace: str, patch: dict[str, ob
         assert message in proc.stderr, proc.stderr
         return True
 
-    assert eventually(refused, timeout=30)
+    wait_for(refused, 30, what=f"the change {patch} to be refused")
 
 
 def test_cancel_and_ttl_may_change_but_cancel_never_goes_back(kubectl: Kubectl, namespace: str) -> None:
