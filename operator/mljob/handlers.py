@@ -49,14 +49,25 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
         collector = Collector(services.js, services.nc, services.state, services.results)
         memo.collector_task = asyncio.create_task(collector.run(memo.collector_stop))
+    # Items NATS gave up on (max deliveries) are failed within seconds, and their job woken.
+    from mljob.adapters.jetstream import ensure_advisory_stream
+    from mljob.exhausted import ExhaustedDeliveries
+    from mljob.services import with_retry
+
+    await with_retry(
+        "the NATS advisory stream", lambda: ensure_advisory_stream(services.js, config.stream_replicas)
+    )
+    exhausted = ExhaustedDeliveries(services.js, services.nc, services.results, services.state, services.wake)
+    memo.exhausted_task = asyncio.create_task(exhausted.run(memo.collector_stop))
     log.info("mljob operator ready (collector %s)", "in-process" if config.run_collector else "external")
 
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     memo.collector_stop.set()
-    if memo.collector_task is not None:
-        await asyncio.wait([memo.collector_task], timeout=10)
+    tasks = [t for t in (memo.collector_task, memo.get("exhausted_task")) if t is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=10)
     await memo.services.close()
 
 

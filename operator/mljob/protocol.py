@@ -22,6 +22,11 @@ RESULTS_SUBJECT_PREFIX = "mljob.results"
 RESULTS_CONSUMER = "collector"
 #: Core NATS subject on which the collector says "job <uid> has nothing pending".
 DRAINED_SUBJECT_PREFIX = "mljob.events.drained"
+#: JetStream's advisory when a message reached its consumer's max_deliver (tokens: stream, consumer).
+MAX_DELIVERIES_ADVISORY_SUBJECTS = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.*.*"
+#: The operator's own stream keeping those advisories, so none is lost while it is down.
+ADVISORY_STREAM = "MLJOB_ADVISORIES"
+ADVISORY_CONSUMER = "operator"
 #: JetStream key-value bucket where active jobs are registered; workers watch it.
 REGISTRY_BUCKET = "mljob-registry"
 #: Header carrying the idempotency key that JetStream de-duplicates on.

@@ -45,3 +45,12 @@ def recording(task: Any) -> dict[str, Any]:
         out.write(task.item_id + "\n")
     time.sleep(float(os.environ.get("MLJOB_TEST_SLEEP", "0")))
     return {"id": task.item_id}
+
+
+def crash_on_listed(task: Any) -> dict[str, Any]:
+    """Kills the whole worker process on the ids listed in $MLJOB_TEST_CRASH_ITEMS, on every delivery:
+    the task is never answered, so NATS redelivers it until max_deliver is exhausted (row 2)."""
+    listed = {i for i in os.environ.get("MLJOB_TEST_CRASH_ITEMS", "").split(",") if i}
+    if task.item_id in listed:
+        os._exit(1)
+    return {"id": task.item_id}

@@ -10,6 +10,7 @@ from nats.js.api import (
     ConsumerConfig,
     DiscardPolicy,
     KeyValueConfig,
+    RawStreamMsg,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -136,3 +137,68 @@ async def register_job(kv: KeyValue, entry: protocol.RegistryEntry) -> None:
 
 async def unregister_job(kv: KeyValue, pipeline: str, uid: str) -> None:
     await kv.purge(protocol.registry_key(pipeline, uid))
+
+
+#: How long an unprocessed max-deliveries advisory is kept (an operator down longer loses it).
+ADVISORY_MAX_AGE_SECONDS = 24 * 3600.0
+ADVISORY_ACK_WAIT_SECONDS = 30.0
+#: JetStream's error code for "stream not found" (a missing message is another 404: 10037).
+STREAM_NOT_FOUND_CODE = 10059
+
+
+class JobStreamMissing(LookupError):
+    """The job's stream is gone (job finished or deleted): nothing is left to resolve in it."""
+
+
+async def ensure_advisory_stream(js: JetStreamContext, replicas: int = 1) -> None:
+    """The stream capturing max-deliveries advisories, and the operator's durable consumer on it.
+
+    Advisories are core NATS messages: without a stream, one published while the operator is down
+    is lost and its item stays pending forever (failure-modes row 2). Limits retention keeps the
+    last day for inspection; the consumer's ack position is what the operator has handled.
+    """
+    try:
+        await js.stream_info(protocol.ADVISORY_STREAM)
+    except NotFoundError:
+        await js.add_stream(
+            StreamConfig(
+                name=protocol.ADVISORY_STREAM,
+                subjects=[protocol.MAX_DELIVERIES_ADVISORY_SUBJECTS],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+                max_age=ADVISORY_MAX_AGE_SECONDS,
+                discard=DiscardPolicy.OLD,
+            )
+        )
+    await js.add_consumer(
+        protocol.ADVISORY_STREAM,
+        ConsumerConfig(
+            durable_name=protocol.ADVISORY_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            max_deliver=-1,
+            ack_wait=ADVISORY_ACK_WAIT_SECONDS,
+            max_ack_pending=10_000,
+        ),
+    )
+
+
+async def get_task_message(js: JetStreamContext, uid: str, seq: int) -> RawStreamMsg | None:
+    """The job's task message at `seq`; None when it is gone (acked or deleted).
+
+    Raises JobStreamMissing when the job's stream itself is gone.
+    """
+    try:
+        return await js.get_msg(protocol.task_stream(uid), seq)
+    except NotFoundError as err:
+        if err.err_code == STREAM_NOT_FOUND_CODE:
+            raise JobStreamMissing(protocol.task_stream(uid)) from err
+        return None
+
+
+async def delete_task_message(js: JetStreamContext, uid: str, seq: int) -> bool:
+    """Delete the job's task message at `seq`; False when it (or the stream) was already gone."""
+    try:
+        return bool(await js.delete_msg(protocol.task_stream(uid), seq))
+    except NotFoundError:
+        return False

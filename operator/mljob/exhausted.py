@@ -1,0 +1,272 @@
+"""Items NATS gave up on: max-deliveries advisories -> failed items, within seconds (rows 2, 3).
+
+Why: after ``max_deliver`` JetStream stops redelivering a task, while Redis still lists its item
+as pending, so without this the job would wait for it forever. JetStream announces the moment
+with a ``MAX_DELIVERIES`` advisory carrying the message's stream sequence, and the message stays
+readable in the job's work-queue stream. The operator keeps those advisories in a stream of its
+own (``protocol.ADVISORY_STREAM``), so one published while it is down is handled when it is back.
+No decision here depends on consumer counters such as ``num_ack_pending`` (row 3): they differ
+between server versions.
+
+Per advisory: read the task by sequence -> fail its item through ``ledger.fail_items`` (the
+ledger's primary key arbitrates against a real result landing at the same moment: the first
+outcome stands, never both) -> delete the task message -> ack the advisory -> wake the job.
+
+* Advisories of streams that are not job streams, or of other consumers: acked and ignored.
+* The job's stream is gone (job finished or deleted), or the message is gone (the worker's ack
+  made it after all, or this advisory was already handled): acked, nothing to do.
+* Malformed advisories, and tasks that name no item: one log line, acked.
+* NATS, Postgres or Redis unavailable: nothing acked, the advisory comes back; the loop backs off
+  (0.5 s doubling to 5 s) and resumes by itself. Every step is idempotent, so a replay is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from mljob import ledger, protocol
+from mljob.adapters import jetstream
+from mljob.adapters.redis_state import JobState
+from mljob.adapters.results_store import RejectedResult, ResultsStore
+
+__all__ = ["REASON", "Advisory", "ExhaustedDeliveries", "parse_advisory"]
+
+log = logging.getLogger(__name__)
+
+REASON = "MaxDeliveriesExceeded"
+BACKOFF_INITIAL_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 5.0
+_JOB_STREAM = re.compile(
+    r"^MLJOB_([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$", re.IGNORECASE
+)
+
+
+class MalformedAdvisory(ValueError):
+    """An advisory without the fields we need; it can never become valid."""
+
+
+@dataclass(frozen=True)
+class Advisory:
+    """The fields of a max-deliveries advisory this module uses."""
+
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int
+    timestamp: datetime | None
+
+    @property
+    def job_uid(self) -> str | None:
+        """The job's uid when this is the workers' consumer of a job stream, else None."""
+        match = _JOB_STREAM.match(self.stream)
+        if match is None or self.consumer != protocol.task_consumer(match.group(1)):
+            return None
+        return match.group(1)
+
+
+def parse_advisory(data: bytes) -> Advisory:
+    try:
+        body = json.loads(data)
+        if not isinstance(body, dict):
+            raise TypeError("not a JSON object")
+        stream, consumer = body["stream"], body["consumer"]
+        seq, deliveries = body["stream_seq"], body.get("deliveries", 0)
+        if not isinstance(stream, str) or not isinstance(consumer, str):
+            raise TypeError("stream and consumer must be strings")
+        if not isinstance(seq, int) or seq < 1 or not isinstance(deliveries, int):
+            raise TypeError("stream_seq and deliveries must be integers, stream_seq >= 1")
+    except (ValueError, KeyError, TypeError) as err:
+        raise MalformedAdvisory(f"{type(err).__name__}: {err}") from err
+    stamp: datetime | None = None
+    with contextlib.suppress(TypeError, ValueError):
+        stamp = datetime.fromisoformat(str(body.get("timestamp", "")))
+    return Advisory(stream, consumer, seq, deliveries, stamp)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()
+    line = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def item_of(uid: str, data: bytes | None, headers: dict[str, Any] | None) -> str | None:
+    """The item id of a task message: from its body, else from its ``Nats-Msg-Id`` header."""
+    try:
+        task = protocol.decode_task(data or b"")
+        if task.job.uid == uid:
+            return task.item_id
+    except protocol.MalformedMessage:
+        pass
+    msg_id = str((headers or {}).get(protocol.MSG_ID_HEADER, ""))
+    prefix = protocol.task_msg_id(uid, "")
+    if msg_id.startswith(prefix) and len(msg_id) > len(prefix):
+        return msg_id[len(prefix) :]
+    return None
+
+
+class ExhaustedDeliveries:
+    """Consumes max-deliveries advisories and fails their items; see the module docstring."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        nc: NATS,
+        store: ResultsStore,
+        state: JobState,
+        on_failed: Callable[[str], None] | None = None,
+        *,
+        batch: int = 64,
+        fetch_timeout: float = 1.0,
+    ) -> None:
+        self.js = js
+        self.nc = nc
+        self.store = store
+        self.state = state
+        self.on_failed = on_failed
+        self.batch = batch
+        self.fetch_timeout = fetch_timeout
+        self._backoff = BACKOFF_INITIAL_SECONDS
+        self._failing: str | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Handle advisories until ``stop`` is set; never stops on bad input or outages."""
+        sub: Any = None
+        try:
+            while not stop.is_set():
+                if sub is None:
+                    try:
+                        sub = await self.js.pull_subscribe_bind(
+                            durable=protocol.ADVISORY_CONSUMER, stream=protocol.ADVISORY_STREAM
+                        )
+                    except Exception as err:
+                        self._outage("cannot bind to the advisory consumer", err)
+                        await self._sleep(stop)
+                        continue
+                try:
+                    msgs: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
+                except TimeoutError:
+                    continue
+                except Exception as err:
+                    self._outage("fetching advisories failed", err)
+                    await self._sleep(stop)
+                    continue
+                if await self.process(msgs):
+                    self._recovered()
+                else:
+                    await self._sleep(stop)
+        finally:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def process(self, msgs: list[Msg]) -> bool:
+        """Handle a batch in order. False when a dependency failed: that advisory and the rest of
+        the batch are NAKed for a later retry, none of them acked."""
+        for index, msg in enumerate(msgs):
+            try:
+                await self.handle(msg.data)
+            except Exception as err:
+                self._outage("handling a max-deliveries advisory failed; it will be retried", err)
+                await self._nak(msgs[index:])
+                return False
+            await self._ack(msg)
+        return True
+
+    async def handle(self, data: bytes) -> str | None:
+        """Settle one advisory; returns the failed item id, or None when there was nothing to fail.
+
+        Raises only when a dependency failed (the advisory must then be retried).
+        """
+        try:
+            advisory = parse_advisory(data)
+        except MalformedAdvisory as err:
+            log.warning("ignoring a malformed max-deliveries advisory: %s", err)
+            return None
+        uid = advisory.job_uid
+        if uid is None:
+            log.debug("ignoring max-deliveries advisory of %s/%s", advisory.stream, advisory.consumer)
+            return None
+        try:
+            msg = await jetstream.get_task_message(self.js, uid, advisory.stream_seq)
+        except jetstream.JobStreamMissing:
+            log.debug("job %s: stream gone, advisory for seq %d needs nothing", uid, advisory.stream_seq)
+            return None
+        if msg is None:
+            log.debug("job %s: task seq %d already settled", uid, advisory.stream_seq)
+            return None
+        item_id = item_of(uid, msg.data, msg.headers)
+        if item_id is None:
+            log.warning("job %s: exhausted task seq %d names no item; left alone", uid, advisory.stream_seq)
+            return None
+        await self._fail(uid, item_id, advisory)
+        await jetstream.delete_task_message(self.js, uid, advisory.stream_seq)
+        if self.on_failed is not None:
+            try:
+                self.on_failed(uid)
+            except Exception:
+                log.exception("on_failed callback failed for job %s", uid)
+        return item_id
+
+    async def _fail(self, uid: str, item_id: str, advisory: Advisory) -> None:
+        n = advisory.deliveries
+        message = f"item {item_id} was delivered {n} times without an answer (the worker crashed or hung)"
+        try:
+            newly = await ledger.fail_items(
+                self.store, self.state, uid, [item_id], REASON, message, attempts=n
+            )
+        except RejectedResult as err:  # refused data can never be stored: do not retry forever
+            log.warning("job %s: cannot record item %s as failed: %s", uid, item_id, err)
+            return
+        latency = ""
+        if advisory.timestamp is not None:
+            seconds = (protocol.utcnow() - advisory.timestamp).total_seconds()
+            latency = f", {seconds:.3f}s after exhaustion"
+        if newly:
+            log.info("job %s: item %s failed (%s, %d deliveries%s)", uid, item_id, REASON, n, latency)
+        else:
+            log.info("job %s: item %s exhausted %d deliveries but already had an outcome", uid, item_id, n)
+
+    async def _ack(self, msg: Msg) -> None:
+        try:
+            await msg.ack()
+        except Exception as err:  # a lost ack means an idempotent replay
+            log.warning("advisory ack failed (it will be replayed): %s", _one_line(err))
+
+    async def _nak(self, msgs: list[Msg]) -> None:
+        try:
+            for msg in msgs:
+                await msg.nak(delay=self._backoff)
+        except Exception as err:
+            log.debug("nak failed (redelivery after ack_wait instead): %s", _one_line(err))
+
+    def _outage(self, what: str, err: BaseException) -> None:
+        """One log line per outage (and per change of its cause), not one per retry."""
+        line = f"{what}: {_one_line(err)}"
+        if line != self._failing:
+            log.warning("%s (retrying with backoff)", line)
+            self._failing = line
+        else:
+            log.debug("%s", line)
+
+    def _recovered(self) -> None:
+        if self._failing is not None:
+            log.info("max-deliveries advisories: recovered")
+            self._failing = None
+        self._backoff = BACKOFF_INITIAL_SECONDS
+
+    async def _sleep(self, stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=self._backoff)
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_SECONDS)
