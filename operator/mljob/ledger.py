@@ -1,0 +1,61 @@
+"""Recording outcomes: Postgres ledger first, then the Redis item state. One path for everyone.
+
+The collector records what workers report; the operator's recovery actions (deliveries
+exhausted, lost items, deadline, stream lost) record failures it decides itself. Both go through
+`record`, so "the first outcome of an item stands" holds against any mix of writers: the
+ledger's primary key arbitrates, and Redis is told the outcome the ledger kept, never the
+writer's own guess. An item is therefore never both processed and failed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from mljob import protocol
+from mljob.adapters.redis_state import JobState, RecordOutcome
+from mljob.adapters.results_store import ResultsStore
+
+
+async def record(
+    store: ResultsStore, state: JobState, results: Sequence[protocol.Result]
+) -> list[RecordOutcome]:
+    """Store `results` (first outcome per item wins), then settle their items in Redis."""
+    if not results:
+        return []
+    stored = await store.upsert(results)
+    entries = []
+    for result in results:
+        kept = stored.get((result.job_uid, result.item_id), result.outcome)
+        entries.append((result.job_uid, result.item_id, kept is protocol.Outcome.FAILED))
+    return await state.record(entries, time.time())
+
+
+def failure(uid: str, item_id: str, reason: str, message: str, attempts: int = 1) -> protocol.Result:
+    """A failed result the operator decided on, e.g. reason `MaxDeliveriesExceeded`."""
+    return protocol.Result(
+        job_uid=uid,
+        item_id=item_id,
+        outcome=protocol.Outcome.FAILED,
+        error=f"{reason}: {message}",
+        attempts=max(1, attempts),
+        worker="mljob-operator",
+    )
+
+
+async def fail_items(
+    store: ResultsStore,
+    state: JobState,
+    uid: str,
+    item_ids: Sequence[str],
+    reason: str,
+    message: str,
+    attempts: int = 1,
+) -> int:
+    """Fail items that have no outcome yet; returns how many were newly failed in Redis.
+
+    Items that already have an outcome (a result landed first) keep it.
+    """
+    results = [failure(uid, item_id, reason, message, attempts) for item_id in item_ids]
+    outcomes = await record(store, state, results)
+    return sum(1 for o in outcomes if o.status.value == "new")
