@@ -129,6 +129,7 @@ class ExhaustedDeliveries:
         *,
         batch: int = 64,
         fetch_timeout: float = 1.0,
+        consumer: str = protocol.ADVISORY_CONSUMER,
     ) -> None:
         self.js = js
         self.nc = nc
@@ -137,6 +138,7 @@ class ExhaustedDeliveries:
         self.on_failed = on_failed
         self.batch = batch
         self.fetch_timeout = fetch_timeout
+        self.consumer = consumer
         self._backoff = BACKOFF_INITIAL_SECONDS
         self._failing: str | None = None
 
@@ -148,7 +150,7 @@ class ExhaustedDeliveries:
                 if sub is None:
                     try:
                         sub = await self.js.pull_subscribe_bind(
-                            durable=protocol.ADVISORY_CONSUMER, stream=protocol.ADVISORY_STREAM
+                            durable=self.consumer, stream=protocol.ADVISORY_STREAM
                         )
                     except Exception as err:
                         self._outage("cannot bind to the advisory consumer", err)
