@@ -65,6 +65,7 @@ EXPECTED_COLUMNS: dict[str, set[str]] = {
         "at",
     },
     "mljob_dead_letters": {"id", "source", "subject", "payload", "reason", "at"},
+    "mljob_items": {"job_uid", "item_id"},
     "mljob_schema_migrations": {"version", "applied_at"},
 }
 
@@ -235,3 +236,32 @@ def test_results_primary_key_makes_upserts_idempotent(
     assert cur.rowcount == 0
     rows = migrated.execute("SELECT outcome, result, attempts FROM mljob_results").fetchall()
     assert rows == [("succeeded", {"y": 1}, 1)]
+
+
+def test_items_migration_backfills_items_that_already_have_results(pg_dsn: str, schema: str) -> None:
+    """A ledger upgraded while jobs had results keeps recognising those results as items."""
+    first = load_migrations()[0]
+    assert first.version == "0001_initial"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        conn.execute(first.sql, prepare=False)
+        conn.execute(
+            "CREATE TABLE mljob_schema_migrations (version text PRIMARY KEY, applied_at timestamptz)"
+        )
+        conn.execute("INSERT INTO mljob_schema_migrations (version) VALUES ('0001_initial')")
+        conn.execute(
+            "INSERT INTO mljob_results (job_uid, item_id, outcome) VALUES "
+            "('job-a', 'i1', 'succeeded'), ('job-a', 'i2', 'failed'), ('job-b', 'i1', 'succeeded')"
+        )
+        assert apply_migrations(conn, schema) == [v for v in _all_versions() if v != "0001_initial"]
+        rows = conn.execute("SELECT job_uid, item_id FROM mljob_items ORDER BY 1, 2").fetchall()
+    assert rows == [("job-a", "i1"), ("job-a", "i2"), ("job-b", "i1")]
+
+
+def test_items_primary_key(migrated: psycopg.Connection[tuple[object, ...]]) -> None:
+    insert = "INSERT INTO mljob_items (job_uid, item_id) VALUES (%s, %s)"
+    migrated.execute(insert, ("job-x", "item-1"))
+    migrated.execute(insert, ("job-y", "item-1"))  # the same id in another job is another item
+    with pytest.raises(errors.UniqueViolation):
+        migrated.execute(insert, ("job-x", "item-1"))

@@ -5,10 +5,15 @@ exhausted, lost items, deadline, stream lost) record failures it decides itself.
 `record`, so "the first outcome of an item stands" holds against any mix of writers: the
 ledger's primary key arbitrates, and Redis is told the outcome the ledger kept, never the
 writer's own guess. An item is therefore never both processed and failed.
+
+Only registered items are recorded (`ResultsStore.upsert` refuses the rest in the same
+statement). The operator only fails items it dispatched, so a refusal here means the job's
+items were never registered: it is logged and the refused results are left out of Redis.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -16,19 +21,32 @@ from mljob import protocol
 from mljob.adapters.redis_state import JobState, RecordOutcome
 from mljob.adapters.results_store import ResultsStore
 
+log = logging.getLogger(__name__)
+
 
 async def record(
     store: ResultsStore, state: JobState, results: Sequence[protocol.Result]
 ) -> list[RecordOutcome]:
-    """Store `results` (first outcome per item wins), then settle their items in Redis."""
+    """Store `results` (first outcome per item wins), then settle their items in Redis.
+
+    Results the ledger refuses (not items of their job) are left out of the returned list.
+    """
     if not results:
         return []
-    stored = await store.upsert(results)
+    upserted = await store.upsert(results)
     entries = []
+    refused: list[str] = []
     for result in results:
-        kept = stored.get((result.job_uid, result.item_id), result.outcome)
+        key = (result.job_uid, result.item_id)
+        reason = upserted.refusal(key)
+        if reason is not None:
+            refused.append(reason)
+            continue
+        kept = upserted.stored.get(key, result.outcome)
         entries.append((result.job_uid, result.item_id, kept is protocol.Outcome.FAILED))
-    return await state.record(entries, time.time())
+    if refused:
+        log.warning("%d outcome(s) not recorded, e.g. %s", len(refused), refused[0])
+    return await state.record(entries, time.time()) if entries else []
 
 
 def failure(uid: str, item_id: str, reason: str, message: str, attempts: int = 1) -> protocol.Result:

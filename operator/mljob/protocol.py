@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
+#: The only protocol version this code speaks; a message with any other `version` is refused.
 PROTOCOL_VERSION = 1
 
 #: The shared results stream, fed by every worker of every job.
@@ -27,6 +28,8 @@ MAX_DELIVERIES_ADVISORY_SUBJECTS = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.*
 #: The operator's own stream keeping those advisories, so none is lost while it is down.
 ADVISORY_STREAM = "MLJOB_ADVISORIES"
 ADVISORY_CONSUMER = "operator"
+#: Core NATS subject prefix on which workers say "I am still working on a task of job <uid>".
+HEARTBEAT_SUBJECT_PREFIX = "mljob.heartbeat"
 #: JetStream key-value bucket where active jobs are registered; workers watch it.
 REGISTRY_BUCKET = "mljob-registry"
 #: Header carrying the idempotency key that JetStream de-duplicates on.
@@ -54,6 +57,10 @@ def results_subject(uid: str) -> str:
 
 def drained_subject(uid: str) -> str:
     return f"{DRAINED_SUBJECT_PREFIX}.{uid}"
+
+
+def heartbeat_subject(uid: str) -> str:
+    return f"{HEARTBEAT_SUBJECT_PREFIX}.{uid}"
 
 
 def registry_key(pipeline: str, uid: str) -> str:
@@ -143,21 +150,67 @@ class MalformedMessage(ValueError):
     """A message that cannot be parsed; it goes to the dead-letter table, never crashes a loop."""
 
 
+class UnsupportedVersion(MalformedMessage):
+    """A message whose `version` is not PROTOCOL_VERSION: its shape cannot be trusted at all."""
+
+
+def _check_version(version: int) -> int:
+    if version != PROTOCOL_VERSION:
+        raise ValueError(f"unsupported protocol version {version} (this side speaks {PROTOCOL_VERSION})")
+    return version
+
+
+class _WireTask(Task):
+    """A task as read off the wire: `version` is required, an int, and the one we speak.
+
+    The models above default `version` for the code that builds messages; decoding must not,
+    or a message of another protocol version would be read as ours.
+    """
+
+    version: StrictInt
+
+    _version = field_validator("version")(_check_version)
+
+
+class _WireResult(Result):
+    """A result as read off the wire; see :class:`_WireTask`."""
+
+    version: StrictInt
+
+    _version = field_validator("version")(_check_version)
+
+
+def _invalid(kind: str, err: ValidationError) -> MalformedMessage:
+    """The error to raise for a body that failed validation; a bad `version` wins over the rest,
+    because a message of another version is expected to fail the other checks too."""
+    errors = err.errors()
+    for error in errors:
+        if error["loc"] == ("version",) and error["type"] == "value_error":
+            return UnsupportedVersion(str(error["ctx"]["error"]))
+    first = errors[0]
+    return MalformedMessage(f"invalid {kind}: {first['msg']} at {first['loc']}")
+
+
 def decode_task(data: bytes) -> Task:
+    """Parse a task body; raises UnsupportedVersion or MalformedMessage."""
     try:
-        task = Task.model_validate_json(data)
+        task = _WireTask.model_validate_json(data)
     except ValidationError as err:
-        raise MalformedMessage(f"invalid task: {err.errors()[0]['msg']} at {err.errors()[0]['loc']}") from err
+        raise _invalid("task", err) from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MalformedMessage(f"invalid task: {err}") from err
     if not str(task.item.get("id", "")):
         raise MalformedMessage("invalid task: item has no id")
-    return task
+    # Validated already: hand out the plain model (equality and copies compare the class).
+    return Task.model_construct(task.model_fields_set, **dict(task))
 
 
 def decode_result(data: bytes) -> Result:
+    """Parse a result body; raises UnsupportedVersion or MalformedMessage."""
     try:
-        return Result.model_validate_json(data)
+        result = _WireResult.model_validate_json(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        raise MalformedMessage(f"invalid result: {first['msg']} at {first['loc']}") from err
+        raise _invalid("result", err) from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MalformedMessage(f"invalid result: {err}") from err
+    return Result.model_construct(result.model_fields_set, **dict(result))

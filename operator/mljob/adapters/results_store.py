@@ -8,13 +8,19 @@ Why this shape:
 * A batch is one statement (``INSERT ... SELECT FROM unnest(...)``) on an autocommit connection:
   one round trip, atomic, whatever the batch size.
 * The ledger is what Redis state is rebuilt from (row 12), hence ``item_outcomes``.
-* Results have no foreign key to the job row, so early and late results are kept (row 10).
+* Results have no foreign key to the job row, so late results are kept (row 10).
+* ``mljob_items`` is the snapshot of each job's item ids taken at dispatch (``register_items``,
+  before the first task is published: row 9). ``upsert`` stores only results of registered
+  items, checked in the same statement that stores them, so a result for a job never dispatched
+  or for an id that is not an item of its job can never count, and the caller learns which
+  were refused. The snapshot outlives cleanup, so late results are still recognised.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,11 +30,42 @@ from psycopg_pool import AsyncConnectionPool
 
 from mljob import protocol
 
-__all__ = ["RejectedResult", "ResultsStore", "make_pool"]
+__all__ = ["RejectedResult", "ResultsStore", "UpsertResult", "make_pool"]
+
+Key = tuple[str, str]
+"""(job uid, item id)."""
 
 
 class RejectedResult(ValueError):
     """Postgres (or the JSON encoder) refused this data: retrying cannot help, unlike an outage."""
+
+
+@dataclass
+class UpsertResult:
+    """What ``upsert`` did with a batch, per (job uid, item id).
+
+    ``stored``: the outcome the ledger holds now (the first one recorded stands), for every
+    accepted key. ``unknown_job``: keys of a job with no registered items at all (never
+    dispatched, or forged). ``not_an_item``: keys of a known job whose id is not one of its items.
+    """
+
+    stored: dict[Key, protocol.Outcome] = field(default_factory=dict)
+    unknown_job: set[Key] = field(default_factory=set)
+    not_an_item: set[Key] = field(default_factory=set)
+
+    def refusal(self, key: Key) -> str | None:
+        """Why ``key`` was refused (a dead-letter reason), or None when it was accepted."""
+        uid, item_id = key
+        if key in self.unknown_job:
+            return f"unknown job: no items are registered for job {uid}"
+        if key in self.not_an_item:
+            return f"not an item: {item_id!r} is not an item of job {uid}"
+        return None
+
+    def update(self, other: UpsertResult) -> None:
+        self.stored.update(other.stored)
+        self.unknown_job |= other.unknown_job
+        self.not_an_item |= other.not_an_item
 
 
 def make_pool(
@@ -67,26 +104,61 @@ def make_pool(
 
 _UPSERT = """
 WITH input AS (
-    SELECT * FROM unnest(
+    SELECT t.*,
+        EXISTS (SELECT 1 FROM mljob_items m WHERE m.job_uid = t.job_uid AND m.item_id = t.item_id) AS is_item,
+        EXISTS (SELECT 1 FROM mljob_items m WHERE m.job_uid = t.job_uid) AS job_known
+    FROM unnest(
         %s::text[], %s::text[], %s::text[], %s::text[],
         %s::text[], %s::int[], %s::text[], %s::timestamptz[]
     ) WITH ORDINALITY AS t(job_uid, item_id, outcome, result, error, attempts, worker, finished_at, n)
 ), inserted AS (
     INSERT INTO mljob_results (job_uid, item_id, outcome, result, error, attempts, worker, finished_at)
     SELECT job_uid, item_id, outcome, result::jsonb, error, attempts, worker, finished_at
-    FROM input ORDER BY n
+    FROM input WHERE is_item ORDER BY n
     ON CONFLICT (job_uid, item_id) DO NOTHING
     RETURNING job_uid, item_id, outcome
 )
-SELECT job_uid, item_id, outcome FROM inserted
+SELECT 'stored', job_uid, item_id, outcome FROM inserted
 UNION ALL
-SELECT r.job_uid, r.item_id, r.outcome
-FROM mljob_results r JOIN (SELECT DISTINCT job_uid, item_id FROM input) i USING (job_uid, item_id)
+SELECT 'stored', r.job_uid, r.item_id, r.outcome
+FROM mljob_results r
+JOIN (SELECT DISTINCT job_uid, item_id FROM input WHERE is_item) i USING (job_uid, item_id)
+UNION ALL
+SELECT DISTINCT CASE WHEN job_known THEN 'not_an_item' ELSE 'unknown_job' END, job_uid, item_id, NULL
+FROM input WHERE NOT is_item
 """
-# The second SELECT runs on the statement's snapshot, which does not include the rows inserted
-# by the CTE: each key appears once, with the outcome that is stored now.
+# One statement, so the membership check and the insert see the same snapshot: a result is
+# stored if and only if its key is a registered item. The second SELECT runs on that snapshot,
+# which does not include the rows inserted by the CTE: each key appears once, with the outcome
+# stored now. A key inserted by a concurrent writer after the snapshot is missing from both;
+# ``upsert`` reads those back once the statement is done (ON CONFLICT waited for that writer).
+
+_STORED = """
+SELECT r.job_uid, r.item_id, r.outcome FROM mljob_results r
+JOIN unnest(%s::text[], %s::text[]) AS k(job_uid, item_id) USING (job_uid, item_id)
+"""
+
+_REGISTER = """
+INSERT INTO mljob_items (job_uid, item_id) SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING
+"""
+#: Ids per INSERT: large enough to be a few round trips for 100,000 items, small enough to keep
+#: each statement's parameter (and the server's memory for it) to a few MB.
+REGISTER_CHUNK = 50_000
+
+_UNRESOLVED = """
+SELECT i.item_id FROM mljob_items i
+WHERE i.job_uid = %s
+  AND NOT EXISTS (SELECT 1 FROM mljob_results r WHERE r.job_uid = i.job_uid AND r.item_id = i.item_id)
+ORDER BY i.item_id
+"""
 
 _DEAD_LETTER = "INSERT INTO mljob_dead_letters (source, subject, payload, reason) VALUES (%s, %s, %s, %s)"
+_DEAD_LETTERS = """
+INSERT INTO mljob_dead_letters (source, subject, payload, reason)
+SELECT %s, subject, payload, reason
+FROM unnest(%s::text[], %s::bytea[], %s::text[]) WITH ORDINALITY AS t(subject, payload, reason, n)
+ORDER BY n
+"""
 
 
 def _no_nul(text: str) -> str:
@@ -110,15 +182,48 @@ class ResultsStore:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
 
-    async def upsert(self, results: Sequence[protocol.Result]) -> dict[tuple[str, str], protocol.Outcome]:
-        """Store a batch idempotently (first outcome stands); return the stored outcome per key.
+    async def register_items(self, uid: str, item_ids: Sequence[str]) -> None:
+        """Record the job's item ids; results are accepted only for these (idempotent).
 
-        A key stored concurrently by another writer may be absent from the mapping. Raises
-        :class:`RejectedResult` when the data itself is refused (e.g. NUL in text, ``\\u0000``
-        in JSON), any other error means the database is unavailable.
+        Call it with every item before the job's first task is published, and again on a
+        resumed dispatch: ids already registered are skipped. All or nothing (one transaction).
+        Raises :class:`ValueError` for an id Postgres cannot store (NUL).
         """
+        if not item_ids:
+            return
+        ids = list(item_ids)
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                for start in range(0, len(ids), REGISTER_CHUNK):
+                    await conn.execute(_REGISTER, (uid, ids[start : start + REGISTER_CHUNK]))
+        except psycopg.DataError as err:
+            raise ValueError(f"item ids of job {uid} are not storable: {err}".splitlines()[0]) from err
+
+    async def registered_count(self, uid: str) -> int:
+        """How many items the job has registered (0: a job this ledger has never seen)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM mljob_items WHERE job_uid = %s", (uid,))
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def unresolved_items(self, uid: str) -> list[str]:
+        """Registered items of the job with no result row, sorted by id: what is still to do when
+        the stream was lost (re-dispatch) or Redis state must be rebuilt."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_UNRESOLVED, (uid,))
+            return [item for (item,) in await cur.fetchall()]
+
+    async def upsert(self, results: Sequence[protocol.Result]) -> UpsertResult:
+        """Store a batch idempotently (first outcome stands), refusing keys that are not items.
+
+        Returns the stored outcome of every accepted key and the refused keys, split into
+        "job never seen" and "not an item of that job". Raises :class:`RejectedResult` when the
+        data itself is refused (e.g. NUL in text, ``\\u0000`` in JSON); any other error means the
+        database is unavailable. Nothing of the batch is stored when it raises.
+        """
+        out = UpsertResult()
         if not results:
-            return {}
+            return out
         try:
             columns: tuple[list[Any], ...] = (
                 [r.job_uid for r in results],
@@ -135,10 +240,39 @@ class ResultsStore:
         try:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(_UPSERT, columns)
-                rows = await cur.fetchall()
+                for kind, uid, item, outcome in await cur.fetchall():
+                    if kind == "stored":
+                        out.stored[(uid, item)] = protocol.Outcome(outcome)
+                    elif kind == "unknown_job":
+                        out.unknown_job.add((uid, item))
+                    else:
+                        out.not_an_item.add((uid, item))
+                missing = {(r.job_uid, r.item_id) for r in results} - out.stored.keys()
+                missing -= out.unknown_job | out.not_an_item
+                if missing:
+                    uids, items = zip(*missing, strict=True)
+                    cur = await conn.execute(_STORED, (list(uids), list(items)))
+                    for uid, item, outcome in await cur.fetchall():
+                        out.stored[(uid, item)] = protocol.Outcome(outcome)
         except (psycopg.DataError, psycopg.IntegrityError) as err:
             raise RejectedResult(f"rejected by Postgres: {err}".splitlines()[0]) from err
-        return {(uid, item): protocol.Outcome(outcome) for uid, item, outcome in rows}
+        return out
+
+    async def dead_letters(self, source: str, letters: Sequence[tuple[str, bytes, str]]) -> None:
+        """Keep unprocessable messages ``(subject, payload, reason)`` for inspection, in one
+        statement (a flood of refusals costs one round trip per batch, not one per message)."""
+        if not letters:
+            return
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                _DEAD_LETTERS,
+                (
+                    _no_nul(source),
+                    [_no_nul(subject) for subject, _, _ in letters],
+                    [payload for _, payload, _ in letters],
+                    [_no_nul(reason) for _, _, reason in letters],
+                ),
+            )
 
     async def dead_letter(self, source: str, subject: str, payload: bytes, reason: str) -> None:
         """Keep an unprocessable message for inspection instead of dropping or redelivering it."""
