@@ -10,9 +10,25 @@ from mljob.api.models import Phase
 from mljob.core import items
 from mljob.core.conditions import same_conditions, set_condition
 from mljob.core.counts import Completeness, ItemCounts, completeness
-from mljob.core.reconcile import Action, Snapshot, decide, progress_percent, status_delta, verdict
+from mljob.core.reconcile import (
+    Action,
+    Snapshot,
+    StreamView,
+    decide,
+    needs_stream_view,
+    progress_percent,
+    status_delta,
+    verdict,
+)
 
 pytestmark = pytest.mark.unit
+
+
+NOW = 1_000_000.0
+ALIVE = StreamView(stream_exists=True, consumer_exists=True, num_pending=0)
+UNDELIVERED = StreamView(stream_exists=True, consumer_exists=True, num_pending=4)
+NO_STREAM = StreamView(stream_exists=False, consumer_exists=False)
+NO_CONSUMER = StreamView(stream_exists=True, consumer_exists=False)
 
 
 def snap(
@@ -23,6 +39,14 @@ def snap(
     dispatched: int = 10,
     total: int | None = 10,
     threshold: float = 0.5,
+    idle: float = 0.0,
+    stall: int = 600,
+    stream: StreamView | None = None,
+    deadline: int | None = None,
+    started_ago: float = 100.0,
+    ttl: int | None = None,
+    finished_ago: float | None = None,
+    recreations: int = 0,
 ) -> Snapshot:
     return Snapshot(
         phase=phase,
@@ -31,31 +55,147 @@ def snap(
         dispatched=dispatched,
         total=total,
         counts=counts,
+        now=NOW,
+        start_time=NOW - started_ago,
+        completion_time=None if finished_ago is None else NOW - finished_ago,
+        last_activity=NOW - idle,
+        active_deadline_seconds=deadline,
+        ttl_seconds_after_finished=ttl,
+        stall_timeout_seconds=stall,
+        stream=stream,
+        stream_recreations=recreations,
+        max_stream_recreations=3,
     )
 
 
+HALF = ItemCounts(10, 5, 0)
+
+
 @pytest.mark.parametrize(
-    ("snapshot", "action", "verdict_phase"),
+    ("snapshot", "action", "verdict_phase", "fail_reason"),
     [
-        (snap(Phase.SUCCEEDED, ItemCounts(10, 0, 0)), Action.CLEANUP, None),
-        (snap(Phase.CANCELLED), Action.CLEANUP, None),
-        (snap(Phase.FAILED, None), Action.CLEANUP, None),
-        (snap(Phase.RUNNING, ItemCounts(10, 5, 0), cancel=True), Action.FINISH, Phase.CANCELLED),
-        (snap(None, None, dispatched=0, total=None), Action.DISPATCH, None),
-        (snap(Phase.PENDING, None, dispatched=0, total=None), Action.DISPATCH, None),
-        (snap(Phase.DISPATCHING, ItemCounts(10, 10, 0), dispatched=4), Action.DISPATCH, None),
-        (snap(Phase.RUNNING, None), Action.STATE_MISSING, None),  # row 8: missing is never complete
-        (snap(Phase.RUNNING, ItemCounts(10, 3, 1)), Action.PROGRESS, None),
-        (snap(Phase.RUNNING, ItemCounts(10, 0, 0)), Action.FINISH, Phase.SUCCEEDED),
-        (snap(Phase.RUNNING, ItemCounts(10, 0, 5)), Action.FINISH, Phase.SUCCEEDED),  # 50% is not above 50%
-        (snap(Phase.RUNNING, ItemCounts(10, 0, 6)), Action.FINISH, Phase.FAILED),
-        (snap(Phase.RUNNING, ItemCounts(10, 0, 1), threshold=0.0), Action.FINISH, Phase.FAILED),
+        # terminal: cleanup, then delete once the TTL has passed
+        (snap(Phase.SUCCEEDED, ItemCounts(10, 0, 0)), Action.CLEANUP, None, None),
+        (snap(Phase.CANCELLED), Action.CLEANUP, None, None),
+        (snap(Phase.FAILED, None), Action.CLEANUP, None, None),
+        (snap(Phase.SUCCEEDED, ttl=10, finished_ago=5), Action.CLEANUP, None, None),
+        (snap(Phase.SUCCEEDED, ttl=10, finished_ago=10), Action.DELETE, None, None),
+        (snap(Phase.FAILED, ttl=0, finished_ago=0), Action.DELETE, None, None),
+        # cancel wins over everything non-terminal, and Canceling carries on cancelling
+        (snap(Phase.RUNNING, HALF, cancel=True), Action.CANCEL, Phase.CANCELLED, None),
+        (snap(Phase.DISPATCHING, HALF, cancel=True, dispatched=3), Action.CANCEL, Phase.CANCELLED, None),
+        (snap(Phase.CANCELING, None), Action.CANCEL, Phase.CANCELLED, None),
+        (snap(Phase.RUNNING, HALF, cancel=True, deadline=1), Action.CANCEL, Phase.CANCELLED, None),
+        # dispatch
+        (snap(None, None, dispatched=0, total=None), Action.DISPATCH, None, None),
+        (snap(Phase.PENDING, None, dispatched=0, total=None), Action.DISPATCH, None, None),
+        (snap(Phase.DISPATCHING, ItemCounts(10, 10, 0), dispatched=4), Action.DISPATCH, None, None),
+        # deadline: beats dispatch and progress, fails the job
+        (
+            snap(Phase.RUNNING, HALF, deadline=100, started_ago=100),
+            Action.FAIL_PENDING,
+            Phase.FAILED,
+            "DeadlineExceeded",
+        ),
+        (
+            snap(Phase.DISPATCHING, HALF, deadline=5, dispatched=2),
+            Action.FAIL_PENDING,
+            Phase.FAILED,
+            "DeadlineExceeded",
+        ),
+        (snap(Phase.RUNNING, None, deadline=5), Action.FAIL_PENDING, Phase.FAILED, "DeadlineExceeded"),
+        (snap(Phase.RUNNING, HALF, deadline=101, started_ago=100), Action.PROGRESS, None, None),
+        # row 8/12: missing state is rebuilt, never complete
+        (snap(Phase.RUNNING, None), Action.REBUILD_STATE, None, None),
+        (snap(Phase.RUNNING, None, stream=NO_STREAM, idle=10_000), Action.REBUILD_STATE, None, None),
+        # finish on exact counts
+        (snap(Phase.RUNNING, ItemCounts(10, 3, 1)), Action.PROGRESS, None, None),
+        (snap(Phase.RUNNING, ItemCounts(10, 0, 0)), Action.FINISH, Phase.SUCCEEDED, None),
+        (
+            snap(Phase.RUNNING, ItemCounts(10, 0, 5)),
+            Action.FINISH,
+            Phase.SUCCEEDED,
+            None,
+        ),  # 50% is not above 50%
+        (snap(Phase.RUNNING, ItemCounts(10, 0, 6)), Action.FINISH, Phase.FAILED, None),
+        (snap(Phase.RUNNING, ItemCounts(10, 0, 1), threshold=0.0), Action.FINISH, Phase.FAILED, None),
+        (snap(Phase.RUNNING, ItemCounts(10, 0, 0), stream=NO_STREAM), Action.FINISH, Phase.SUCCEEDED, None),
+        # row 11: a lost stream or consumer is recreated, a bounded number of times
+        (snap(Phase.RUNNING, HALF, stream=NO_STREAM), Action.REDISPATCH, None, None),
+        (snap(Phase.RUNNING, HALF, stream=NO_CONSUMER), Action.REDISPATCH, None, None),
+        (snap(Phase.RUNNING, HALF, stream=NO_STREAM, recreations=2), Action.REDISPATCH, None, None),
+        (
+            snap(Phase.RUNNING, HALF, stream=NO_STREAM, recreations=3),
+            Action.FAIL_PENDING,
+            Phase.FAILED,
+            "StreamLost",
+        ),
+        # row 5: stalls; the threshold decides, and never num_ack_pending (row 3)
+        (snap(Phase.RUNNING, HALF, stream=ALIVE, idle=599), Action.PROGRESS, None, None),
+        (snap(Phase.RUNNING, HALF, stream=ALIVE, idle=600), Action.FAIL_PENDING, None, "Lost"),
+        (
+            snap(
+                Phase.RUNNING, HALF, idle=600, stream=StreamView(True, True, num_pending=0, num_ack_pending=5)
+            ),
+            Action.FAIL_PENDING,
+            None,
+            "Lost",
+        ),
+        (
+            snap(
+                Phase.RUNNING, HALF, idle=600, stream=StreamView(True, True, num_pending=0, num_ack_pending=0)
+            ),
+            Action.FAIL_PENDING,
+            None,
+            "Lost",
+        ),
+        (snap(Phase.RUNNING, HALF, stream=UNDELIVERED, idle=600), Action.WAIT_FOR_WORKERS, None, None),
+        (snap(Phase.RUNNING, HALF, stream=UNDELIVERED, idle=5), Action.PROGRESS, None, None),
+        (
+            snap(Phase.RUNNING, HALF, idle=10_000),
+            Action.PROGRESS,
+            None,
+            None,
+        ),  # stream not observed: no verdict
+        (
+            snap(Phase.RUNNING, HALF, stream=UNDELIVERED, idle=10_000, deadline=50),
+            Action.FAIL_PENDING,
+            Phase.FAILED,
+            "DeadlineExceeded",
+        ),
     ],
 )
-def test_decide(snapshot: Snapshot, action: Action, verdict_phase: Phase | None) -> None:
+def test_decide(
+    snapshot: Snapshot, action: Action, verdict_phase: Phase | None, fail_reason: str | None
+) -> None:
     plan = decide(snapshot)
     assert plan.action is action
     assert (plan.verdict.phase if plan.verdict else None) == verdict_phase
+    assert (plan.fail_reason.value if plan.fail_reason else None) == fail_reason
+
+
+def test_stall_messages_carry_the_counters() -> None:
+    lost = decide(snap(Phase.RUNNING, HALF, idle=700, stream=StreamView(True, True, 0, 3, 2)))
+    assert "5 unfinished items are lost" in lost.message and "3 redelivered" in lost.message
+    waiting = decide(snap(Phase.RUNNING, HALF, idle=700, stream=UNDELIVERED))
+    assert "4 of 10 tasks were never delivered" in waiting.message
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "changed", "expected"),
+    [
+        (snap(Phase.RUNNING, HALF), False, True),
+        (snap(Phase.RUNNING, HALF), True, False),
+        (snap(Phase.RUNNING, ItemCounts(10, 0, 0)), False, False),
+        (snap(Phase.RUNNING, None), False, False),
+        (snap(Phase.DISPATCHING, HALF), False, False),
+        (snap(Phase.SUCCEEDED, HALF), False, False),
+    ],
+)
+def test_stream_is_observed_only_for_quiet_running_jobs(
+    snapshot: Snapshot, changed: bool, expected: bool
+) -> None:
+    assert needs_stream_view(snapshot, changed) is expected
 
 
 @pytest.mark.parametrize(
@@ -137,3 +277,31 @@ def test_manifest_checksum() -> None:
     assert [i["id"] for i in items.from_manifest(body, "http://h/m", good)] == ["a", "b"]
     with pytest.raises(items.ItemSourceError, match="checksum mismatch"):
         items.from_manifest(body, "http://h/m", "0" * 64)
+
+
+@pytest.mark.parametrize(
+    ("phase", "present", "absent"),
+    [
+        (Phase.SUCCEEDED, {"Complete"}, {"Failed", "Cancelled"}),
+        (Phase.FAILED, {"Failed"}, {"Complete", "Cancelled"}),
+        (Phase.CANCELLED, {"Cancelled"}, {"Complete", "Failed"}),
+    ],
+)
+def test_terminal_conditions_follow_the_job_api(phase: Phase, present: set[str], absent: set[str]) -> None:
+    """`kubectl wait --for=condition=Complete` must never return for a failed or cancelled job."""
+    from mljob.finish import terminal_conditions, terminal_fields
+
+    true = {type_ for type_, status in terminal_conditions(phase) if status == "True"}
+    assert true == present
+    fields = terminal_fields({"conditions": []}, 3, phase, "R", "m", None)
+    types = {c["type"] for c in fields["conditions"]}
+    assert not types & absent
+    assert all(c["observedGeneration"] == 3 for c in fields["conditions"])
+
+
+def test_failed_item_summaries_name_ten_ids_and_count_the_rest() -> None:
+    from mljob.actions.fail_items import summarize_ids
+
+    ids = [f"i{n}" for n in range(25)]
+    assert summarize_ids(ids) == ", ".join(ids[:10]) + " and 15 more"
+    assert summarize_ids(ids[:3]) == "i0, i1, i2"

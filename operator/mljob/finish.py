@@ -73,12 +73,24 @@ def terminal_fields(
         if counts.last_activity is not None:
             fields["lastActivityTime"] = iso(counts.last_activity)
     conditions = current.get("conditions", [])
-    failed = "True" if phase is Phase.FAILED else "False"
-    complete = "True" if phase is not Phase.FAILED else "False"
-    for type_, status in (("Complete", complete), ("Failed", failed), ("Progressing", "False")):
+    updates = terminal_conditions(phase)
+    if any(c.get("type") == "Stalled" and c.get("status") == "True" for c in conditions):
+        updates.append(("Stalled", "False"))
+    for type_, status in updates:
         conditions = set_condition(conditions, type_, status, reason, message, generation, now)
     fields["conditions"] = conditions
     return fields
+
+
+def terminal_conditions(phase: Phase) -> list[tuple[str, str]]:
+    """The Job API's convention: `Complete=True` only for Succeeded, `Failed=True` only for
+    Failed; a Cancelled job has neither and its own `Cancelled=True`, so `kubectl wait
+    --for=condition=Complete` never returns for it."""
+    if phase is Phase.SUCCEEDED:
+        return [("Complete", "True"), ("Progressing", "False")]
+    if phase is Phase.FAILED:
+        return [("Failed", "True"), ("Progressing", "False")]
+    return [("Cancelled", "True"), ("Progressing", "False")]
 
 
 async def mirror_phase(

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import kopf
 
 from mljob import protocol
+from mljob.actions.cleanup import on_deleted
+from mljob.adapters.kube import JobRef
 from mljob.api.models import GROUP, PLURAL, VERSION
-from mljob.lifecycle import JobLoop, cleanup_job
+from mljob.lifecycle import JobLoop
 from mljob.services import Services, connect
 from mljob.settings import OperatorSettings
 
@@ -42,6 +45,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # One wake-up path for in-process and external collectors alike: the drained event on NATS.
 
     await services.nc.subscribe(f"{protocol.DRAINED_SUBJECT_PREFIX}.*", cb=on_drained)
+
+    async def on_heartbeat(msg: Any) -> None:
+        services.heartbeats[msg.subject.rsplit(".", 1)[-1]] = time.time()
+
+    # Workers busy on long tasks say so: such a job is not stalled (failure-modes row 5).
+    await services.nc.subscribe(f"{protocol.HEARTBEAT_SUBJECT_PREFIX}.*", cb=on_heartbeat)
     memo.collector_stop = asyncio.Event()
     memo.collector_task = None
     if config.run_collector:
@@ -59,13 +68,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     exhausted = ExhaustedDeliveries(services.js, services.nc, services.results, services.state, services.wake)
     memo.exhausted_task = asyncio.create_task(exhausted.run(memo.collector_stop))
+    # Streams, registry entries and Redis keys that no live MLJob owns are swept (row 13).
+    from mljob.sweep import run_sweeper
+
+    memo.sweeper_task = asyncio.create_task(run_sweeper(services, memo.collector_stop))
     log.info("mljob operator ready (collector %s)", "in-process" if config.run_collector else "external")
 
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     memo.collector_stop.set()
-    tasks = [t for t in (memo.collector_task, memo.get("exhausted_task")) if t is not None]
+    running = (memo.collector_task, memo.get("exhausted_task"), memo.get("sweeper_task"))
+    tasks = [t for t in running if t is not None]
     if tasks:
         await asyncio.wait(tasks, timeout=10)
     await memo.services.close()
@@ -80,4 +94,13 @@ async def job_daemon(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Me
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 async def job_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await cleanup_job(memo.services, body["metadata"]["uid"], str(body.get("spec", {}).get("pipeline", "")))
+    meta = body["metadata"]
+    ref = JobRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
+    try:
+        await on_deleted(memo.services, ref, str(body.get("spec", {}).get("pipeline", "")))
+    except Exception as err:
+        raise kopf.TemporaryError(
+            f"cleanup of {ref.namespace}/{ref.name} failed ({type(err).__name__}: {err}); retrying. "
+            "To remove the MLJob without cleanup, see docs/operations.md 'Force-delete an MLJob'",
+            delay=5,
+        ) from err

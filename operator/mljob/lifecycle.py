@@ -1,8 +1,9 @@
-"""The per-job reconcile loop: observe, decide (mljob.core.reconcile), act.
+"""The per-job reconcile loop: observe, decide (mljob.core.reconcile), act (mljob.actions).
 
-One loop runs per MLJob (a kopf daemon). An idle tick is one Redis round trip and no write.
-The collector wakes the loop when a job's pending count reaches zero, so the terminal status
-lands within about a second of the last result.
+One loop runs per MLJob (a kopf daemon). An idle tick is one Redis round trip, plus one NATS
+round trip when the job's counts did not move, and no write. The collector, the exhausted-
+deliveries watcher and workers' heartbeats wake or feed the loop, so the terminal status lands
+within about a second of the last outcome.
 """
 
 from __future__ import annotations
@@ -10,300 +11,155 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import ValidationError
-
-from mljob import protocol
-from mljob.adapters import jetstream
-from mljob.adapters.kube import JobRef
-from mljob.api.models import TERMINAL_PHASES, MLJobSpec, Phase
+from mljob.actions import cancel, cleanup, dispatch, fail_items, finish, observe, redispatch, state
+from mljob.api.models import TERMINAL_PHASES
 from mljob.core import reconcile
-from mljob.core.conditions import same_conditions, set_condition
 from mljob.core.counts import ItemCounts
-from mljob.core.items import ItemSourceError
-from mljob.dispatch import (
-    DispatchTarget,
-    SourceNotReady,
-    load_items,
-    publish_chunk,
-    stream_settings,
-    task_bodies,
-)
-from mljob.finish import finish_job, iso, mirror_phase, now_iso
+from mljob.jobview import JobView, iso
 from mljob.services import Services
 
 log = logging.getLogger(__name__)
 
+#: A finished job's loop only waits for its TTL; it looks at the clock this often at most.
+TERMINAL_TICK_SECONDS = 30.0
+#: After an unexpected error the loop backs off up to this long (a traceback is logged once).
+MAX_ERROR_BACKOFF_SECONDS = 60.0
+
 
 class JobLoop:
-    """Drives one MLJob from Pending to a terminal phase, then cleans up after it."""
+    """Drives one MLJob from Pending to a terminal phase, cleans up, and deletes it after its TTL."""
 
     def __init__(self, services: Services, body: Mapping[str, Any]) -> None:
         self.s = services
-        meta = body["metadata"]
-        self.ref = JobRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
-        self.body = body  # kopf keeps this view live
-        self.status: dict[str, Any] = dict(body.get("status") or {})
-        self.generation = int(meta.get("generation", 1))
+        self.view = JobView(services.kube, body)
+        self.watching_since = time.time()
+        self.previous_counts: ItemCounts | None = None
+        self.cleaned = False
+        self.last_error: str | None = None
 
-    # ------------------------------------------------------------------ helpers
-    @property
-    def phase(self) -> Phase | None:
-        value = self.status.get("phase")
-        return Phase(value) if value else None
-
-    def _live_spec(self) -> Mapping[str, Any]:
-        return self.body.get("spec") or {}
-
-    async def _write(self, fields: dict[str, Any]) -> None:
-        if not fields:
-            return
-        await self.s.kube.patch_status(self.ref, fields)
-        self.status.update(fields)
-
-    def _condition(self, type_: str, status: str, reason: str, message: str) -> list[dict[str, Any]]:
-        return set_condition(
-            self.status.get("conditions", []), type_, status, reason, message, self.generation, now_iso()
-        )
-
-    async def _set_conditions(
-        self, *updates: tuple[str, str, str, str], extra: dict[str, Any] | None = None
-    ) -> None:
-        conditions = self.status.get("conditions", [])
-        for type_, status, reason, message in updates:
-            conditions = set_condition(conditions, type_, status, reason, message, self.generation, now_iso())
-        fields = dict(extra or {})
-        if not same_conditions(conditions, self.status.get("conditions", [])):
-            fields["conditions"] = conditions
-        fields = reconcile.status_delta(self.status, fields)
-        await self._write(fields)
-
-    # ------------------------------------------------------------------ loop
     async def run(self, stopped: Any, wake: asyncio.Event) -> None:
+        backoff = self.s.settings.reconcile_interval
         while not stopped:
+            interval = self.s.settings.reconcile_interval
             try:
                 if await self.step():
                     return
+                self.last_error = None
+                backoff = interval
             except asyncio.CancelledError:
                 raise
             except Exception as err:
-                log.warning(
-                    "reconcile of %s/%s failed: %s: %s",
-                    self.ref.namespace,
-                    self.ref.name,
-                    type(err).__name__,
-                    err,
-                )
+                self._log_error(err)
+                backoff = min(backoff * 2, MAX_ERROR_BACKOFF_SECONDS)
+                interval = backoff
+            if self.view.phase in TERMINAL_PHASES:
+                interval = max(interval, TERMINAL_TICK_SECONDS)
             wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=self.s.settings.reconcile_interval)
+                await asyncio.wait_for(wake.wait(), timeout=interval)
+
+    def _log_error(self, err: Exception) -> None:
+        """The first occurrence with its traceback, repeats as one line."""
+        line = f"{type(err).__name__}: {err}"
+        ref = self.view.ref
+        if line != self.last_error:
+            log.exception("reconcile of %s/%s (%s) failed", ref.namespace, ref.name, ref.uid)
+        else:
+            log.warning("reconcile of %s/%s still failing: %s", ref.namespace, ref.name, line)
+        self.last_error = line
 
     async def step(self) -> bool:
-        """One reconcile; True when the job is terminal and cleaned up (the loop may end)."""
-        body_status = self.body.get("status") or {}
-        if body_status.get("phase") in TERMINAL_PHASES:  # someone else finished it
-            self.status = dict(body_status)
-        counts = await self.s.state.counts(self.ref.uid)
-        snapshot = reconcile.Snapshot(
-            phase=self.phase,
-            cancel=bool(self._live_spec().get("cancel", False)),
-            failure_threshold=float(self._live_spec().get("failureThreshold", 0.5)),
-            dispatched=int(self.status.get("dispatchCursor", 0)),
-            total=self.status.get("total"),
-            counts=counts,
+        """One reconcile; True when the loop may end (terminal, cleaned up, nothing to wait for)."""
+        view = self.view
+        view.refresh_from_body()
+        counts = None if view.phase in TERMINAL_PHASES else await self.s.state.counts(view.ref.uid)
+        changed = counts != self.previous_counts
+        self.previous_counts = counts
+        plain = observe.snapshot(self.s, view, counts, None, self.watching_since)
+        stream = (
+            await observe.stream_view(self.s, view.ref.uid)
+            if reconcile.needs_stream_view(plain, changed)
+            else None
         )
+        snapshot = observe.snapshot(self.s, view, counts, stream, self.watching_since)
         plan = reconcile.decide(snapshot)
-        if plan.action is reconcile.Action.CLEANUP:
-            await self.cleanup()
-            await self._mirror_terminal_to_postgres()
-            return True
-        if plan.action is reconcile.Action.DISPATCH:
-            await self.dispatch()
-        elif plan.action is reconcile.Action.STATE_MISSING:
-            if await self._mirror_postgres_verdict():
-                await self.cleanup()
+        return await self.act(plan, counts)
+
+    async def act(self, plan: reconcile.Plan, counts: ItemCounts | None) -> bool:
+        s, view = self.s, self.view
+        match plan.action:
+            case reconcile.Action.CLEANUP:
+                if not self.cleaned:
+                    await cleanup.cleanup_job(s, view.ref.uid, view.pipeline)
+                    await cleanup.mirror_terminal_to_postgres(s, view)
+                    self.cleaned = True
+                return view.spec.get("ttlSecondsAfterFinished") is None
+            case reconcile.Action.DELETE:
+                if not self.cleaned:
+                    await cleanup.cleanup_job(s, view.ref.uid, view.pipeline)
+                await cleanup.delete_after_ttl(s, view)
                 return True
-            await self._set_conditions(
-                (
-                    "StateAvailable",
-                    "False",
-                    "StateMissing",
-                    "the job's per-item state is missing from Redis; it is not treated as complete",
-                )
-            )
-        elif plan.action is reconcile.Action.PROGRESS:
-            await self.progress(plan.status, counts)
-        elif plan.action is reconcile.Action.FINISH:
-            assert plan.verdict is not None
-            if not await self.finish(plan.verdict, counts):
-                return False  # the MLJob does not show the verdict yet: try again next tick
-            await self.cleanup()
-            return True
+            case reconcile.Action.CANCEL:
+                return await self._ended(await cancel.cancel(s, view))
+            case reconcile.Action.DISPATCH:
+                await dispatch.dispatch(s, view)
+            case reconcile.Action.REBUILD_STATE:
+                if await state.rebuild(s, view):
+                    return await self._ended(True)
+            case reconcile.Action.FINISH:
+                return await self._ended(await finish.finish(s, view))
+            case reconcile.Action.FAIL_PENDING:
+                return await self._ended(await fail_items.fail_pending(s, view, plan))
+            case reconcile.Action.REDISPATCH:
+                await redispatch.redispatch(s, view)
+            case reconcile.Action.WAIT_FOR_WORKERS:
+                await self.progress(plan.status, counts, stalled=plan.message)
+            case reconcile.Action.PROGRESS:
+                await self.progress(plan.status, counts)
         return False
 
-    async def progress(self, fields: dict[str, Any], counts: ItemCounts | None) -> None:
+    async def _ended(self, shown: bool) -> bool:
+        """After a terminal transition: clean up at once (the TTL, if any, is waited for next)."""
+        if not shown:
+            return False  # the MLJob does not show the verdict yet: try again next tick
+        await cleanup.cleanup_job(self.s, self.view.ref.uid, self.view.pipeline)
+        self.cleaned = True
+        return self.view.spec.get("ttlSecondsAfterFinished") is None
+
+    async def progress(self, fields: dict[str, Any], counts: ItemCounts | None, stalled: str = "") -> None:
+        view = self.view
         desired = dict(fields)
         if counts is not None and counts.last_activity is not None:
             desired["lastActivityTime"] = iso(counts.last_activity)
-        delta = reconcile.status_delta(self.status, desired)
-        if not delta:
-            return  # idle: no write anywhere
-        conditions = self._condition(
-            "Progressing",
-            "True",
-            "ItemsProcessing",
-            f"{desired['processed']} of {desired['total']} items processed",
-        )
-        if not same_conditions(conditions, self.status.get("conditions", [])):
-            delta["conditions"] = conditions
-        await self._write(delta)
-        if counts is not None and self.phase is not None:
+        updates: list[tuple[str, str, str, str]] = [
+            (
+                "Progressing",
+                "True",
+                "ItemsProcessing",
+                f"{desired['processed']} of {desired['total']} items processed",
+            )
+        ]
+        if stalled:
+            updates.append(("Stalled", "True", "WaitingForWorkers", stalled))
+        elif view.has_condition("Stalled"):
+            updates.append(("Stalled", "False", "WorkMoving", "work is moving again"))
+        if view.has_condition("StateAvailable", "False"):
+            updates.append(("StateAvailable", "True", "StateFound", "the job's per-item state is available"))
+        before = dict(view.status)
+        await view.set_conditions(*updates, extra=desired)
+        if stalled and not (
+            before.get("conditions") and view.has_condition("Stalled") and _was_stalled(before)
+        ):
+            log.warning("job %s/%s: %s", view.ref.namespace, view.ref.name, stalled)
+        if counts is not None and view.phase is not None and reconcile.status_delta(before, desired):
             await self.s.jobs.progress(
-                self.ref.uid, self.phase, counts, int(self.status.get("dispatched", 0))
+                view.ref.uid, view.phase, counts, int(view.status.get("dispatched", 0))
             )
 
-    # ------------------------------------------------------------------ dispatch
-    async def dispatch(self) -> None:
-        try:
-            spec = MLJobSpec.model_validate(dict(self._live_spec()))
-        except ValidationError as err:
-            first = err.errors()[0]
-            await self.fail_early("InvalidSpec", f"spec.{'.'.join(map(str, first['loc']))}: {first['msg']}")
-            return
-        target = DispatchTarget(self.ref.uid, self.ref.namespace, self.ref.name, spec)
-        snapshot_spec = spec.model_dump(by_alias=True, exclude={"items"}, exclude_none=True)
-        await self.s.jobs.ensure(
-            self.ref.uid, self.ref.namespace, self.ref.name, spec.pipeline, snapshot_spec
-        )
-        try:
-            items = await load_items(target, self.s.kube.configmap_data)
-        except SourceNotReady as err:
-            await self._set_conditions(
-                ("ItemsSourceReady", "False", "ItemsSourceMissing", str(err)),
-                extra={} if self.phase else {"phase": Phase.PENDING.value},
-            )
-            return
-        except ItemSourceError as err:
-            await self.fail_early("InvalidItems", str(err))
-            return
-        if self.phase in (None, Phase.PENDING):
-            await self._mark_dispatching(len(items), spec.pipeline)
-        # Per-item state first, complete, before any task can be published (row 9).
-        await self.s.state.initialize(self.ref.uid, [item["id"] for item in items])
-        settings = self.s.settings
-        entry = await jetstream.ensure_job_stream(
-            self.s.js, stream_settings(target, settings.stream_replicas, settings.max_ack_pending)
-        )
-        await jetstream.register_job(self.s.registry, entry)
-        if await self._publish_from_cursor(target, entry.subject, items):
-            await self._mark_running(len(items))
 
-    async def _mark_dispatching(self, total: int, pipeline: str) -> None:
-        fields: dict[str, Any] = {
-            "phase": Phase.DISPATCHING.value,
-            "total": total,
-            "dispatched": 0,
-            "dispatchCursor": 0,
-            "processed": 0,
-            "failed": 0,
-            "pending": total,
-            "progress": "0%",
-            "startTime": self.status.get("startTime") or now_iso(),
-            "observedGeneration": self.generation,
-        }
-        conditions = self._condition("ItemsSourceReady", "True", "ItemsLoaded", f"{total} items loaded")
-        fields["conditions"] = set_condition(
-            conditions,
-            "Dispatched",
-            "False",
-            "Dispatching",
-            f"publishing {total} tasks",
-            self.generation,
-            now_iso(),
-        )
-        await self._write(fields)
-        await self.s.jobs.set_phase(self.ref.uid, Phase.DISPATCHING, self.s.settings.actor)
-        await self.s.kube.event(self.ref, "Dispatching", f"publishing {total} tasks to pipeline {pipeline}")
-
-    async def _publish_from_cursor(self, target: DispatchTarget, subject: str, items: list[Any]) -> bool:
-        """Publish the items not yet covered by the cursor; False when cancelled meanwhile."""
-        cursor = int(self.status.get("dispatchCursor", 0))
-        while cursor < len(items):
-            if self._live_spec().get("cancel"):
-                return False  # the next tick finishes the job as Cancelled
-            chunk = items[cursor : cursor + self.s.settings.dispatch_chunk]
-            await publish_chunk(self.s.js, subject, task_bodies(target, chunk))
-            cursor += len(chunk)
-            await self._write({"dispatchCursor": cursor, "dispatched": cursor})
-        return True
-
-    async def _mark_running(self, total: int) -> None:
-        conditions = self._condition("Dispatched", "True", "AllTasksPublished", f"{total} tasks published")
-        await self._write({"phase": Phase.RUNNING.value, "conditions": conditions})
-        await self.s.jobs.set_phase(self.ref.uid, Phase.RUNNING, self.s.settings.actor)
-        await self.s.kube.event(self.ref, "Running", f"all {total} tasks published")
-
-    async def fail_early(self, reason: str, message: str) -> None:
-        """A job whose spec or items are unusable fails before anything is dispatched."""
-        log.info("job %s/%s failed: %s", self.ref.namespace, self.ref.name, message)
-        if self.phase is None:
-            await self._write({"phase": Phase.PENDING.value})
-        await self.finish(reconcile.Verdict(Phase.FAILED, reason, message), None)
-
-    # ------------------------------------------------------------------ finish
-    async def finish(self, verdict: reconcile.Verdict, counts: ItemCounts | None) -> bool:
-        """The guarded terminal transition; True once the MLJob shows the verdict."""
-        pipeline = str(self._live_spec().get("pipeline", ""))
-        await self.s.jobs.ensure(self.ref.uid, self.ref.namespace, self.ref.name, pipeline, {})
-        _, _, shown = await finish_job(
-            self.s.jobs, self.s.kube, self.ref, self.generation, verdict, counts, self.s.settings.actor
-        )
-        fresh = await self.s.kube.get_job(self.ref.namespace, self.ref.name)
-        if fresh is not None:
-            self.status = dict(fresh.get("status") or {})
-        return shown
-
-    async def _mirror_postgres_verdict(self) -> bool:
-        """Postgres already terminal while the MLJob is not (a crash between the two writes):
-        the MLJob mirrors the arbiter. True when it now shows a terminal phase."""
-        row = await self.s.jobs.get(self.ref.uid)
-        if row is None or row.phase not in TERMINAL_PHASES:
-            return False
-        return await mirror_phase(
-            self.s.kube, self.ref, self.generation, row.phase, row.reason or "", row.message or "", row.counts
-        )
-
-    async def _mirror_terminal_to_postgres(self) -> None:
-        """A CR that is terminal but whose row is not (e.g. written before a crash) gets the row fixed."""
-        phase = self.phase
-        if phase is None or phase not in TERMINAL_PHASES:
-            return
-        row = await self.s.jobs.get(self.ref.uid)
-        if row is not None and row.phase not in TERMINAL_PHASES:
-            reason = next(
-                (
-                    c.get("reason", "")
-                    for c in self.status.get("conditions", [])
-                    if c.get("type") == "Complete"
-                ),
-                "",
-            )
-            await self.s.jobs.finish(
-                self.ref.uid, phase, reason, "mirrored from the MLJob status", None, self.s.settings.actor
-            )
-
-    # ------------------------------------------------------------------ cleanup
-    async def cleanup(self) -> None:
-        await cleanup_job(self.s, self.ref.uid, str(self._live_spec().get("pipeline", "")))
-
-
-async def cleanup_job(services: Services, uid: str, pipeline: str) -> None:
-    """Idempotent: the stream and its consumer, the Redis keys, the registry entry."""
-    if pipeline:
-        await jetstream.unregister_job(services.registry, pipeline, uid)
-    await jetstream.delete_job_stream(services.js, uid)
-    await services.state.delete(uid)
-    services.wakeups.pop(uid, None)
-    log.debug("cleaned up job %s (%s)", uid, protocol.task_stream(uid))
+def _was_stalled(status: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Stalled" and c.get("status") == "True" for c in status.get("conditions", []))

@@ -56,6 +56,8 @@ class Services:
     results: ResultsStore
     kube: Kube
     wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
+    #: uid -> unix seconds of the last worker heartbeat seen on NATS (stall detection, row 5)
+    heartbeats: dict[str, float] = field(default_factory=dict)
 
     def wake(self, uid: str) -> None:
         event = self.wakeups.get(uid)

@@ -32,3 +32,15 @@ class OperatorSettings:
     )
     peering: bool = field(default_factory=lambda: _env("MLJOB_PEERING", "false") == "true")
     actor: str = field(default_factory=lambda: _env("HOSTNAME", "mljob-operator"))
+    #: How often a running job's lost stream is recreated and re-dispatched before it fails.
+    max_stream_recreations: int = field(
+        default_factory=lambda: int(_env("MLJOB_MAX_STREAM_RECREATIONS", "3"))
+    )
+    #: Streams, registry entries and Redis keys of no live MLJob are removed once this old.
+    orphan_grace_seconds: float = field(
+        default_factory=lambda: float(_env("MLJOB_ORPHAN_GRACE_SECONDS", "300"))
+    )
+    #: Seconds between orphan sweeps (the first one runs one interval after start-up).
+    orphan_sweep_interval: float = field(
+        default_factory=lambda: float(_env("MLJOB_ORPHAN_SWEEP_INTERVAL", "60"))
+    )

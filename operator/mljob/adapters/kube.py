@@ -58,6 +58,39 @@ class Kube:
             raise
         return body
 
+    async def list_jobs(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
+        """Every MLJob in these namespaces (None: cluster-wide), by a paged LIST from the server.
+
+        Raises on any failed LIST: a caller that needs a complete view (the orphan sweep) must not
+        take a partial listing for the truth.
+        """
+        if namespaces is None:
+            return await self._list_all(None)
+        jobs: list[dict[str, Any]] = []
+        for namespace in namespaces:
+            jobs.extend(await self._list_all(namespace))
+        return jobs
+
+    async def _list_all(self, namespace: str | None, page: int = 500) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": page}
+            if token:
+                kwargs["_continue"] = token
+            if namespace is None:
+                body = await asyncio.to_thread(
+                    self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, **kwargs
+                )
+            else:
+                body = await asyncio.to_thread(
+                    self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, **kwargs
+                )
+            items.extend(body.get("items") or [])
+            token = (body.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+
     async def patch_status(self, job: JobRef, fields: dict[str, Any]) -> None:
         """Merge-patch some status fields (progress, cursor, conditions)."""
         await asyncio.to_thread(
@@ -97,6 +130,23 @@ class Kube:
             response_type="object",
             _return_http_data_only=True,
         )
+
+    async def delete_job(self, job: JobRef) -> None:
+        """Delete the MLJob, only if it is still the same object (UID precondition); gone is fine."""
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=job.uid))
+        try:
+            await asyncio.to_thread(
+                self.custom.delete_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                job.namespace,
+                PLURAL,
+                job.name,
+                body=options,
+            )
+        except ApiException as err:
+            if err.status not in (404, 409):
+                raise
 
     async def configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
         try:

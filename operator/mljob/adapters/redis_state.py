@@ -35,7 +35,7 @@ from redis.exceptions import NoScriptError
 
 from mljob.core.counts import ItemCounts
 
-__all__ = ["JobKeys", "JobState", "RecordOutcome", "RecordStatus"]
+__all__ = ["JobKeys", "JobState", "RecordOutcome", "RecordStatus", "StoredJob"]
 
 #: A staging set of an interrupted ``initialize`` disappears by itself after this long.
 STAGING_TTL_SECONDS = 3600
@@ -83,6 +83,28 @@ return n
 """
 
 
+# KEYS: total, pending, failed, activity, staging pending, staging failed. ARGV: total, now.
+# Like _COMMIT_LUA, but for state rebuilt from the results ledger: pending and failed together.
+_RESTORE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DEL', KEYS[5], KEYS[6])
+  return -1
+end
+redis.call('DEL', KEYS[2], KEYS[3])
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('RENAME', KEYS[5], KEYS[2])
+  redis.call('PERSIST', KEYS[2])
+end
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  redis.call('RENAME', KEYS[6], KEYS[3])
+  redis.call('PERSIST', KEYS[3])
+end
+redis.call('SET', KEYS[4], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1])
+return redis.call('SCARD', KEYS[2])
+"""
+
+
 @dataclass(frozen=True)
 class JobKeys:
     """The Redis keys of one job (one hash slot)."""
@@ -94,6 +116,19 @@ class JobKeys:
 
     def all(self) -> tuple[str, str, str, str]:
         return (self.total, self.pending, self.failed, self.activity)
+
+
+@dataclass(frozen=True)
+class StoredJob:
+    """The keys one job has in Redis, as a scan found them (for the orphan sweep).
+
+    ``idle_seconds`` is the smallest ``OBJECT IDLETIME`` of those keys: how long nobody has
+    read or written any of them. None when Redis cannot tell (an LFU ``maxmemory-policy``).
+    """
+
+    uid: str
+    keys: tuple[str, ...]
+    idle_seconds: float | None
 
 
 class RecordStatus(StrEnum):
@@ -129,6 +164,7 @@ class JobState:
         self._prefix = prefix
         self._record = redis.register_script(_RECORD_LUA)
         self._commit = redis.register_script(_COMMIT_LUA)
+        self._restore = redis.register_script(_RESTORE_LUA)
 
     def keys(self, uid: str) -> JobKeys:
         base = f"{self._prefix}:{{{uid}}}"
@@ -165,6 +201,31 @@ class JobState:
                 await pipe.execute()
         written = int(await self._commit(keys=[*keys.all(), staging]))
         return written >= 0
+
+    async def restore(
+        self, uid: str, total: int, pending_ids: Sequence[str], failed_ids: Sequence[str], now: float
+    ) -> bool:
+        """Recreate lost state from the results ledger (failure-modes row 12), all or nothing.
+
+        False (nothing touched) when state exists already. Like ``initialize``, the sets are staged
+        privately and ``total`` is written last, so a reader never sees a half-rebuilt job.
+        """
+        keys = self.keys(uid)
+        if await self._redis.exists(keys.total):
+            return False
+        tag = uuid.uuid4().hex
+        staging_pending = f"{self._prefix}:{{{uid}}}:staging:{tag}:pending"
+        staging_failed = f"{self._prefix}:{{{uid}}}:staging:{tag}:failed"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for staging, ids in ((staging_pending, pending_ids), (staging_failed, failed_ids)):
+                for part in _chunks(ids, 5000):
+                    pipe.sadd(staging, *part)
+                    pipe.expire(staging, STAGING_TTL_SECONDS)
+            await pipe.execute()
+        written = await self._restore(
+            keys=[*keys.all(), staging_pending, staging_failed], args=[total, repr(now)]
+        )
+        return int(written) >= 0
 
     async def counts(self, uid: str) -> ItemCounts | None:
         """One consistent read (MULTI/EXEC, one round trip); None when the state is missing.
@@ -256,3 +317,33 @@ class JobState:
     async def _members(self, key: str) -> set[str]:
         members = await cast(Awaitable[set[Any]], self._redis.smembers(key))
         return {_text(v) for v in members}
+
+    async def scan_jobs(self, count: int = 1000) -> dict[str, StoredJob]:
+        """Every job that has keys under this prefix (SCAN, never KEYS), with their idle time.
+
+        Staging sets of interrupted ``initialize`` calls are left out: they expire by themselves.
+        """
+        head = f"{self._prefix}:{{"
+        found: dict[str, list[str]] = {}
+        async for raw in self._redis.scan_iter(match=f"{head}*}}:*", count=count):
+            key = _text(raw)
+            uid, sep, rest = key[len(head) :].partition("}:")
+            if not sep or not uid or rest.startswith("staging:"):
+                continue
+            found.setdefault(uid, []).append(key)
+        flat = [key for keys in found.values() for key in keys]
+        idle_of: dict[str, Any] = {}
+        for part in _chunks(flat, RECORD_PIPELINE_SIZE):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in part:
+                    pipe.object("idletime", key)
+                idle_of.update(zip(part, await pipe.execute(raise_on_error=False), strict=True))
+        jobs: dict[str, StoredJob] = {}
+        for uid, keys in found.items():
+            replies = [idle_of[key] for key in keys]
+            idle: float | None = None
+            if not any(isinstance(r, Exception) for r in replies):
+                times = [float(r) for r in replies if r is not None]  # None: deleted since the scan
+                idle = min(times) if times else None
+            jobs[uid] = StoredJob(uid=uid, keys=tuple(sorted(keys)), idle_seconds=idle)
+        return jobs

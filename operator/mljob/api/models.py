@@ -311,4 +311,9 @@ class MLJobStatus(_Model):
         ge=0,
         description="Items published so far, in item order; a restarted operator resumes here.",
     )
+    stream_recreations: int | None = Field(
+        default=None,
+        ge=0,
+        description="How often the job's lost stream was recreated and its pending items re-dispatched.",
+    )
     diagnostics: list[Diagnostic] = Field(default_factory=list, max_length=MAX_DIAGNOSTICS)

@@ -1,7 +1,21 @@
 """Reconcile decisions: pure functions from an observed snapshot to what should happen next.
 
-The shell (mljob.lifecycle) observes Kubernetes, Redis and Postgres, calls `decide`, and
-carries out the returned plan. Keeping every choice here makes each one testable in a table.
+The shell (mljob.lifecycle and the modules in mljob.actions) observes Kubernetes, Redis,
+NATS and Postgres, calls `decide`, and carries out the returned plan. Every fact a decision
+uses, the clock included, is in the `Snapshot`, so each choice is testable in a table.
+
+Order matters and is part of the contract:
+1. a terminal job is only cleaned up (and deleted once its TTL ran out);
+2. cancel beats everything else that is not terminal;
+3. the deadline beats dispatch and progress;
+4. dispatch runs until every item is published;
+5. missing Redis state is rebuilt, never read as complete (failure-modes rows 8, 12);
+6. a complete job finishes on exact counts;
+7. a missing stream or consumer is recreated and the pending items re-dispatched, a bounded
+   number of times (row 11);
+8. no activity for the stall timeout: items that were all delivered are lost and fail; items
+   never delivered wait for workers, reported by a condition (row 5). Never decided from
+   `num_ack_pending` (row 3).
 """
 
 from __future__ import annotations
@@ -12,15 +26,26 @@ from enum import StrEnum
 from typing import Any
 
 from mljob.api.models import TERMINAL_PHASES, Phase
-from mljob.core.counts import Completeness, ItemCounts, completeness
+from mljob.core.counts import ItemCounts
 
 
 class Action(StrEnum):
     DISPATCH = "dispatch"  # (re)load items, write state, publish from the cursor
     PROGRESS = "progress"  # mirror counts into the status (only if something changed)
     FINISH = "finish"  # guarded terminal transition in Postgres, then the CR
-    STATE_MISSING = "state-missing"  # Redis lost the job's state: report, never finish
+    REBUILD_STATE = "rebuild-state"  # Redis lost the job's state: rebuild it from the ledger
+    REDISPATCH = "redispatch"  # stream or consumer gone: recreate, publish what has no result
+    FAIL_PENDING = "fail-pending"  # fail every item without an outcome, then finish
+    WAIT_FOR_WORKERS = "wait-for-workers"  # stalled with undelivered items: say so, fail nothing
+    CANCEL = "cancel"  # Canceling (guarded), clean up, then Cancelled
     CLEANUP = "cleanup"  # terminal already: make sure streams/keys/registry are gone
+    DELETE = "delete"  # terminal and ttlSecondsAfterFinished has passed: delete the MLJob
+
+
+class FailReason(StrEnum):
+    LOST = "Lost"
+    DEADLINE = "DeadlineExceeded"
+    STREAM_LOST = "StreamLost"
 
 
 @dataclass(frozen=True)
@@ -31,8 +56,21 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class StreamView:
+    """The job's stream and consumer as NATS reports them (None in the snapshot: not observed)."""
+
+    stream_exists: bool
+    consumer_exists: bool
+    #: messages the consumer has not delivered even once (undelivered work)
+    num_pending: int = 0
+    num_redelivered: int = 0
+    num_ack_pending: int = 0  # reported in diagnostics only, never decided on (row 3)
+    last_delivery: float | None = None  # unix seconds of the consumer's last delivery
+
+
+@dataclass(frozen=True)
 class Snapshot:
-    """What the shell observed, in one place."""
+    """What the shell observed, in one place, with the clock."""
 
     phase: Phase | None
     cancel: bool
@@ -40,6 +78,18 @@ class Snapshot:
     dispatched: int
     total: int | None
     counts: ItemCounts | None
+    now: float = 0.0
+    start_time: float | None = None
+    completion_time: float | None = None
+    #: the latest of: a result recorded, a worker heartbeat, a delivery, the job turning Running,
+    #: this operator starting to watch the job (a restart never counts as a stall)
+    last_activity: float | None = None
+    active_deadline_seconds: int | None = None
+    ttl_seconds_after_finished: int | None = None
+    stall_timeout_seconds: int = 600
+    stream: StreamView | None = None
+    stream_recreations: int = 0
+    max_stream_recreations: int = 3
 
 
 @dataclass(frozen=True)
@@ -47,6 +97,8 @@ class Plan:
     action: Action
     verdict: Verdict | None = None
     status: dict[str, Any] = field(default_factory=dict)
+    fail_reason: FailReason | None = None
+    message: str = ""
 
 
 def verdict(total: int, failed: int, threshold: float) -> Verdict:
@@ -90,23 +142,84 @@ def status_delta(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict
     return {key: value for key, value in desired.items() if current.get(key) != value}
 
 
-def decide(snapshot: Snapshot) -> Plan:
-    if snapshot.phase in TERMINAL_PHASES:
+def deadline_passed(s: Snapshot) -> bool:
+    if s.active_deadline_seconds is None or s.start_time is None:
+        return False
+    return s.now >= s.start_time + s.active_deadline_seconds
+
+
+def ttl_expires_at(s: Snapshot) -> float | None:
+    """When a finished job's MLJob is to be deleted (None: never)."""
+    if s.ttl_seconds_after_finished is None or s.completion_time is None:
+        return None
+    return s.completion_time + s.ttl_seconds_after_finished
+
+
+def stalled(s: Snapshot) -> bool:
+    return s.last_activity is not None and s.now - s.last_activity >= s.stall_timeout_seconds
+
+
+def decide(s: Snapshot) -> Plan:
+    if s.phase in TERMINAL_PHASES:
+        expires = ttl_expires_at(s)
+        if expires is not None and s.now >= expires:
+            return Plan(Action.DELETE)
         return Plan(Action.CLEANUP)
-    if snapshot.cancel:
-        return Plan(Action.FINISH, Verdict(Phase.CANCELLED, "Cancelled", "spec.cancel was set"))
-    if snapshot.phase in (None, Phase.PENDING, Phase.DISPATCHING) or (
-        snapshot.total is not None and snapshot.dispatched < snapshot.total
+    if s.cancel or s.phase is Phase.CANCELING:
+        return Plan(Action.CANCEL, Verdict(Phase.CANCELLED, "Cancelled", "spec.cancel was set"))
+    if deadline_passed(s):
+        message = f"the job ran longer than activeDeadlineSeconds ({s.active_deadline_seconds}s)"
+        return Plan(
+            Action.FAIL_PENDING,
+            Verdict(Phase.FAILED, FailReason.DEADLINE.value, message),
+            fail_reason=FailReason.DEADLINE,
+            message=message,
+        )
+    if s.phase in (None, Phase.PENDING, Phase.DISPATCHING) or (
+        s.total is not None and s.dispatched < s.total
     ):
         return Plan(Action.DISPATCH)
-    state = completeness(snapshot.counts)
-    if state is Completeness.STATE_MISSING or snapshot.counts is None:
-        return Plan(Action.STATE_MISSING)
-    fields = progress_fields(snapshot.counts, snapshot.dispatched)
-    if state is Completeness.COMPLETE:
-        return Plan(
-            Action.FINISH,
-            verdict(snapshot.counts.total, snapshot.counts.failed, snapshot.failure_threshold),
-            fields,
+    if s.counts is None:
+        return Plan(Action.REBUILD_STATE)
+    fields = progress_fields(s.counts, s.dispatched)
+    if s.counts.pending == 0:
+        return Plan(Action.FINISH, verdict(s.counts.total, s.counts.failed, s.failure_threshold), fields)
+    if s.stream is not None and not (s.stream.stream_exists and s.stream.consumer_exists):
+        if s.stream_recreations < s.max_stream_recreations:
+            return Plan(Action.REDISPATCH, status=fields)
+        message = (
+            f"the job's stream was lost {s.stream_recreations + 1} times; "
+            f"re-dispatched at most {s.max_stream_recreations} times"
         )
+        return Plan(
+            Action.FAIL_PENDING,
+            Verdict(Phase.FAILED, FailReason.STREAM_LOST.value, message),
+            fail_reason=FailReason.STREAM_LOST,
+            message=message,
+        )
+    if stalled(s) and s.stream is not None:
+        if s.stream.num_pending == 0:
+            message = (
+                f"no activity for {s.stall_timeout_seconds}s and every task was delivered at least "
+                f"once: the {s.counts.pending} unfinished items are lost (consumer: "
+                f"{s.stream.num_redelivered} redelivered, {s.stream.num_ack_pending} awaiting ack)"
+            )
+            # The verdict is decided on the exact counts once the lost items are failed.
+            return Plan(Action.FAIL_PENDING, None, fields, fail_reason=FailReason.LOST, message=message)
+        message = (
+            f"no activity for {s.stall_timeout_seconds}s; {s.stream.num_pending} of {s.counts.total} "
+            f"tasks were never delivered: no worker is pulling pipeline tasks"
+        )
+        return Plan(Action.WAIT_FOR_WORKERS, status=fields, message=message)
     return Plan(Action.PROGRESS, status=fields)
+
+
+def needs_stream_view(s: Snapshot, counts_changed: bool) -> bool:
+    """Whether the shell should ask NATS about the stream this tick (a round trip).
+
+    A job whose counts moved since the last tick is alive; only a quiet one is checked, so a
+    busy operator does not pay one NATS request per job per tick.
+    """
+    if s.phase is not Phase.RUNNING or s.counts is None or s.counts.pending == 0:
+        return False
+    return not counts_changed

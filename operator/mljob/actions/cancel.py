@@ -1,0 +1,73 @@
+"""The CANCEL action: Canceling (guarded, both stores), clean up, then Cancelled.
+
+Postgres arbitrates first: once its row is Canceling no other verdict can win (Canceling may
+only become Cancelled), and if the job finished a moment earlier the MLJob mirrors that
+verdict instead. Results that arrive afterwards are still recorded; the verdict stays.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mljob.actions import finish
+from mljob.actions.cleanup import cleanup_job
+from mljob.adapters.kube import GuardFailed
+from mljob.api.models import TERMINAL_PHASES, Phase
+from mljob.core import reconcile
+from mljob.finish import mirror_phase
+from mljob.jobview import JobView
+from mljob.services import Services
+
+log = logging.getLogger(__name__)
+
+CANCELLED = reconcile.Verdict(Phase.CANCELLED, "Cancelled", "spec.cancel was set")
+
+
+async def cancel(services: Services, view: JobView) -> bool:
+    """One step of cancelling; True once the MLJob shows a terminal phase."""
+    uid = view.ref.uid
+    if view.phase is not Phase.CANCELING:
+        await services.jobs.ensure(uid, view.ref.namespace, view.ref.name, view.pipeline, {})
+        await services.jobs.set_phase(
+            uid, Phase.CANCELING, services.settings.actor, "Cancelled", CANCELLED.message
+        )
+        row = await services.jobs.get(uid)
+        if row is not None and row.phase in TERMINAL_PHASES:
+            log.info(
+                "job %s/%s finished as %s before the cancel landed",
+                view.ref.namespace,
+                view.ref.name,
+                row.phase,
+            )
+            return await mirror_phase(
+                services.kube,
+                view.ref,
+                view.generation,
+                row.phase,
+                row.reason or "",
+                row.message or "",
+                row.counts,
+            )
+        fields = {
+            "phase": Phase.CANCELING.value,
+            "observedGeneration": view.generation,
+            "conditions": view.conditions_with(
+                (
+                    "Progressing",
+                    "False",
+                    "Canceling",
+                    "spec.cancel was set: stopping dispatch and cleaning up",
+                )
+            ),
+        }
+        try:
+            await services.kube.guarded_status(view.ref, view.status.get("phase"), fields)
+        except GuardFailed:
+            await view.reload()  # someone else moved it; decide again next tick
+            return False
+        view.status.update(fields)
+        await services.kube.event(
+            view.ref, "Canceling", "spec.cancel was set: stopping dispatch and cleaning up"
+        )
+    await cleanup_job(services, uid, view.pipeline)
+    return await finish.finish(services, view, CANCELLED)

@@ -1,0 +1,53 @@
+"""The FINISH action: the guarded terminal transition on the ledger's exact counts.
+
+The verdict is computed from Postgres (registered items and result rows), the store that
+arbitrates, so the MLJob, the job row and the result rows always agree (rows 7, 8).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mljob.core import reconcile
+from mljob.core.counts import ItemCounts
+from mljob.finish import finish_job
+from mljob.jobview import JobView
+from mljob.services import Services
+
+log = logging.getLogger(__name__)
+
+
+async def ledger_counts(services: Services, uid: str) -> ItemCounts | None:
+    """Counts from the results ledger; None for a job that never registered items."""
+    total = await services.results.registered_count(uid)
+    if total == 0:
+        return None
+    recorded, failed = await services.results.count(uid)
+    return ItemCounts(total=total, pending=max(0, total - recorded), failed=failed)
+
+
+async def finish(services: Services, view: JobView, override: reconcile.Verdict | None = None) -> bool:
+    """Finish the job; True once the MLJob shows a terminal phase (else retry next tick).
+
+    Without `override` the verdict follows the failure threshold, and only once the ledger has an
+    outcome for every item: missing outcomes never count as complete.
+    """
+    counts = await ledger_counts(services, view.ref.uid)
+    if override is None:
+        if counts is None or counts.pending:
+            log.warning(
+                "job %s/%s: Redis shows nothing pending but the ledger has %s items without an outcome; "
+                "not finishing yet",
+                view.ref.namespace,
+                view.ref.name,
+                counts.pending if counts else "all",
+            )
+            return False
+        threshold = float(view.spec.get("failureThreshold", 0.5))
+        override = reconcile.verdict(counts.total, counts.failed, threshold)
+    await services.jobs.ensure(view.ref.uid, view.ref.namespace, view.ref.name, view.pipeline, {})
+    _, _, shown = await finish_job(
+        services.jobs, services.kube, view.ref, view.generation, override, counts, services.settings.actor
+    )
+    await view.reload()
+    return shown
