@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -366,6 +367,10 @@ async def test_oversized_malformed_and_exhausted_tasks_fail_cleanly(
     sink = await ResultSink.start(nc, entry.uid)
     await jobs.js.publish(entry.subject, b"{not json", headers={protocol.MSG_ID_HEADER: f"{entry.uid}:bad-1"})
     await jobs.js.publish(entry.subject, b"\xff\xfe garbage")  # no way to tell which item: TERM
+    future = {"version": 99, "job": {"uid": entry.uid}, "item": {"id": "future-1"}}
+    await jobs.js.publish(
+        entry.subject, json.dumps(future).encode(), headers={protocol.MSG_ID_HEADER: f"{entry.uid}:future-1"}
+    )
     await jobs.publish(
         entry,
         [{"id": "big", "kind": "big"}, {"id": "flaky", "kind": "flaky"}, {"id": "ok-1"}, {"id": "ok-2"}],
@@ -373,9 +378,11 @@ async def test_oversized_malformed_and_exhausted_tasks_fail_cleanly(
     await jobs.register(entry)
     worker = spawn_worker(pipeline, "workers.handlers:tricky")
 
-    assert await sink.wait_items(5, timeout=20), worker.log()
+    assert await sink.wait_items(6, timeout=20), worker.log()
     results = sink.latest()
-    assert set(results) == {"bad-1", "big", "flaky", "ok-1", "ok-2"}
+    assert set(results) == {"bad-1", "big", "flaky", "ok-1", "ok-2", "future-1"}
+    assert results["future-1"].outcome is protocol.Outcome.FAILED
+    assert results["future-1"].error == "task refused: unsupported protocol version 99 (this side speaks 1)"
     assert results["bad-1"].outcome is protocol.Outcome.FAILED
     assert (results["bad-1"].error or "").startswith("malformed task: invalid task")
     assert results["big"].outcome is protocol.Outcome.FAILED
@@ -391,6 +398,7 @@ async def test_oversized_malformed_and_exhausted_tasks_fail_cleanly(
 
     assert await wait_until_async(settled, 10), worker.log()
     assert "TERM a malformed task" in worker.log()
+    assert "refusing item future-1" in worker.log()
     assert worker.proc.poll() is None, worker.log()
 
 
@@ -590,6 +598,50 @@ async def test_malformed_task_fails_its_item_or_is_terminated() -> None:
     assert recover_ids("mljob.tasks.p.u1", {"Nats-Msg-Id": "u2:a"}) is None
     assert recover_ids("mljob.tasks.p.u1", {"Nats-Msg-Id": "u1:"}) is None
     assert recover_ids("other.p.u1", {"Nats-Msg-Id": "u1:a"}) is None
+
+
+@pytest.mark.unit
+async def test_task_of_an_unknown_version_is_refused_with_a_failed_result_then_terminated() -> None:
+    handled: list[str] = []
+    job = {"uid": "u1", "namespace": "ns", "name": "job", "pipeline": "p"}
+    future = json.dumps({"version": 99, "job": job, "item": {"id": "i7"}, "params": {}}).encode()
+    for headers in ({"Nats-Msg-Id": "u1:i7"}, None):  # item id from the header, else from the body
+        events: list[tuple[Any, ...]] = []
+        runner = _runner(lambda ctx: handled.append(ctx.item_id), events)
+        await runner.process(_binding(), FakeMsg(future, events, headers=headers, delivered=1))
+        assert [e[0] for e in events] == ["publish", "term"]  # TERM, after the result is durable
+        result = _published(events)[0]
+        assert (result.job_uid, result.item_id, result.outcome) == ("u1", "i7", protocol.Outcome.FAILED)
+        assert result.error == "task refused: unsupported protocol version 99 (this side speaks 1)"
+    assert handled == []  # the handler never saw a task it cannot read
+
+    events = []  # nothing names the item: TERM without a result
+    anonymous = json.dumps({"version": 2, "job": job, "item": {}}).encode()
+    await _runner(lambda ctx: 1, events).process(_binding(), FakeMsg(anonymous, events))
+    assert events == [("term",)]
+
+    events = []  # the refusal's result could not be sent: NAK, the task comes back
+    await _runner(lambda ctx: 1, events, fail_publish=True).process(
+        _binding(), FakeMsg(future, events, headers={"Nats-Msg-Id": "u1:i7"})
+    )
+    assert [e[0] for e in events] == ["publish"] * 5 + ["nak"]
+
+
+@pytest.mark.unit
+def test_task_version_is_required_and_checked() -> None:
+    job = protocol.JobRef(uid="u1", namespace="ns", name="job", pipeline="p")
+    current = protocol.Task(job=job, item={"id": "a"})
+    assert protocol.decode_task(current.encode()) == current
+    unversioned = current.model_dump(mode="json")
+    del unversioned["version"]
+    for body, error in (
+        (unversioned, protocol.MalformedMessage),
+        ({**unversioned, "version": "1"}, protocol.MalformedMessage),
+        ({**unversioned, "version": 2}, protocol.UnsupportedVersion),
+        ({"version": 2}, protocol.UnsupportedVersion),  # the version is judged before the shape
+    ):
+        with pytest.raises(error):
+            protocol.decode_task(json.dumps(body).encode())
 
 
 @pytest.mark.unit

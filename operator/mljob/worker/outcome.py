@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -44,11 +45,15 @@ def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 14] + "... (clipped)"
 
 
-def recover_ids(subject: str, headers: Mapping[str, str] | None) -> tuple[str, str] | None:
-    """(job uid, item id) of a task whose body cannot be parsed, or None when not recoverable.
+def recover_ids(
+    subject: str, headers: Mapping[str, str] | None, body: bytes | None = None
+) -> tuple[str, str] | None:
+    """(job uid, item id) of a task whose body cannot be used, or None when not recoverable.
 
-    The uid is the last token of `mljob.tasks.<pipeline>.<uid>`; the item id comes from the
-    `Nats-Msg-Id` header `<uid>:<item id>` the operator sets on every task.
+    The uid is the last token of `mljob.tasks.<pipeline>.<uid>` (the job's own stream, so it is
+    authoritative); the item id comes from the `Nats-Msg-Id` header `<uid>:<item id>` the
+    operator sets on every task, else from the body's `item.id` when `body` is given and is a
+    JSON object that has one (a task of another protocol version may still say that much).
     """
     if not subject.startswith(TASK_SUBJECT_PREFIX):
         return None
@@ -58,9 +63,20 @@ def recover_ids(subject: str, headers: Mapping[str, str] | None) -> tuple[str, s
     uid = tokens[1]
     msg_id = (headers or {}).get(protocol.MSG_ID_HEADER, "")
     prefix = f"{uid}:"
-    if not msg_id.startswith(prefix) or len(msg_id) == len(prefix):
+    if msg_id.startswith(prefix) and len(msg_id) > len(prefix):
+        return uid, msg_id[len(prefix) :]
+    item_id = _body_item_id(body) if body is not None else None
+    return (uid, item_id) if item_id else None
+
+
+def _body_item_id(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
         return None
-    return uid, msg_id[len(prefix) :]
+    item = data.get("item") if isinstance(data, dict) else None
+    item_id = item.get("id") if isinstance(item, dict) else None
+    return None if item_id is None or isinstance(item_id, dict | list) else str(item_id)
 
 
 def failed_result(uid: str, item_id: str, error: str, attempt: int, worker: str) -> protocol.Result:

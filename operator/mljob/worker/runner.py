@@ -6,6 +6,9 @@ Rules (docs/protocol.md, "Acknowledgement rules"):
   results stream and the collector count it once;
 - a task is always settled: ACK (a result was recorded), NAK (try again), or TERM (unusable and
   not attributable to any item). Never left to time out, except when the process dies.
+- a task of a protocol version this worker does not speak is refused: a failed result naming the
+  reason (when its job uid and item id can be recovered), then TERM, since no redelivery to a
+  worker of this version can do better.
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ class JobBinding:
     entry: protocol.RegistryEntry
     ack_wait: float
     max_deliver: int
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """The result to publish for a task, and how to settle the task once it is durable."""
+
+    uid: str
+    item_id: str
+    result: protocol.Result
+    term: bool = False  # TERM instead of ACK: the task is refused, not processed
 
 
 class TaskRunner:
@@ -84,7 +97,7 @@ class TaskRunner:
         decided = await self._decide(job, msg, attempt)
         if decided is None:
             return True  # already NAKed or TERMed
-        uid, item_id, result = decided
+        uid, item_id, result = decided.uid, decided.item_id, decided.result
         body, problem = outcome.encode_bounded(result)
         if problem:
             log.warning("item %s of job %s: %s; sending a failed result", item_id, uid, problem)
@@ -105,6 +118,9 @@ class TaskRunner:
         if self.crash_after_result is not None and item_id == self.crash_after_result:
             log.critical("%s=%s: exiting after the result, before the ACK", CRASH_AFTER_RESULT_ENV, item_id)
             os._exit(137)
+        if decided.term:
+            await _settle(msg.term(), "TERM")
+            return True
         try:
             await msg.ack_sync(timeout=self.ack_timeout)
         except Exception as err:
@@ -116,12 +132,21 @@ class TaskRunner:
             )
         return True
 
-    async def _decide(
-        self, job: JobBinding, msg: Msg, attempt: int
-    ) -> tuple[str, str, protocol.Result] | None:
-        """(uid, item id, result to publish), or None when the task was settled without a result."""
+    async def _decide(self, job: JobBinding, msg: Msg, attempt: int) -> _Decision | None:
+        """What to publish and how to settle, or None when the task was settled without a result."""
         try:
             task = protocol.decode_task(msg.data)
+        except protocol.UnsupportedVersion as err:
+            ids = outcome.recover_ids(str(msg.subject), msg.headers, msg.data)
+            if ids is None:
+                log.warning("TERM a task on %s (no job uid / item id to report): %s", msg.subject, err)
+                await _settle(msg.term(), "TERM")
+                return None
+            uid, item_id = ids
+            log.warning("refusing item %s of job %s: %s", item_id, uid, err)
+            error = f"task refused: {err}"
+            failed = outcome.failed_result(uid, item_id, error, attempt, self.worker_id)
+            return _Decision(uid, item_id, failed, term=True)
         except protocol.MalformedMessage as err:
             ids = outcome.recover_ids(str(msg.subject), msg.headers)
             if ids is None:
@@ -133,7 +158,9 @@ class TaskRunner:
             uid, item_id = ids
             log.warning("item %s of job %s is malformed, failing it: %s", item_id, uid, err)
             error = f"malformed task: {err}"
-            return uid, item_id, outcome.failed_result(uid, item_id, error, attempt, self.worker_id)
+            return _Decision(
+                uid, item_id, outcome.failed_result(uid, item_id, error, attempt, self.worker_id)
+            )
         uid, item_id = task.job.uid, task.item_id
         ctx = TaskContext(task=task, attempt=attempt, worker_id=self.worker_id)
         try:
@@ -141,13 +168,17 @@ class TaskRunner:
         except PermanentError as err:
             error = str(err) or "PermanentError"
             log.info("item %s of job %s failed permanently: %s", item_id, uid, outcome.clip(error, 300))
-            return uid, item_id, outcome.failed_result(uid, item_id, error, attempt, self.worker_id)
+            return _Decision(
+                uid, item_id, outcome.failed_result(uid, item_id, error, attempt, self.worker_id)
+            )
         except Exception as err:
             reason = outcome.describe(err)
             if outcome.is_last_delivery(attempt, job.max_deliver):
                 error = outcome.exhausted_error(attempt, reason)
                 log.warning("item %s of job %s failed: %s", item_id, uid, outcome.clip(error, 300))
-                return uid, item_id, outcome.failed_result(uid, item_id, error, attempt, self.worker_id)
+                return _Decision(
+                    uid, item_id, outcome.failed_result(uid, item_id, error, attempt, self.worker_id)
+                )
             delay = outcome.nak_delay(attempt)
             log.warning(
                 "item %s of job %s failed on delivery %d, NAK for redelivery in %ds: %s",
@@ -159,7 +190,7 @@ class TaskRunner:
             )
             await _settle(msg.nak(delay=delay), "NAK")
             return None
-        return uid, item_id, outcome.succeeded_result(uid, item_id, value, attempt, self.worker_id)
+        return _Decision(uid, item_id, outcome.succeeded_result(uid, item_id, value, attempt, self.worker_id))
 
 
 def delivery_count(msg: Msg) -> int:
