@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mljob.worker.cli import add_parser as add_worker_parser
 
     add_worker_parser(sub)
+    from mljob.chaos_cli import add_parser as add_chaos_parser
+
+    add_chaos_parser(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -15,10 +16,12 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
 from mljob import protocol
+from mljob.core.orphans import is_job_uid
 
 #: Long enough that an operator restarted after a crash re-publishes into the dedup window.
 DUPLICATE_WINDOW_SECONDS = 2 * 3600.0
@@ -202,3 +205,72 @@ async def delete_task_message(js: JetStreamContext, uid: str, seq: int) -> bool:
         return bool(await js.delete_msg(protocol.task_stream(uid), seq))
     except NotFoundError:
         return False
+
+
+@dataclass(frozen=True)
+class JobStreamInfo:
+    """A job stream as the orphan sweep sees it."""
+
+    uid: str
+    name: str
+    created: datetime | None
+
+
+def job_stream_uid(stream_name: str) -> str | None:
+    """The UID in a job stream's name; None for any other stream (MLJOB_RESULTS, advisories...).
+
+    Only ``MLJOB_<uuid>`` qualifies: shared streams share the prefix and must never be swept.
+    """
+    prefix = protocol.task_stream("")
+    if not stream_name.startswith(prefix):
+        return None
+    uid = stream_name[len(prefix) :]
+    return uid if is_job_uid(uid) else None
+
+
+async def list_job_streams(js: JetStreamContext) -> list[JobStreamInfo]:
+    """Every job stream on the server (paged: the server returns at most 256 per request)."""
+    found: list[JobStreamInfo] = []
+    offset = 0
+    while True:
+        page = await js.streams_info(offset)
+        if not page:
+            return found
+        offset += len(page)
+        for info in page:
+            uid = job_stream_uid(info.config.name or "")
+            if uid is not None:
+                found.append(JobStreamInfo(uid=uid, name=str(info.config.name), created=info.created))
+
+
+@dataclass(frozen=True)
+class RegistryListing:
+    """One registry key; ``entry`` is None when its value cannot be parsed."""
+
+    key: str
+    pipeline: str
+    uid: str
+    entry: protocol.RegistryEntry | None
+
+
+async def list_registry(kv: KeyValue) -> list[RegistryListing]:
+    """Every live key of the job registry with its parsed entry (purged keys are skipped)."""
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return []
+    listed: list[RegistryListing] = []
+    for key in keys:
+        pipeline, _, uid = key.rpartition(".")
+        if not pipeline or not uid:
+            continue
+        try:
+            value = (await kv.get(key)).value or b""
+        except NotFoundError:
+            continue  # deleted or purged since the key listing
+        try:
+            entry: protocol.RegistryEntry | None = protocol.RegistryEntry.model_validate_json(value)
+        except ValidationError:
+            entry = None
+        listed.append(RegistryListing(key=key, pipeline=pipeline, uid=uid, entry=entry))
+    return listed

@@ -6,6 +6,7 @@ so of two racing writers exactly one wins; the loser reads and mirrors the winne
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -137,3 +138,15 @@ class JobsStore:
         if current is None:
             raise LookupError(f"job {uid} has no Postgres row")
         return FinishOutcome(False, _row(current))
+
+    async def namespaces(self, uids: Collection[str]) -> dict[str, str]:
+        """The namespace of each job row this installation holds (a UID without a row is absent):
+        who owns a stream or Redis keys when several installations share NATS."""
+        if not uids:
+            return {}
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT uid, namespace FROM mljob_jobs WHERE uid = ANY(%s)", (list(uids),)
+            )
+            rows = await cur.fetchall()
+        return {str(uid): str(namespace) for uid, namespace in rows}

@@ -1,0 +1,251 @@
+"""`mljob chaos`: inflict, on purpose, the faults the operator must survive; for runbooks and tests.
+
+Each job-level command takes the job as NAMESPACE/NAME (resolved through the Kubernetes API)
+or as --uid. Connections come from the operator's own settings (MLJOB_* environment and
+KUBECONFIG), made once with short timeouts: a runbook tool must fail fast, never retry forever
+the way the operator does at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from mljob import protocol
+from mljob.adapters.kube import Kube
+from mljob.services import Services
+from mljob.settings import OperatorSettings
+
+CONNECT_TIMEOUT = 5.0
+
+
+class ChaosError(Exception):
+    """A problem to report in one line (exit status 1), never a traceback."""
+
+
+@dataclass(frozen=True)
+class Target:
+    uid: str
+    pipeline: str | None
+    label: str  # how to name the job to a human
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("chaos", help="inject faults and inspect orphans (runbooks, tests)")
+    sub = parser.add_subparsers(dest="chaos", required=True)
+
+    flush = sub.add_parser("flush-state", help="delete one job's Redis keys (what FLUSHALL does to it)")
+    _job_args(flush)
+    flush.set_defaults(func=_run, action=flush_state)
+
+    stream = sub.add_parser("delete-stream", help="delete one job's JetStream stream (a NATS restart)")
+    _job_args(stream)
+    stream.set_defaults(func=_run, action=delete_stream)
+
+    plant = sub.add_parser("plant-orphans", help="create streams, registry entries, Redis keys of no MLJob")
+    plant.add_argument("--count", type=int, default=1, help="how many orphan jobs (default: 1)")
+    plant.add_argument("--pipeline", default="chaos", help="pipeline of the orphans (default: chaos)")
+    plant.add_argument(
+        "--namespace",
+        help="owner namespace: named in the registry entries, and a Postgres job row is written "
+        "so an operator watching this namespace owns them (default: no owner)",
+    )
+    plant.set_defaults(func=_run, action=plant_orphans)
+
+    listing = sub.add_parser("list-orphans", help="show what the orphan sweep would remove (dry run)")
+    listing.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=None,
+        help="as an operator watching this namespace (repeatable); default: MLJOB_NAMESPACES, else "
+        "cluster-wide",
+    )
+    listing.add_argument("--grace", type=float, help="grace period in seconds (default: the operator's)")
+    listing.set_defaults(func=_run, action=list_orphans)
+
+
+def _job_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", nargs="?", metavar="NAMESPACE/NAME", help="the MLJob")
+    parser.add_argument("--uid", help="the job's UID instead (works after the MLJob is gone)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        code: int = asyncio.run(args.action(args, OperatorSettings()))
+    except ChaosError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return code
+
+
+async def open_services(settings: OperatorSettings, kube: Kube | None = None) -> Services:
+    """Every connection the operator has, each tried once; ChaosError names the one that failed."""
+    import nats
+    from redis.asyncio import Redis
+
+    from mljob.adapters import jetstream
+    from mljob.adapters.jobs_store import JobsStore
+    from mljob.adapters.kube import load_config
+    from mljob.adapters.redis_state import JobState
+    from mljob.adapters.results_store import ResultsStore, make_pool
+    from mljob.db.migrate import apply_migrations_async
+
+    try:
+        nc = await nats.connect(
+            settings.nats_url, connect_timeout=CONNECT_TIMEOUT, allow_reconnect=False, name="mljob-chaos"
+        )
+    except Exception as err:
+        raise ChaosError(f"cannot reach NATS at {settings.nats_url}: {err}") from err
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=CONNECT_TIMEOUT)
+    pool = make_pool(settings.postgres_dsn, settings.postgres_schema, min_size=1, max_size=2)
+    try:
+        js = nc.jetstream()
+        registry = await jetstream.registry(js, settings.stream_replicas)
+        try:
+            await redis.ping()
+        except Exception as err:
+            raise ChaosError(f"cannot reach Redis at {settings.redis_url}: {err}") from err
+        try:
+            await pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+            async with pool.connection() as conn:
+                await apply_migrations_async(conn, settings.postgres_schema)
+        except Exception as err:
+            raise ChaosError(f"cannot reach Postgres: {type(err).__name__}: {err}") from err
+        try:
+            kube = kube or Kube(load_config())
+        except Exception as err:
+            raise ChaosError(f"no Kubernetes configuration: {err}") from err
+    except BaseException:
+        await nc.close()
+        await redis.aclose()
+        await pool.close()
+        raise
+    return Services(
+        settings=settings,
+        nc=nc,
+        js=js,
+        registry=registry,
+        redis=redis,
+        state=JobState(redis, settings.redis_prefix),
+        pool=pool,
+        jobs=JobsStore(pool),
+        results=ResultsStore(pool),
+        kube=kube,
+    )
+
+
+async def resolve(services: Services, job: str | None, uid: str | None) -> Target:
+    """NAMESPACE/NAME through the Kubernetes API, or a bare --uid (pipeline then unknown)."""
+    if uid:
+        return Target(uid=uid, pipeline=None, label=f"job {uid}")
+    if not job or job.count("/") != 1:
+        raise ChaosError("give the job as NAMESPACE/NAME or --uid UID")
+    namespace, name = job.split("/")
+    body = await services.kube.get_job(namespace, name)
+    if body is None:
+        raise ChaosError(f"no MLJob {namespace}/{name}")
+    found = str(body["metadata"]["uid"])
+    return Target(found, str((body.get("spec") or {}).get("pipeline") or ""), f"{job} (uid {found})")
+
+
+async def flush_state(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    """Every Redis key of the job, staging sets included: the job's share of a FLUSHALL."""
+    services = await open_services(settings)
+    try:
+        target = await resolve(services, args.job, args.uid)
+        pattern = f"{settings.redis_prefix}:{{{target.uid}}}:*"
+        keys = sorted(_text(k) for k in [k async for k in services.redis.scan_iter(match=pattern)])
+        if keys:
+            await services.redis.delete(*keys)
+            print(f"deleted {len(keys)} Redis key(s) of {target.label}:")
+            for key in keys:
+                print(f"  {key}")
+        else:
+            print(f"{target.label} has no Redis keys under {pattern}")
+    finally:
+        await services.close()
+    return 0
+
+
+async def delete_stream(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    from mljob.adapters import jetstream
+
+    services = await open_services(settings)
+    try:
+        target = await resolve(services, args.job, args.uid)
+        stream = protocol.task_stream(target.uid)
+        if await jetstream.delete_job_stream(services.js, target.uid):
+            print(f"deleted stream {stream} (and its consumer) of {target.label}")
+        else:
+            print(f"{target.label} has no stream {stream}")
+    finally:
+        await services.close()
+    return 0
+
+
+async def plant(
+    services: Services, pipeline: str, namespace: str | None = None, uid: str | None = None
+) -> str:
+    """One job's worth of resources, exactly as dispatch leaves them: stream + consumer, registry
+    entry, item state; plus a Postgres job row owned by `namespace` when one is given."""
+    from mljob.adapters import jetstream
+
+    uid = uid or str(uuid.uuid4())
+    name = f"orphan-{uid[:8]}"
+    entry = await jetstream.ensure_job_stream(
+        services.js,
+        jetstream.JobStreamSettings(uid=uid, namespace=namespace or "", name=name, pipeline=pipeline),
+    )
+    await jetstream.register_job(services.registry, entry)
+    await services.state.initialize(uid, [f"item-{i}" for i in range(3)])
+    if namespace:
+        await services.jobs.ensure(uid, namespace, name, pipeline, {})
+    return uid
+
+
+async def plant_orphans(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    if args.count < 1:
+        raise ChaosError("--count must be at least 1")
+    services = await open_services(settings)
+    try:
+        for _ in range(args.count):
+            print(await plant(services, args.pipeline, args.namespace), flush=True)
+    finally:
+        await services.close()
+    owner = f"owned by namespace {args.namespace}" if args.namespace else "with no owner"
+    print(f"planted {args.count} orphan job(s) {owner}, pipeline {args.pipeline}", file=sys.stderr)
+    return 0
+
+
+async def list_orphans(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    from mljob.sweep import describe, find_orphans
+
+    if args.namespace:
+        settings.namespaces = list(args.namespace)
+    if args.grace is not None:
+        settings.orphan_grace_seconds = args.grace
+    services = await open_services(settings)
+    try:
+        try:
+            seen, orphans = await find_orphans(services)
+        except Exception as err:
+            raise ChaosError(f"no complete view, the sweep would skip: {type(err).__name__}: {err}") from err
+    finally:
+        await services.close()
+    scope = ", ".join(settings.namespaces) if settings.namespaces else "cluster-wide"
+    for orphan in orphans:
+        print(describe(orphan))
+    print(
+        f"{len(orphans)} of {len(seen.resources)} observed resource(s) would be removed "
+        f"(scope: {scope}; grace: {settings.orphan_grace_seconds:g}s)"
+    )
+    return 0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
