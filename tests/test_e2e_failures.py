@@ -163,22 +163,3 @@ def test_cr_mirrors_postgres_after_a_crash_between_the_two_writes(e2e: E2E) -> N
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert (failed["reason"], failed["message"]) == ("FailureThresholdExceeded", "decided before the crash")
     assert e2e.nats_leftovers(uid, "nobody-serves-half") == {"stream": False, "registry": False}
-
-
-def test_lost_redis_state_is_reported_never_taken_as_complete(e2e: E2E) -> None:
-    """Row 8: with the per-item state gone, 'nothing pending' must not read as 'complete'."""
-    uid = e2e.apply("amnesia", "nobody-serves-amnesia", ["a-1", "a-2"])
-    e2e.wait_phase("amnesia", {"Running"}, timeout=30)
-    client = redis_sync.Redis.from_url(e2e.stack.redis_url)
-    client.delete(*e2e.redis_keys(uid))
-    client.close()
-
-    def reported() -> bool:
-        conditions = e2e.status("amnesia").get("conditions", [])
-        return any(c["type"] == "StateAvailable" and c["reason"] == "StateMissing" for c in conditions)
-
-    wait_for(reported, 20, what="the StateMissing condition")
-    time.sleep(2)
-    assert e2e.status("amnesia")["phase"] == "Running"
-    job = e2e.job_row(uid)
-    assert job is not None and job["phase"] == "Running"

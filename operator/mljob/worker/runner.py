@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 #: after that item's result is durable and before its task is ACKed. Never set in production.
 CRASH_AFTER_RESULT_ENV = "MLJOB_WORKER_CRASH_AFTER_RESULT"
 
+#: announce(subject): a core NATS publish with an empty body (heartbeats; loss is harmless).
+Announcer = Callable[[str], Awaitable[object]]
 #: publish(subject, body, headers): a JetStream publish that returns once the stream stored it.
 Publisher = Callable[[str, bytes, dict[str, str]], Awaitable[object]]
 
@@ -65,6 +67,7 @@ class TaskRunner:
         publish_attempts: int = 5,
         publish_backoff: float = 0.2,
         ack_timeout: float = 5.0,
+        announce: Announcer | None = None,
     ) -> None:
         self.handler = handler
         self.publish = publish
@@ -73,11 +76,14 @@ class TaskRunner:
         self.publish_backoff = publish_backoff
         self.ack_timeout = ack_timeout
         self.crash_after_result = os.environ.get(CRASH_AFTER_RESULT_ENV) or None
+        self.announce = announce
 
     async def process(self, job: JobBinding, msg: Msg) -> None:
         """Run one task; on cancellation (worker stopping) NAK it unless it was already settled."""
         settled = False
-        heartbeat = asyncio.create_task(_heartbeat(msg, max(job.ack_wait / 3, 0.5)))
+        heartbeat = asyncio.create_task(
+            _heartbeat(msg, max(job.ack_wait / 3, 0.5), job.entry.uid, self.announce)
+        )
         try:
             settled = await self._process(job, msg)
         except asyncio.CancelledError:
@@ -200,12 +206,15 @@ def delivery_count(msg: Msg) -> int:
         return 1
 
 
-async def _heartbeat(msg: Msg, interval: float) -> None:
-    """Tell NATS the task is still being worked on, so ack_wait does not expire under a live handler."""
+async def _heartbeat(msg: Msg, interval: float, uid: str, announce: Announcer | None) -> None:
+    """Tell NATS the task is still being worked on, so ack_wait does not expire under a live
+    handler, and tell the operator the job is alive, so a long task is not taken for a stall."""
     while True:
         await asyncio.sleep(interval)
         try:
             await msg.in_progress()
+            if announce is not None:
+                await announce(protocol.heartbeat_subject(uid))
         except Exception as err:
             log.debug("in-progress heartbeat failed: %s", err)
 

@@ -117,6 +117,7 @@ class Worker:
             publish_attempts=self.config.publish_attempts,
             publish_backoff=self.config.publish_backoff_seconds,
             ack_timeout=self.config.ack_timeout_seconds,
+            announce=self._announce,
         )
         watcher = RegistryWatcher(js, self.config.pipeline, self._job_added, self._job_removed, self._uids)
         background = [
@@ -353,6 +354,10 @@ class Worker:
         if text != job.last_problem:
             log.warning("job %s: %s", job.uid, text)
             job.last_problem = text
+
+    async def _announce(self, subject: str) -> None:
+        assert self._nc is not None
+        await self._nc.publish(subject, b"")
 
     async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> Any:
         assert self._js is not None
