@@ -219,6 +219,13 @@ async def drained_listener(nc: NATS, uid: str) -> list[str]:
     return seen
 
 
+async def dispatched(state: JobState, store: ResultsStore, uid: str, items: list[str]) -> bool:
+    """What dispatch does before the first task goes out: items registered in the ledger (results
+    for anything else are refused), then the job's Redis state."""
+    await store.register_items(uid, items)
+    return await state.initialize(uid, items)
+
+
 async def dead_letters(store: ResultsStore) -> list[tuple[str, str, bytes, str]]:
     async with store.pool.connection() as conn:
         cur = await conn.execute(
@@ -240,7 +247,7 @@ async def test_end_to_end_duplicates_and_malformed(
     uid = str(uuid.uuid4())
     items = [f"img-{n:04d}" for n in range(500)]
     failed = {items[n] for n in range(0, 500, 10)}
-    assert await state.initialize(uid, items)
+    assert await dispatched(state, store, uid, items)
     drained = await drained_listener(nc, uid)
     callbacks: list[tuple[str, int | None]] = []
 
@@ -301,7 +308,7 @@ async def test_redis_down_mid_flight_nothing_acked_then_exact(
     uid = str(uuid.uuid4())
     items = [f"i{n:03d}" for n in range(100)]
     failed = {items[n] for n in range(0, 100, 5)}
-    assert await state.initialize(uid, items)
+    assert await dispatched(state, store, uid, items)
     drained = await drained_listener(nc, uid)
     subject = results.subject(uid)
 
@@ -351,7 +358,7 @@ async def test_postgres_down_nothing_acked_nothing_recorded(
 ) -> None:
     uid = str(uuid.uuid4())
     items = [f"p{n}" for n in range(20)]
-    await state.initialize(uid, items)
+    await dispatched(state, store, uid, items)
     for n, item in enumerate(items):
         await js.publish(results.subject(uid), body(uid, item, FAILED if n < 3 else OK))
 
@@ -382,7 +389,7 @@ async def test_postgres_down_nothing_acked_nothing_recorded(
     assert await store.count(uid) == (20, 3)
 
 
-async def test_unknown_job_is_stored_acked_and_creates_no_keys(
+async def test_late_result_after_cleanup_is_stored_acked_and_creates_no_keys(
     js: JetStreamContext,
     nc: NATS,
     state: JobState,
@@ -391,7 +398,8 @@ async def test_unknown_job_is_stored_acked_and_creates_no_keys(
     redis: Redis,
     prefix: str,
 ) -> None:
-    uid = str(uuid.uuid4())  # never initialized: an early result, or one after cleanup
+    uid = str(uuid.uuid4())  # dispatched, and its Redis state already cleaned up (row 10)
+    await store.register_items(uid, ["a", "b", "c"])
     drained = await drained_listener(nc, uid)
     for item, outcome in (("a", OK), ("b", FAILED), ("c", OK)):
         await js.publish(results.subject(uid), body(uid, item, outcome))
@@ -412,9 +420,11 @@ async def test_result_postgres_refuses_is_dead_lettered_alone(
     results: ResultsStream,
 ) -> None:
     uid = str(uuid.uuid4())
-    await state.initialize(uid, ["a", "b"])
+    await dispatched(state, store, uid, ["a", "b"])
     drained = await drained_listener(nc, uid)
-    poison = json.dumps({"job_uid": uid, "item_id": "nul\u0000id", "outcome": "succeeded"}).encode()
+    poison = json.dumps(
+        {"version": 1, "job_uid": uid, "item_id": "nul\u0000id", "outcome": "succeeded"}
+    ).encode()
     await js.publish(results.subject(uid), body(uid, "a", OK))
     await js.publish(results.subject(uid), poison)
     await js.publish(results.subject(uid), body(uid, "b", FAILED))
@@ -449,7 +459,7 @@ async def test_crash_between_record_and_ack_redelivers_and_counts_once(
     try:
         uid = str(uuid.uuid4())
         items = [f"c{n}" for n in range(30)]
-        await state.initialize(uid, items)
+        await dispatched(state, store, uid, items)
         drained = await drained_listener(nc, uid)
         for n, item in enumerate(items):
             await js.publish(rs.subject(uid), body(uid, item, FAILED if n % 3 == 0 else OK))

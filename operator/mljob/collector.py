@@ -5,13 +5,18 @@ in Postgres and its item is settled in Redis. A crash or outage anywhere before 
 message comes back, and both writes are idempotent (primary key; SREM from the pending set), so a
 replay is never counted twice. Several replicas can share the durable consumer.
 
-* Malformed messages can never become valid: they go to the dead-letter table and are acked at
-  once (so a later failure of the batch does not store them twice). So does a result Postgres
-  refuses (NUL bytes...), isolated by retrying the batch row by row.
+* Results are checked before they count. Refused, i.e. dead-lettered with the reason and acked
+  at once (so a later failure of the batch does not store them twice): a body over
+  ``MAX_RESULT_BYTES``, a ``version`` other than ``PROTOCOL_VERSION``, a malformed body, a job
+  with no registered items, an id that is not an item of its job (the last two decided by the
+  ledger in the statement that stores the rest), and a result Postgres refuses (NUL bytes...),
+  isolated by retrying the batch row by row. Refusals are logged as one summary line at most
+  every few seconds, so a flood of bad messages cannot flood the log.
 * Postgres or Redis unavailable: nothing of the batch is acked, the batch is NAKed with a delay,
   the loop backs off (0.5 s doubling to 5 s) and resumes by itself when the service returns.
-* A result for a job without Redis state (early, or after cleanup: row 10) is stored and acked,
-  and creates no Redis keys.
+* A result for an item of a job without Redis state (after cleanup: row 10) is stored and acked,
+  and creates no Redis keys. The first stored outcome of an item stands (the ledger's primary
+  key), and Redis is told that outcome, never a later message's.
 * When a job's pending set becomes empty, a core NATS message on ``drained_subject(uid)`` lets the
   operator finish the job at once instead of at its next poll.
 """
@@ -21,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +39,7 @@ from nats.js import JetStreamContext
 
 from mljob import protocol
 from mljob.adapters.redis_state import JobState, RecordStatus
-from mljob.adapters.results_store import RejectedResult, ResultsStore
+from mljob.adapters.results_store import RejectedResult, ResultsStore, UpsertResult
 
 __all__ = ["DEAD_LETTER_SOURCE", "Collector"]
 
@@ -41,12 +48,27 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_SOURCE = "collector"
 BACKOFF_INITIAL_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 5.0
+#: At most one summary line of refused messages per this many seconds while they keep coming.
+REFUSAL_LOG_INTERVAL_SECONDS = 10.0
+#: Payload bytes per dead-letter INSERT.
+DEAD_LETTER_STATEMENT_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
 class _Parsed:
     msg: Msg
     result: protocol.Result
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    msg: Msg
+    kind: str  # for the log summary, e.g. "not an item"
+    reason: str  # stored with the dead letter
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
@@ -82,6 +104,9 @@ class Collector:
         self.consumer = consumer
         self._backoff = BACKOFF_INITIAL_SECONDS
         self._failing: str | None = None  # the last logged outage, to log it once
+        self._refused: Counter[str] = Counter()  # refusals by kind, since the last summary line
+        self._latest_refusal = ""
+        self._refusals_logged_at = -math.inf
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and process batches until ``stop`` is set; never stops on bad input or outages."""
@@ -98,6 +123,7 @@ class Collector:
                 try:
                     msgs: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
                 except TimeoutError:
+                    self._report_refusals(force=True)  # idle: no flood to protect the log from
                     continue  # nothing to do (nats' timeout errors subclass TimeoutError)
                 except Exception as err:  # consumer missing, connection lost...
                     self._outage(f"fetching from {self.stream}/{self.consumer} failed", err)
@@ -108,6 +134,7 @@ class Collector:
                 else:
                     await self._sleep(stop)
         finally:
+            self._report_refusals(force=True)
             if sub is not None:
                 # Late deliveries to a dead inbox would sit un-acked until ack_wait.
                 with contextlib.suppress(Exception):
@@ -143,58 +170,111 @@ class Collector:
                 drained.append(o.uid)
         for uid in drained:
             await self._announce(uid)
+        self._report_refusals()
         return True
 
     async def _parse(self, msgs: list[Msg], settled: set[int]) -> list[_Parsed]:
-        """Decode the batch; dead-letter and ack the messages that can never be valid."""
+        """Decode the batch; refuse the messages that can never be valid."""
         valid: list[_Parsed] = []
+        refused: list[_Refusal] = []
         for msg in msgs:
+            size = len(msg.data)
+            if size > protocol.MAX_RESULT_BYTES:
+                reason = (
+                    f"result too large: {size} bytes, over the limit of {protocol.MAX_RESULT_BYTES} bytes"
+                )
+                refused.append(_Refusal(msg, "too large", reason))
+                continue
             try:
                 msg.data.decode("utf-8")
                 result = protocol.decode_result(msg.data)
             except UnicodeDecodeError:
-                await self._dead_letter(msg, "invalid result: body is not UTF-8", settled)
+                refused.append(_Refusal(msg, "malformed", "invalid result: body is not UTF-8"))
+                continue
+            except protocol.UnsupportedVersion as err:
+                refused.append(_Refusal(msg, "unsupported version", str(err)))
                 continue
             except protocol.MalformedMessage as err:
-                await self._dead_letter(msg, str(err), settled)
+                refused.append(_Refusal(msg, "malformed", str(err)))
                 continue
             except Exception as err:  # a decoder bug must not wedge the loop either
-                await self._dead_letter(msg, f"invalid result: {_one_line(err)}", settled)
+                refused.append(_Refusal(msg, "malformed", f"invalid result: {_one_line(err)}"))
                 continue
             valid.append(_Parsed(msg, result))
+        await self._refuse(refused, settled)
         return valid
 
     async def _store(self, parsed: list[_Parsed], settled: set[int]) -> list[_Parsed]:
         """Upsert into Postgres; return the entries to record in Redis, with the stored outcome.
 
-        If Postgres refuses the batch's data, retry row by row and dead-letter the refused rows.
+        Results the ledger refuses (job never seen, not an item) are dead-lettered. If Postgres
+        refuses the batch's data, retry row by row and dead-letter the refused rows.
         """
+        refused: list[_Refusal] = []
         try:
-            stored = await self.store.upsert([p.result for p in parsed])
+            upserted = await self.store.upsert([p.result for p in parsed])
         except RejectedResult:
             kept: list[_Parsed] = []
-            stored = {}
+            upserted = UpsertResult()
             for p in parsed:
                 try:
-                    stored.update(await self.store.upsert([p.result]))
+                    upserted.update(await self.store.upsert([p.result]))
                 except RejectedResult as err:
-                    await self._dead_letter(p.msg, str(err), settled)
+                    refused.append(_Refusal(p.msg, "rejected by Postgres", str(err)))
                     continue
                 kept.append(p)
             parsed = kept
-        # Redis must agree with Postgres, where the first recorded outcome stands.
+        accepted: list[_Parsed] = []
         for p in parsed:
-            outcome = stored.get((p.result.job_uid, p.result.item_id))
+            key = (p.result.job_uid, p.result.item_id)
+            reason = upserted.refusal(key)
+            if reason is not None:
+                refused.append(_Refusal(p.msg, reason.split(":", 1)[0], reason))
+                continue
+            # Redis must agree with Postgres, where the first recorded outcome stands.
+            outcome = upserted.stored.get(key)
             if outcome is not None and outcome is not p.result.outcome:
                 p.result = p.result.model_copy(update={"outcome": outcome})
-        return parsed
+            accepted.append(p)
+        await self._refuse(refused, settled)
+        return accepted
 
-    async def _dead_letter(self, msg: Msg, reason: str, settled: set[int]) -> None:
-        """Store, then ack at once: a later failure of the batch must not store it twice."""
-        await self.store.dead_letter(DEAD_LETTER_SOURCE, msg.subject, msg.data, reason)
-        await self._ack(msg)
-        settled.add(id(msg))
-        log.warning("dead-lettered a message on %s: %s", msg.subject, reason)
+    async def _refuse(self, refused: list[_Refusal], settled: set[int]) -> None:
+        """Dead-letter (one statement), then ack at once: a later failure of the batch must not
+        store them twice. Counted for the periodic summary line, not logged one by one."""
+        if not refused:
+            return
+        letters: list[tuple[str, bytes, str]] = []
+        size = 0
+        for r in refused:  # statements of a few MB, whatever the bodies (a flood of 1 MB ones...)
+            letters.append((r.msg.subject, r.msg.data, r.reason))
+            size += len(r.msg.data)
+            if size >= DEAD_LETTER_STATEMENT_BYTES:
+                await self.store.dead_letters(DEAD_LETTER_SOURCE, letters)
+                letters, size = [], 0
+        await self.store.dead_letters(DEAD_LETTER_SOURCE, letters)
+        for r in refused:
+            await self._ack(r.msg)
+            settled.add(id(r.msg))
+            self._refused[r.kind] += 1
+        self._latest_refusal = f"{refused[-1].msg.subject}: {_clip(refused[-1].reason)}"
+
+    def _report_refusals(self, *, force: bool = False) -> None:
+        """One line for all refusals since the last one; at most every few seconds unless forced."""
+        if not self._refused:
+            return
+        now = time.monotonic()
+        if not force and now - self._refusals_logged_at < REFUSAL_LOG_INTERVAL_SECONDS:
+            return
+        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self._refused.items()))
+        log.warning(
+            "refused %d result message(s), dead-lettered and acked (%s); latest: %s",
+            sum(self._refused.values()),
+            kinds,
+            self._latest_refusal,
+        )
+        self._refused.clear()
+        self._refusals_logged_at = now
 
     async def _ack(self, msg: Msg) -> None:
         """Fire-and-forget ack (flushed per batch); a lost ack only means an idempotent replay."""
