@@ -107,9 +107,10 @@ async def delete(services: Services, orphan: Resource, redis_keys: Sequence[str]
 
 
 def describe(resource: Resource) -> str:
+    """One line for the log and `mljob chaos list-orphans`."""
     age = "unknown" if resource.age is None else f"{resource.age:.0f}s"
     owner = resource.owner or "unknown"
-    return f"{resource.kind} {resource.name} (job {resource.uid}, owner {owner}, age {age})"
+    return f"{resource.kind} {resource.name} (owner {owner}, age {age})"  # the name carries the UID
 
 
 async def sweep_orphans(services: Services) -> SweepReport:
