@@ -70,30 +70,55 @@ NewJob = Callable[[list[str], str], Awaitable["Job"]]
 class Job:
     """A job stream with one task per item, its items registered in Postgres and Redis."""
 
+    nc: NATS
     js: JetStreamContext
     uid: str
     items: list[str]
     seqs: dict[str, int] = field(default_factory=dict)
 
-    async def exhaust(self, item_id: str) -> int:
-        """Deliver `item_id`'s task until max_deliver like a worker that dies on it: NAK each
+    async def exhaust(self, item_id: str) -> tuple[int, float]:
+        """Deliver `item_id`'s task until NATS gives up, like a worker that dies on it: NAK each
         delivery but the last, which is left unanswered (the worker "crashed" holding it).
 
-        The item's task was published first, and redeliveries come before new messages, so
-        every fetch here meets it and no other task is ever delivered. Returns the deliveries.
+        Keeps pulling, as live workers do, until the max-deliveries advisory is published: the
+        server notices the exhaustion only when a pull request meets the expired delivery (seen
+        on nats-server 2.12). Other tasks fetched meanwhile are NAKed with a long delay, so they
+        keep deliveries to spare and stay pending. Returns (deliveries, monotonic time of the
+        advisory).
         """
+        nc = self.nc
+        seen: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+        async def on_advisory(_: Any) -> None:
+            if not seen.done():
+                seen.set_result(time.monotonic())
+
+        watch = await nc.subscribe(f"{ADVISORY_PREFIX}.{protocol.task_stream(self.uid)}.*", cb=on_advisory)
+        await nc.flush()
         sub = await self.js.pull_subscribe_bind(
             durable=protocol.task_consumer(self.uid), stream=protocol.task_stream(self.uid)
         )
+        deliveries = 0
+        deadline = time.monotonic() + WAIT_SECONDS
         try:
-            while True:
-                (msg,) = await sub.fetch(1, timeout=WAIT_SECONDS)
-                assert msg.metadata.sequence.stream == self.seqs[item_id], "another task was delivered"
-                if msg.metadata.num_delivered >= MAX_DELIVER:
-                    return int(msg.metadata.num_delivered)
-                await msg.nak()
+            while not seen.done():
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no max-deliveries advisory for {item_id} after {WAIT_SECONDS}s")
+                try:
+                    msgs = await sub.fetch(1, timeout=0.2)
+                except TimeoutError:
+                    continue
+                for msg in msgs:
+                    if msg.metadata.sequence.stream != self.seqs[item_id]:
+                        await msg.nak(delay=600)
+                        continue
+                    deliveries = int(msg.metadata.num_delivered)
+                    if deliveries < MAX_DELIVER:
+                        await msg.nak()
+            return deliveries, seen.result()
         finally:
             await sub.unsubscribe()
+            await watch.unsubscribe()
 
     async def message_exists(self, item_id: str) -> bool:
         return await jetstream.get_task_message(self.js, self.uid, self.seqs[item_id]) is not None
@@ -117,7 +142,7 @@ async def new_job(nc: NATS, store: ResultsStore, state: JobState) -> AsyncIterat
         if register is not None:  # a ledger with an item registry accepts outcomes only for items
             await register(uid, items)
         assert await state.initialize(uid, items)
-        job = Job(js, uid, items)
+        job = Job(nc, js, uid, items)
         for item_id in [first, *(i for i in items if i != first)]:
             task = protocol.Task(
                 job=protocol.JobRef(uid=uid, namespace="ns", name="exh", pipeline="exh"), item={"id": item_id}
@@ -168,20 +193,6 @@ async def result_row(store: ResultsStore, uid: str, item_id: str) -> tuple[str, 
     return (row[0], row[1], row[2]) if row else None
 
 
-async def advisory_seen(nc: NATS, uid: str) -> asyncio.Future[float]:
-    """Resolves to the monotonic time the job's max-deliveries advisory was published."""
-    seen: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-
-    async def on_msg(_: Any) -> None:
-        if not seen.done():
-            seen.set_result(time.monotonic())
-
-    sub = await nc.subscribe(f"{ADVISORY_PREFIX}.{protocol.task_stream(uid)}.*", cb=on_msg)
-    seen.add_done_callback(lambda _: asyncio.ensure_future(sub.unsubscribe()))
-    await nc.flush()
-    return seen
-
-
 async def test_exhausted_item_is_failed_counted_and_its_message_deleted(
     nc: NATS, advisories: str, store: ResultsStore, state: JobState, new_job: NewJob
 ) -> None:
@@ -190,9 +201,7 @@ async def test_exhausted_item_is_failed_counted_and_its_message_deleted(
     woken: list[str] = []
     loop = ExhaustedDeliveries(js, nc, store, state, on_failed=woken.append, consumer=advisories)
     async with running(loop):
-        seen = await advisory_seen(nc, job.uid)
-        deliveries = await job.exhaust("b")
-        exhausted_at = await asyncio.wait_for(seen, WAIT_SECONDS)
+        deliveries, exhausted_at = await job.exhaust("b")
         row = await wait_until(lambda: result_row(store, job.uid, "b"), "b's failed row")
         failed_at = time.monotonic()
         await wait_until(lambda: _not(job.message_exists("b")), "b's task message to be deleted")
@@ -215,9 +224,7 @@ async def test_advisory_published_while_the_loop_is_down_is_handled_when_it_star
 ) -> None:
     js = nc.jetstream()
     job = await new_job(["a", "b"], "a")
-    seen = await advisory_seen(nc, job.uid)
-    await job.exhaust("a")
-    await asyncio.wait_for(seen, WAIT_SECONDS)  # published while nothing consumed advisories
+    await job.exhaust("a")  # the advisory is published while nothing consumes advisories
     assert await result_row(store, job.uid, "a") is None
     async with running(ExhaustedDeliveries(js, nc, store, state, consumer=advisories)):
         row = await wait_until(lambda: result_row(store, job.uid, "a"), "a's failed row")
@@ -231,9 +238,7 @@ async def test_a_real_result_recorded_first_wins_and_counts_once(
 ) -> None:
     js = nc.jetstream()
     job = await new_job(["a", "b"], "a")
-    seen = await advisory_seen(nc, job.uid)
     await job.exhaust("a")
-    await asyncio.wait_for(seen, WAIT_SECONDS)
     # The worker's answer to the last delivery lands just before the advisory is handled.
     real = protocol.Result(
         job_uid=job.uid, item_id="a", outcome=protocol.Outcome.SUCCEEDED, result={"ok": 1}, attempts=2
