@@ -105,6 +105,9 @@ HALF = ItemCounts(10, 5, 0)
         ),
         (snap(Phase.RUNNING, None, deadline=5), Action.FAIL_PENDING, Phase.FAILED, "DeadlineExceeded"),
         (snap(Phase.RUNNING, HALF, deadline=101, started_ago=100), Action.PROGRESS, None, None),
+        # every outcome in before the deadline was observed: the counts decide, not the deadline
+        (snap(Phase.RUNNING, ItemCounts(10, 0, 2), deadline=5), Action.FINISH, Phase.SUCCEEDED, None),
+        (snap(Phase.RUNNING, ItemCounts(10, 0, 6), deadline=5), Action.FINISH, Phase.FAILED, None),
         # row 8/12: missing state is rebuilt, never complete
         (snap(Phase.RUNNING, None), Action.REBUILD_STATE, None, None),
         (snap(Phase.RUNNING, None, stream=NO_STREAM, idle=10_000), Action.REBUILD_STATE, None, None),

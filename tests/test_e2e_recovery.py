@@ -203,6 +203,29 @@ def test_ttl_deletes_the_finished_mljob_and_postgres_keeps_the_row(e2e: E2E) -> 
     assert job is not None and job["phase"] == "Succeeded"
 
 
+def test_a_ttl_set_after_the_job_finished_deletes_it(e2e: E2E) -> None:
+    uid = e2e.apply("late-ttl", "late-ttl", ["lt-1", "lt-2"])
+    e2e.start_worker("late-ttl", "quick")
+    assert e2e.wait_terminal("late-ttl", timeout=60)["phase"] == "Succeeded"
+    e2e.kubectl.run(
+        "-n",
+        e2e.namespace,
+        "patch",
+        "mljob",
+        "late-ttl",
+        "--type=merge",
+        "-p",
+        '{"spec":{"ttlSecondsAfterFinished":1}}',
+    )
+
+    def gone() -> bool:
+        return e2e.kubectl.run("-n", e2e.namespace, "get", "mljob", "late-ttl", check=False).returncode != 0
+
+    wait_for(gone, 30, what="the MLJob to be deleted after a TTL set once it had finished")
+    job = e2e.job_row(uid)
+    assert job is not None and job["phase"] == "Succeeded"
+
+
 def test_deadline_fails_a_running_job_and_keeps_the_results_it_had(e2e: E2E) -> None:
     items = [f"dl-{i:02d}" for i in range(30)]
     uid = e2e.apply("too-slow", "deadline", items, activeDeadlineSeconds=12)

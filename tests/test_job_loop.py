@@ -358,11 +358,6 @@ async def test_deadline_fails_pending_items_and_the_job(world: FakeWorld, clock:
     assert_accounted(world, body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/reconcile.decide checks the deadline before FINISH: a job whose every item finished "
-    "before activeDeadlineSeconds, observed after it, is Failed/DeadlineExceeded with 0 failures",
-)
 async def test_work_finished_before_the_deadline_is_not_failed_by_it(world: FakeWorld, clock: Clock) -> None:
     body = new_job(world, 10, activeDeadlineSeconds=30)
     uid = uid_of(body)
@@ -441,11 +436,13 @@ async def test_ttl_deletes_the_mljob_after_it_finished(world: FakeWorld, clock: 
     loop = await running(world, body)
     await world.work(uid, 4)
 
-    assert not await loop.step(), "the loop waits for the TTL"
+    assert await loop.step(), "finished: the loop sleeps until the TTL"
     assert status(body)["phase"] == Phase.SUCCEEDED
     assert_cleaned_up(world, body)
+    sleep = loop._until_ttl()
+    assert sleep is not None and 55 < sleep <= 61, sleep
     clock.advance(30)
-    assert not await loop.step()
+    assert await loop.step()
     assert world.kube.deleted == []
 
     clock.advance(31)
@@ -453,6 +450,19 @@ async def test_ttl_deletes_the_mljob_after_it_finished(world: FakeWorld, clock: 
     assert world.kube.deleted == [ref_of(body)]
     assert (NAMESPACE, "job") not in world.kube.jobs
     assert world.jobs.records[uid].phase is Phase.SUCCEEDED, "Postgres keeps the row"
+
+
+async def test_a_ttl_set_after_the_job_finished_still_deletes_it(world: FakeWorld, clock: Clock) -> None:
+    body = new_job(world, 2)
+    uid = uid_of(body)
+    loop = await running(world, body)
+    await world.work(uid, 2)
+    assert await loop.step()
+    assert loop._until_ttl() is None, "no TTL: sleep until woken"
+    body["spec"]["ttlSecondsAfterFinished"] = 5
+    clock.advance(6)
+    assert await loop.step()
+    assert world.kube.deleted == [ref_of(body)]
 
 
 async def test_missing_items_configmap_dispatches_nothing(world: FakeWorld) -> None:
@@ -519,11 +529,6 @@ async def test_dispatch_interrupted_resumes_from_the_cursor(world: FakeWorld) ->
     assert_accounted(world, body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="actions/dispatch.py recreates a lost stream silently and publishes only from the cursor: "
-    "tasks published before the stream was lost are never re-published",
-)
 async def test_stream_lost_while_dispatching_republishes_what_it_held(world: FakeWorld) -> None:
     body = new_job(world, 10)
     uid = uid_of(body)
@@ -545,11 +550,6 @@ async def test_stream_lost_while_dispatching_republishes_what_it_held(world: Fak
     assert sorted(world.js.task_ids(stream)) == item_ids(10), "every item without a result has a task"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="actions/redispatch.py lets SourceNotReady escape: with the items ConfigMap gone, every tick "
-    "raises and the job stays Running with no condition saying why",
-)
 async def test_stream_lost_after_the_items_configmap_was_deleted_is_explained(world: FakeWorld) -> None:
     world.kube.configmaps[(NAMESPACE, "batch-items")] = {"ids": "\n".join(item_ids(6))}
     body = new_job(world, itemsFrom={"configMaps": ["batch-items"]})

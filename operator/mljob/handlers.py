@@ -88,8 +88,18 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
 async def job_daemon(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
     services: Services = memo.services
-    wake = services.wakeups.setdefault(body["metadata"]["uid"], asyncio.Event())
-    await JobLoop(services, body).run(stopped, wake)
+    uid = body["metadata"]["uid"]
+    wake = services.wakeups.setdefault(uid, asyncio.Event())
+    try:
+        await JobLoop(services, body).run(stopped, wake)
+    finally:
+        services.wakeups.pop(uid, None)
+
+
+@kopf.on.field(GROUP, VERSION, PLURAL, field="spec.ttlSecondsAfterFinished")
+async def ttl_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A TTL set or changed after the job finished: the sleeping loop re-reads it."""
+    memo.services.wake(body["metadata"]["uid"])
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

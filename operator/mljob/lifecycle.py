@@ -19,13 +19,11 @@ from mljob.actions import cancel, cleanup, dispatch, fail_items, finish, observe
 from mljob.api.models import TERMINAL_PHASES
 from mljob.core import reconcile
 from mljob.core.counts import ItemCounts
-from mljob.jobview import JobView, iso
+from mljob.jobview import JobView, iso, parse_time
 from mljob.services import Services
 
 log = logging.getLogger(__name__)
 
-#: A finished job's loop only waits for its TTL; it looks at the clock this often at most.
-TERMINAL_TICK_SECONDS = 30.0
 #: After an unexpected error the loop backs off up to this long (a traceback is logged once).
 MAX_ERROR_BACKOFF_SECONDS = 60.0
 
@@ -42,25 +40,34 @@ class JobLoop:
         self.last_error: str | None = None
 
     async def run(self, stopped: Any, wake: asyncio.Event) -> None:
+        """Tick until stopped. A finished job's loop sleeps until its TTL (or until woken, e.g.
+        when `spec.ttlSecondsAfterFinished` is set later) instead of ending, so a TTL added
+        after completion still applies."""
         backoff = self.s.settings.reconcile_interval
         while not stopped:
-            interval = self.s.settings.reconcile_interval
+            timeout: float | None = self.s.settings.reconcile_interval
             try:
                 if await self.step():
-                    return
+                    timeout = self._until_ttl()
                 self.last_error = None
-                backoff = interval
+                backoff = self.s.settings.reconcile_interval
             except asyncio.CancelledError:
                 raise
             except Exception as err:
                 self._log_error(err)
                 backoff = min(backoff * 2, MAX_ERROR_BACKOFF_SECONDS)
-                interval = backoff
-            if self.view.phase in TERMINAL_PHASES:
-                interval = max(interval, TERMINAL_TICK_SECONDS)
+                timeout = backoff
             wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=interval)
+                await asyncio.wait_for(wake.wait(), timeout=timeout)
+
+    def _until_ttl(self) -> float | None:
+        """Seconds until a finished job's MLJob is due for deletion; None: sleep until woken."""
+        ttl = self.view.spec.get("ttlSecondsAfterFinished")
+        finished = parse_time(self.view.status.get("completionTime"))
+        if ttl is None or finished is None:
+            return None
+        return max(0.0, finished + int(ttl) - time.time()) + 0.5
 
     def _log_error(self, err: Exception) -> None:
         """The first occurrence with its traceback, repeats as one line."""
@@ -73,7 +80,7 @@ class JobLoop:
         self.last_error = line
 
     async def step(self) -> bool:
-        """One reconcile; True when the loop may end (terminal, cleaned up, nothing to wait for)."""
+        """One reconcile; True when the job is finished and cleaned up (nothing to do but its TTL)."""
         view = self.view
         view.refresh_from_body()
         counts = None if view.phase in TERMINAL_PHASES else await self.s.state.counts(view.ref.uid)
@@ -97,7 +104,7 @@ class JobLoop:
                     await cleanup.cleanup_job(s, view.ref.uid, view.pipeline)
                     await cleanup.mirror_terminal_to_postgres(s, view)
                     self.cleaned = True
-                return view.spec.get("ttlSecondsAfterFinished") is None
+                return True
             case reconcile.Action.DELETE:
                 if not self.cleaned:
                     await cleanup.cleanup_job(s, view.ref.uid, view.pipeline)
@@ -128,7 +135,7 @@ class JobLoop:
             return False  # the MLJob does not show the verdict yet: try again next tick
         await cleanup.cleanup_job(self.s, self.view.ref.uid, self.view.pipeline)
         self.cleaned = True
-        return self.view.spec.get("ttlSecondsAfterFinished") is None
+        return True
 
     async def progress(self, fields: dict[str, Any], counts: ItemCounts | None, stalled: str = "") -> None:
         view = self.view

@@ -21,7 +21,6 @@ async def cleanup_job(services: Services, uid: str, pipeline: str) -> None:
         await jetstream.unregister_job(services.registry, pipeline, uid)
     await jetstream.delete_job_stream(services.js, uid)
     await services.state.delete(uid)
-    services.wakeups.pop(uid, None)
     services.heartbeats.pop(uid, None)
     log.debug("cleaned up job %s (%s)", uid, protocol.task_stream(uid))
 

@@ -13,9 +13,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from mljob.actions import finish
+from mljob.actions.dispatch_target import target_of
+from mljob.actions.redispatch import record_recreation, republish_unresolved
 from mljob.actions.state import ensure_state
 from mljob.adapters import jetstream
-from mljob.api.models import MLJobSpec, Phase
+from mljob.api.models import Phase
 from mljob.core import reconcile
 from mljob.core.items import ItemSourceError
 from mljob.dispatch import (
@@ -30,12 +32,6 @@ from mljob.jobview import JobView, now_iso
 from mljob.services import Services
 
 log = logging.getLogger(__name__)
-
-
-def target_of(view: JobView) -> DispatchTarget:
-    """The validated spec as dispatch needs it; raises ValidationError."""
-    spec = MLJobSpec.model_validate(dict(view.spec))
-    return DispatchTarget(view.ref.uid, view.ref.namespace, view.ref.name, spec)
 
 
 async def dispatch(services: Services, view: JobView) -> None:
@@ -68,9 +64,15 @@ async def dispatch(services: Services, view: JobView) -> None:
     await services.results.register_items(view.ref.uid, ids)
     await ensure_state(services, view.ref.uid, ids)
     settings = services.settings
+    existed = await jetstream.job_stream_exists(services.js, view.ref.uid)
     entry = await jetstream.ensure_job_stream(
         services.js, stream_settings(target, settings.stream_replicas, settings.max_ack_pending)
     )
+    cursor = int(view.status.get("dispatchCursor", 0))
+    if not existed and cursor > 0:
+        # The stream vanished mid-dispatch with the tasks published so far (row 11).
+        republished = await republish_unresolved(services, target, entry.subject, items[:cursor])
+        await record_recreation(services, view, republished)
     await jetstream.register_job(services.registry, entry)
     if await _publish_from_cursor(services, view, target, entry.subject, items):
         await _mark_running(services, view, len(items))

@@ -1,42 +1,50 @@
-"""The REDISPATCH action: a running job's stream or consumer vanished (row 11).
+"""The REDISPATCH action: a job's stream or consumer vanished (row 11).
 
 Recreate them (same names, so workers pick them up by themselves when they rebind), put the
 registry entry back, and publish again every item without a result row, from the job's item
-source. Bounded by `max_stream_recreations`; after that the job fails with `StreamLost`.
+source. Bounded by `max_stream_recreations`; after that the job fails with `StreamLost`. Dispatch
+uses `republish_unresolved` too, when the stream vanished before every task was published.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from mljob.actions.dispatch import target_of
+from mljob.actions.dispatch_target import target_of
 from mljob.adapters import jetstream
-from mljob.dispatch import load_items, publish_chunk, stream_settings, task_bodies
+from mljob.dispatch import (
+    DispatchTarget,
+    SourceNotReady,
+    load_items,
+    publish_chunk,
+    stream_settings,
+    task_bodies,
+)
 from mljob.jobview import JobView
 from mljob.services import Services
 
 log = logging.getLogger(__name__)
 
 
-async def redispatch(services: Services, view: JobView) -> int:
-    """Recreate and re-publish; returns how many tasks were published again."""
-    target = target_of(view)
-    settings = services.settings
-    entry = await jetstream.ensure_job_stream(
-        services.js, stream_settings(target, settings.stream_replicas, settings.max_ack_pending)
-    )
-    unresolved = set(await services.results.unresolved_items(view.ref.uid))
-    items = [
-        item for item in await load_items(target, services.kube.configmap_data) if item["id"] in unresolved
-    ]
-    for start in range(0, len(items), settings.dispatch_chunk):
-        chunk = items[start : start + settings.dispatch_chunk]
-        await publish_chunk(services.js, entry.subject, task_bodies(target, chunk))
-    await jetstream.register_job(services.registry, entry)
+async def republish_unresolved(
+    services: Services, target: DispatchTarget, subject: str, items: list[dict[str, Any]]
+) -> int:
+    """Publish those of `items` that have no result row; returns how many."""
+    unresolved = set(await services.results.unresolved_items(target.uid))
+    todo = [item for item in items if item["id"] in unresolved]
+    chunk_size = services.settings.dispatch_chunk
+    for start in range(0, len(todo), chunk_size):
+        await publish_chunk(services.js, subject, task_bodies(target, todo[start : start + chunk_size]))
+    return len(todo)
+
+
+async def record_recreation(services: Services, view: JobView, republished: int) -> None:
+    """Count the recreation and say so: condition, diagnostic, Event, log line."""
     attempt = int(view.status.get("streamRecreations", 0)) + 1
     message = (
-        f"the job's stream or consumer was missing; recreated it and re-dispatched {len(items)} items "
-        f"without a result (attempt {attempt} of {settings.max_stream_recreations})"
+        f"the job's stream or consumer was missing; recreated it and re-dispatched {republished} items "
+        f"without a result (attempt {attempt} of {services.settings.max_stream_recreations})"
     )
     log.warning("job %s/%s (%s): %s", view.ref.namespace, view.ref.name, view.ref.uid, message)
     await view.set_conditions(
@@ -44,4 +52,28 @@ async def redispatch(services: Services, view: JobView) -> int:
         extra={"streamRecreations": attempt, "diagnostics": view.with_diagnostic("StreamRecreated", message)},
     )
     await services.kube.event(view.ref, "StreamRecreated", message, warning=True)
-    return len(items)
+
+
+async def redispatch(services: Services, view: JobView) -> int:
+    """Recreate and re-publish; returns how many tasks were published again."""
+    target = target_of(view)
+    try:
+        items = await load_items(target, services.kube.configmap_data)
+    except SourceNotReady as err:
+        await view.set_conditions(
+            (
+                "ItemsSourceReady",
+                "False",
+                "ItemsSourceMissing",
+                f"the job's stream was lost and its items cannot be re-read to re-dispatch them: {err}",
+            )
+        )
+        return 0
+    settings = services.settings
+    entry = await jetstream.ensure_job_stream(
+        services.js, stream_settings(target, settings.stream_replicas, settings.max_ack_pending)
+    )
+    republished = await republish_unresolved(services, target, entry.subject, items)
+    await jetstream.register_job(services.registry, entry)
+    await record_recreation(services, view, republished)
+    return republished

@@ -7,10 +7,10 @@ uses, the clock included, is in the `Snapshot`, so each choice is testable in a 
 Order matters and is part of the contract:
 1. a terminal job is only cleaned up (and deleted once its TTL ran out);
 2. cancel beats everything else that is not terminal;
-3. the deadline beats dispatch and progress;
-4. dispatch runs until every item is published;
-5. missing Redis state is rebuilt, never read as complete (failure-modes rows 8, 12);
-6. a complete job finishes on exact counts;
+3. a running job whose every item has an outcome finishes on exact counts;
+4. the deadline beats dispatch and progress;
+5. dispatch runs until every item is published;
+6. missing Redis state is rebuilt, never read as complete (failure-modes rows 8, 12);
 7. a missing stream or consumer is recreated and the pending items re-dispatched, a bounded
    number of times (row 11);
 8. no activity for the stall timeout: items that were all delivered are lost and fail; items
@@ -167,6 +167,10 @@ def decide(s: Snapshot) -> Plan:
         return Plan(Action.CLEANUP)
     if s.cancel or s.phase is Phase.CANCELING:
         return Plan(Action.CANCEL, Verdict(Phase.CANCELLED, "Cancelled", "spec.cancel was set"))
+    if s.phase is Phase.RUNNING and s.counts is not None and s.counts.pending == 0:
+        # Every item has an outcome: the exact counts decide, even if the deadline passed since.
+        fields = progress_fields(s.counts, s.dispatched)
+        return Plan(Action.FINISH, verdict(s.counts.total, s.counts.failed, s.failure_threshold), fields)
     if deadline_passed(s):
         message = f"the job ran longer than activeDeadlineSeconds ({s.active_deadline_seconds}s)"
         return Plan(
