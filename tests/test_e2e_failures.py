@@ -92,8 +92,20 @@ def test_terminal_verdict_survives_stale_writers_cancel_and_late_results(e2e: E2
         "-p",
         json.dumps({"spec": {"cancel": True}}),
     )
+    # A late result for an item that already has its outcome changes nothing (first outcome
+    # stands); one for an id that is not an item of the job is refused into the dead letters.
+    _publish_late_result(e2e, uid, "g-00")
     _publish_late_result(e2e, uid, "g-late")
-    wait_for(lambda: "g-late" in e2e.result_rows(uid), 20, what="the late result to be recorded")
+
+    def refused() -> bool:
+        with e2e.pg() as conn:
+            found = conn.execute(
+                "SELECT reason FROM mljob_dead_letters WHERE subject = %s", (protocol.results_subject(uid),)
+            ).fetchall()
+        return any("'g-late' is not an item" in reason for (reason,) in found)
+
+    wait_for(refused, 20, what="the late non-item result to be dead-lettered")
+    assert e2e.result_rows(uid)["g-00"] == "succeeded"
     time.sleep(3)  # several reconcile intervals
     after = e2e.status("guarded")
     assert after["phase"] == "Succeeded"
