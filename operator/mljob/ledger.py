@@ -1,10 +1,11 @@
 """Recording outcomes: Postgres ledger first, then the Redis item state. One path for everyone.
 
-The collector records what workers report; the operator's recovery actions (deliveries
-exhausted, lost items, deadline, stream lost) record failures it decides itself. Both go through
-`record`, so "the first outcome of an item stands" holds against any mix of writers: the
-ledger's primary key arbitrates, and Redis is told the outcome the ledger kept, never the
-writer's own guess. An item is therefore never both processed and failed.
+The operator's recovery actions (deliveries exhausted, lost items, deadline, stream lost) record
+failures they decide themselves through `record`; the collector follows the same two steps in
+its batch loop (where it also dead-letters what the ledger refuses). Either way "the first
+outcome of an item stands" holds against any mix of writers: the ledger's primary key
+arbitrates, and Redis is told the outcome the ledger kept, never the writer's own guess. An item
+is therefore never both processed and failed.
 
 Only registered items are recorded (`ResultsStore.upsert` refuses the rest in the same
 statement). The operator only fails items it dispatched, so a refusal here means the job's

@@ -100,6 +100,9 @@ async def connect(settings: OperatorSettings) -> Services:
     await with_retry(
         "the NATS results stream", lambda: jetstream.ensure_results_stream(js, settings.stream_replicas)
     )
+    await with_retry(
+        "the NATS advisory stream", lambda: jetstream.ensure_advisory_stream(js, settings.stream_replicas)
+    )
 
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, health_check_interval=30)
     await with_retry(f"Redis at {settings.redis_url}", redis.ping)

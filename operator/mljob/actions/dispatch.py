@@ -59,6 +59,8 @@ async def dispatch(services: Services, view: JobView) -> None:
         return
     if view.phase in (None, Phase.PENDING):
         await _mark_dispatching(services, view, len(items), spec.pipeline)
+    elif view.has_condition("ItemsSourceReady", "False"):
+        await view.set_conditions(("ItemsSourceReady", "True", "ItemsLoaded", f"{len(items)} items loaded"))
     ids = [item["id"] for item in items]
     # The ledger knows every item, then Redis; both before any task can be published (row 9).
     await services.results.register_items(view.ref.uid, ids)

@@ -69,6 +69,8 @@ async def redispatch(services: Services, view: JobView) -> int:
             )
         )
         return 0
+    if view.has_condition("ItemsSourceReady", "False"):
+        await view.set_conditions(("ItemsSourceReady", "True", "ItemsLoaded", f"{len(items)} items loaded"))
     settings = services.settings
     entry = await jetstream.ensure_job_stream(
         services.js, stream_settings(target, settings.stream_replicas, settings.max_ack_pending)

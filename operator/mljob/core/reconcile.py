@@ -81,8 +81,8 @@ class Snapshot:
     now: float = 0.0
     start_time: float | None = None
     completion_time: float | None = None
-    #: the latest of: a result recorded, a worker heartbeat, a delivery, the job turning Running,
-    #: this operator starting to watch the job (a restart never counts as a stall)
+    #: the latest of: a result recorded, a worker heartbeat, a delivery, this operator starting
+    #: to watch the job (a restart never counts as a stall)
     last_activity: float | None = None
     active_deadline_seconds: int | None = None
     ttl_seconds_after_finished: int | None = None

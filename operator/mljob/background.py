@@ -1,0 +1,60 @@
+"""The operator's process-wide work besides the per-job loops, started and stopped together.
+
+- wake-ups: the collector's `drained` event wakes a job's loop, so a verdict lands at once;
+- heartbeats: workers busy on long tasks say so, so such a job is not stalled (row 5);
+- the results collector, unless it runs as its own Deployment (`--no-collector`);
+- exhausted deliveries: items NATS gave up on are failed within seconds (rows 2, 3);
+- the orphan sweep: streams, registry entries and keys no live MLJob owns (row 13).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mljob import protocol
+from mljob.collector import Collector
+from mljob.exhausted import ExhaustedDeliveries
+from mljob.services import Services
+from mljob.sweep import run_sweeper
+
+#: How long shutdown waits for the background tasks to finish their current batch.
+STOP_TIMEOUT_SECONDS = 10.0
+
+
+def _uid_of(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
+
+
+@dataclass
+class Background:
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=STOP_TIMEOUT_SECONDS)
+
+
+async def start(services: Services) -> Background:
+    background = Background()
+
+    async def on_drained(msg: Any) -> None:
+        services.wake(_uid_of(msg.subject))
+
+    async def on_heartbeat(msg: Any) -> None:
+        services.heartbeats[_uid_of(msg.subject)] = time.time()
+
+    await services.nc.subscribe(f"{protocol.DRAINED_SUBJECT_PREFIX}.*", cb=on_drained)
+    await services.nc.subscribe(f"{protocol.HEARTBEAT_SUBJECT_PREFIX}.*", cb=on_heartbeat)
+    stop = background.stop_event
+    if services.settings.run_collector:
+        collector = Collector(services.js, services.nc, services.state, services.results)
+        background.tasks.append(asyncio.create_task(collector.run(stop), name="mljob-collector"))
+    exhausted = ExhaustedDeliveries(services.js, services.nc, services.results, services.state, services.wake)
+    background.tasks.append(asyncio.create_task(exhausted.run(stop), name="mljob-exhausted-deliveries"))
+    background.tasks.append(asyncio.create_task(run_sweeper(services, stop), name="mljob-orphan-sweep"))
+    return background
