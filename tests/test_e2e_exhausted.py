@@ -16,6 +16,7 @@ from typing import Any
 
 from e2e_support.env import E2E
 from e2e_support.harness import TERMINAL, Proc
+from e2e_support.invariants import assert_job_invariants
 from mljob import protocol
 from mljob.exhausted import REASON
 
@@ -53,6 +54,7 @@ def test_items_a_worker_always_dies_on_are_failed_and_the_job_ends_with_exact_co
         assert error.startswith(f"{REASON}: "), (item_id, error)
         assert attempts == 2, (item_id, attempts)
 
+    assert_job_invariants(e2e, uid, items, PIPELINE, status)
     latencies = _exhaustion_to_failed_seconds(e2e, uid, failed)
     print(
         "\nexhaustion (advisory timestamp) -> failed row (finished_at): "

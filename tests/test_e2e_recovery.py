@@ -265,3 +265,52 @@ def test_a_long_task_with_heartbeats_is_not_taken_for_a_stall(e2e: E2E) -> None:
     assert (status["phase"], status["processed"], status["failed"]) == ("Succeeded", 2, 0), e2e.logs()
     assert _condition(status, "Stalled") is None
     assert_job_invariants(e2e, uid, items, "patient", status)
+
+
+def _publish_raw(e2e: E2E, subject: str, bodies: list[bytes]) -> None:
+    async def publish() -> None:
+        import nats
+
+        nc = await nats.connect(e2e.stack.nats_url)
+        js = nc.jetstream()
+        for body in bodies:
+            await js.publish(subject, body)
+        await nc.close()
+
+    asyncio.run(publish())
+
+
+def test_forged_results_are_refused_and_never_beat_the_real_outcome(e2e: E2E) -> None:
+    """Results published by hand before the workers run: an unknown version, an oversized body,
+    an id that is not an item. None is stored; each real item keeps its genuine outcome."""
+    import json
+
+    items = [f"fr-{i}" for i in range(6)]
+    uid = e2e.apply("forged", "forged", items)
+    e2e.wait_phase("forged", {"Running"}, timeout=30)
+
+    def forged(item_id: str, **extra: object) -> bytes:
+        body = {"version": 1, "job_uid": uid, "item_id": item_id, "outcome": "failed", "error": "forged"}
+        body.update(extra)
+        return json.dumps(body).encode()
+
+    _publish_raw(
+        e2e,
+        protocol.results_subject(uid),
+        [forged("fr-0", version=99), forged("fr-1", result="x" * 600_000), forged("not-an-item")],
+    )
+
+    def dead_lettered() -> int:
+        with e2e.pg() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM mljob_dead_letters WHERE subject = %s", (protocol.results_subject(uid),)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    wait_for(lambda: dead_lettered() == 3, 30, what="three dead letters")
+    assert e2e.result_rows(uid) == {}
+    e2e.start_worker("forged", "quick")
+    status = e2e.wait_terminal("forged", timeout=60)
+    assert (status["phase"], status["processed"], status["failed"]) == ("Succeeded", 6, 0)
+    rows = assert_job_invariants(e2e, uid, items, "forged", status)
+    assert set(rows.values()) == {"succeeded"}

@@ -52,8 +52,8 @@ def test_operator_sweeps_planted_orphans_and_keeps_a_live_job(sweeping: E2E) -> 
     )
     orphans = planted.stdout.split()
     assert len(orphans) == 3, planted.stdout + planted.stderr
-    for uid in orphans:
-        assert leftovers(env, uid) == {"stream": True, "registry": True, "redis": True}
+    # No check that they exist now: the operator sweeps every 2 s and may already have taken
+    # them. The removal lines in its log below prove each one existed and was removed by it.
 
     def all_gone() -> bool:
         return all(not any(leftovers(env, uid).values()) for uid in orphans)
