@@ -53,6 +53,19 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         print(running.export_lines())
         return 0
     directory = _stack_dir(args)
+    if args.action == "restart":
+        from mljob.devstack.restart import SERVICES, restart
+
+        if args.service not in SERVICES:
+            print(f"error: name the service to restart: {', '.join(SERVICES)}", file=sys.stderr)
+            return 2
+        try:
+            restart(directory, args.service, args.down_seconds)
+        except devstack.StackError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"restarted {args.service} in {directory}", file=sys.stderr)
+        return 0
     if args.action == "env":
         print(devstack.Stack.load(directory).export_lines())
         return 0
@@ -102,8 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="local development helpers").add_subparsers(dest="dev", required=True)
     stack = dev.add_parser("stack", help="start/stop the local kube-apiserver, NATS, Redis, Postgres")
-    stack.add_argument("action", choices=["up", "down", "env"])
+    stack.add_argument("action", choices=["up", "down", "env", "restart"])
+    stack.add_argument("service", nargs="?", help="restart only: nats, redis or postgres")
     stack.add_argument("--dir", help="stack directory (default: a new temporary directory)")
+    stack.add_argument(
+        "--down-seconds", type=float, default=0.0, help="restart only: stay down this long first"
+    )
     stack.set_defaults(func=_cmd_stack)
     tools_cmd = dev.add_parser("tools", help="build (once) and print the cached Go-built binaries")
     tools_cmd.add_argument("names", nargs="*")

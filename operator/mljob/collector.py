@@ -12,6 +12,13 @@ replay is never counted twice. Several replicas can share the durable consumer.
   ledger in the statement that stores the rest), and a result Postgres refuses (NUL bytes...),
   isolated by retrying the batch row by row. Refusals are logged as one summary line at most
   every few seconds, so a flood of bad messages cannot flood the log.
+* A result Postgres refuses for a registered item of a known job would be refused on every
+  redelivery too (scenario E): the item is recorded failed instead, with the error
+  ``ResultRejected: <reason>`` and no payload, through the same upsert as any result (so the
+  first stored outcome still stands); the original message is dead-lettered for inspection and
+  acked with its batch, after the failure is durable. The job ends with a clear per-item reason
+  instead of waiting for its stall timeout. An outage is never taken for a refusal: only
+  ``RejectedResult`` (Postgres refused the data) leads here.
 * Postgres or Redis unavailable: nothing of the batch is acked, the batch is NAKed with a delay,
   the loop backs off (0.5 s doubling to 5 s) and resumes by itself when the service returns.
 * A result for an item of a job without Redis state (after cleanup: row 10) is stored and acked,
@@ -37,11 +44,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from mljob import protocol
+from mljob import ledger, protocol
 from mljob.adapters.redis_state import JobState, RecordStatus
 from mljob.adapters.results_store import RejectedResult, ResultsStore, UpsertResult
 
-__all__ = ["DEAD_LETTER_SOURCE", "Collector"]
+__all__ = ["DEAD_LETTER_SOURCE", "REJECTED_REASON", "Collector"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,8 @@ BACKOFF_INITIAL_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 5.0
 #: At most one summary line of refused messages per this many seconds while they keep coming.
 REFUSAL_LOG_INTERVAL_SECONDS = 10.0
+#: The error prefix of an item failed because Postgres refused its result (scenario E).
+REJECTED_REASON = "ResultRejected"
 #: Payload bytes per dead-letter INSERT.
 DEAD_LETTER_STATEMENT_BYTES = 4 * 1024 * 1024
 
@@ -69,6 +78,11 @@ class _Refusal:
 
 def _clip(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _storable(text: str) -> str:
+    """Text Postgres can store (no NUL), for a reason quoted in a failed result's error."""
+    return _clip(text.replace("\x00", "\\x00"), 500)
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
@@ -220,8 +234,11 @@ class Collector:
                 try:
                     upserted.update(await self.store.upsert([p.result]))
                 except RejectedResult as err:
-                    refused.append(_Refusal(p.msg, "rejected by Postgres", str(err)))
-                    continue
+                    substitute = await self._fail_rejected(p, str(err))
+                    if substitute is None:
+                        refused.append(_Refusal(p.msg, "rejected by Postgres", str(err)))
+                        continue
+                    upserted.update(substitute)
                 kept.append(p)
             parsed = kept
         accepted: list[_Parsed] = []
@@ -238,6 +255,32 @@ class Collector:
             accepted.append(p)
         await self._refuse(refused, settled)
         return accepted
+
+    async def _fail_rejected(self, p: _Parsed, reason: str) -> UpsertResult | None:
+        """Scenario E: Postgres refuses this result's data, and a redelivery would be refused the
+        same way. Store the item as failed instead (``ResultRejected``, no payload), so the job
+        ends with a clear per-item reason rather than waiting for its stall timeout. The original
+        message is dead-lettered for inspection but not acked here: it is acked with the batch,
+        once the failure is durable and settled in Redis. None when the failure cannot be stored
+        either (a NUL in the item id: then it is not an item of any job) or the ledger refuses it
+        (unknown job, not an item): the message is then refused as before."""
+        failure = ledger.failure(
+            p.result.job_uid, p.result.item_id, REJECTED_REASON, _storable(reason), p.result.attempts
+        )
+        try:
+            upserted = await self.store.upsert([failure])
+        except RejectedResult:
+            return None
+        if upserted.refusal((failure.job_uid, failure.item_id)) is not None:
+            return None
+        await self.store.dead_letters(
+            DEAD_LETTER_SOURCE,
+            [(p.msg.subject, p.msg.data, f"{reason} (the item is failed as {REJECTED_REASON})")],
+        )
+        p.result = failure
+        self._refused["rejected by Postgres, item failed"] += 1
+        self._latest_refusal = f"{p.msg.subject}: {_clip(reason)}"
+        return upserted
 
     async def _refuse(self, refused: list[_Refusal], settled: set[int]) -> None:
         """Dead-letter (one statement), then ack at once: a later failure of the batch must not

@@ -54,3 +54,30 @@ def crash_on_listed(task: Any) -> dict[str, Any]:
     if task.item_id in listed:
         os._exit(1)
     return {"id": task.item_id}
+
+
+def nul_on_listed(task: Any) -> dict[str, Any]:
+    """Scenario E: for the ids in $MLJOB_TEST_NUL_ITEMS, a result whose JSON holds a NUL
+    (`\\u0000`), which Postgres refuses on every delivery; a plain result for the others."""
+    listed = {i for i in os.environ.get("MLJOB_TEST_NUL_ITEMS", "").split(",") if i}
+    if task.item_id in listed:
+        return {"id": task.item_id, "caption": "cut\u0000here"}
+    return {"id": task.item_id}
+
+
+def sleep_from_id(task: Any) -> dict[str, Any]:
+    """Sleeps the seconds written after '@' in the id ('j3-last@0.4'), else $MLJOB_TEST_SLEEP:
+    one worker gives each job of a race its own timing."""
+    _, _, delay = task.item_id.partition("@")
+    time.sleep(float(delay) if delay else float(os.environ.get("MLJOB_TEST_SLEEP", "0")))
+    return {"id": task.item_id}
+
+
+def gated(task: Any) -> dict[str, Any]:
+    """Holds the task until the file $MLJOB_TEST_GATE_DIR/<id before the first '-'> exists (at
+    most 60 s): the test decides when each job's results land, e.g. racing its cancel."""
+    gate = os.path.join(os.environ["MLJOB_TEST_GATE_DIR"], task.item_id.split("-", 1)[0])
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"id": task.item_id}

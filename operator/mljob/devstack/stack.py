@@ -99,6 +99,8 @@ class Stack:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
+        if self.state_path.exists():  # `restart` (maybe another process) replaces PIDs there
+            self.pids.update(Stack.load(self.directory).pids)
         for name in reversed(list(self.pids)):
             _terminate(self.pids[name])
         self.pids.clear()
@@ -170,9 +172,10 @@ class Stack:
         self.env["KUBECONFIG"] = str(kubeconfig)
         self.env["MLJOB_KUBE_SERVER"] = server
 
-    def start_nats(self) -> None:
+    def start_nats(self, port: int | None = None, monitor: int | None = None) -> None:
+        """JetStream keeps its file store in the stack directory, so a restart keeps the streams."""
         binary = tools.ensure("nats-server")
-        port, monitor = free_port(), free_port()
+        port, monitor = port or free_port(), monitor or free_port()
         cmd = [
             str(binary),
             "-a",
@@ -195,9 +198,10 @@ class Stack:
         self.env["MLJOB_NATS_URL"] = f"nats://127.0.0.1:{port}"
         self.env["MLJOB_NATS_MONITOR_URL"] = f"http://127.0.0.1:{monitor}"
 
-    def start_redis(self) -> None:
+    def start_redis(self, port: int | None = None) -> None:
+        """No persistence (as configured in many deployments): a restart starts Redis empty."""
         binary = _require("redis-server", "apt-get install redis-server")
-        port = free_port()
+        port = port or free_port()
         cmd = [
             binary,
             "--bind",
@@ -217,10 +221,26 @@ class Stack:
         self._wait("redis-server", lambda: _redis_ping(port))
         self.env["MLJOB_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
 
-    def start_postgres(self) -> None:
+    def _initdb(self, bindir: Path, data: Path, user: str | None) -> None:
+        init = subprocess.run(
+            [
+                *(str(bindir / "initdb"), "-D", str(data), "-U", "postgres"),
+                *("--auth=trust", "-E", "UTF8", "--no-sync"),
+            ],
+            capture_output=True,
+            text=True,
+            user=user,
+            cwd=self.directory,
+        )
+        if init.returncode != 0:
+            raise StackError(f"initdb failed:\n{init.stdout}\n{init.stderr}")
+
+    def start_postgres(self, port: int | None = None) -> None:
+        """A new cluster; with `port` (a restart) the existing data directory is started again."""
         bindir = _postgres_bindir()
         data = self.directory / "postgres"
-        data.mkdir()
+        restart = port is not None
+        data.mkdir(exist_ok=restart)
         user = None
         if os.geteuid() == 0:  # postgres refuses to run as root
             user = "postgres"
@@ -231,26 +251,9 @@ class Stack:
                     f"the postgres user cannot reach {data}: {blocked[0]} is not traversable by other "
                     "users (chmod o+x it, or choose a stack directory elsewhere)"
                 )
-        init = subprocess.run(
-            [
-                str(bindir / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-            capture_output=True,
-            text=True,
-            user=user,
-            cwd=self.directory,
-        )
-        if init.returncode != 0:
-            raise StackError(f"initdb failed:\n{init.stdout}\n{init.stderr}")
-        port = free_port()
+        if not restart:
+            self._initdb(bindir, data, user)
+        port = port or free_port()
         cmd = [
             str(bindir / "postgres"),
             "-D",
@@ -273,7 +276,8 @@ class Stack:
         self._spawn("postgres", cmd, user=user)
         admin_dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
         self._wait("postgres", lambda: _postgres_ready(admin_dsn))
-        _postgres_execute(admin_dsn, "CREATE DATABASE mljob")
+        if not restart:
+            _postgres_execute(admin_dsn, "CREATE DATABASE mljob")
         self.env["MLJOB_POSTGRES_DSN"] = f"postgresql://postgres@127.0.0.1:{port}/mljob"
 
 

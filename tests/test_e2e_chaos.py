@@ -1,0 +1,355 @@
+"""Chaos end to end (issue 6, section 8): processes killed and servers restarted mid-job, a result
+Postgres refuses on every delivery (scenario E), cancel racing completion both ways. Each fault
+runs until the job has to end, then the one invariant check (e2e_support.invariants) judges it.
+
+NATS and Postgres restarts hit the session's shared stack (`mljob dev stack restart`, same port,
+same data); `stack_restored` makes sure every server answers again before the next test runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis as redis_sync
+
+from e2e_support.env import E2E
+from e2e_support.harness import Proc, mljob_cmd, wait_for
+from e2e_support.invariants import assert_job_invariants, transitions
+
+TERMINAL = {"Succeeded", "Failed", "Cancelled"}
+
+
+# --- servers of the shared stack --------------------------------------------------------------
+
+
+def restart_service(e2e: E2E, service: str, down_seconds: float = 0.0) -> None:
+    cmd = mljob_cmd("dev", "stack", "restart", service, "--dir", e2e.stack.directory)
+    cmd += ["--down-seconds", str(down_seconds)]
+    done = subprocess.run(cmd, env=e2e.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"restart {service} failed:\n{done.stdout}\n{done.stderr}"
+
+
+def _answers(e2e: E2E) -> dict[str, bool]:
+    async def nats_ok() -> None:
+        import nats
+
+        nc = await nats.connect(e2e.stack.nats_url, connect_timeout=2, allow_reconnect=False)
+        try:
+            await nc.jetstream().account_info()
+        finally:
+            await nc.close()
+
+    def redis_ok() -> None:
+        client = redis_sync.Redis.from_url(e2e.stack.redis_url, socket_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+
+    def postgres_ok() -> None:
+        psycopg.connect(e2e.stack.postgres_dsn, connect_timeout=2).close()
+
+    checks: dict[str, Callable[[], None]] = {
+        "nats": lambda: asyncio.run(nats_ok()),
+        "redis": redis_ok,
+        "postgres": postgres_ok,
+    }
+    out = {}
+    for name, check in checks.items():
+        try:
+            check()
+            out[name] = True
+        except Exception:
+            out[name] = False
+    return out
+
+
+@pytest.fixture
+def stack_restored(e2e: E2E) -> Iterator[None]:
+    """After a test that restarts shared servers: every one answers again (restarted if not)."""
+    yield
+    try:
+        wait_for(lambda: all(_answers(e2e).values()), 30, what="NATS, Redis and Postgres to answer")
+    except AssertionError:
+        for service, ok in _answers(e2e).items():
+            if not ok:
+                restart_service(e2e, service)
+        answers = _answers(e2e)
+        assert all(answers.values()), f"the shared stack is not restored: {answers}"
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _rows(e2e: E2E, uid: str) -> int:
+    """Result rows of the job (-1 when unknown): closer to real time than the status."""
+    try:
+        with e2e.pg() as conn:
+            row = conn.execute("SELECT count(*) FROM mljob_results WHERE job_uid = %s", (uid,)).fetchone()
+    except psycopg.Error:  # away, or the operator has not migrated the schema yet
+        return -1
+    return int(row[0]) if row else 0
+
+
+def _wait_rows(e2e: E2E, uid: str, at_least: int, timeout: float = 40) -> int:
+    return int(wait_for(lambda: (n := _rows(e2e, uid)) >= at_least and n, timeout, 0.1, f"{at_least} rows"))
+
+
+def _cancel(e2e: E2E, name: str) -> None:
+    e2e.kubectl.run(
+        "-n", e2e.namespace, "patch", "mljob", name, "--type=merge", "-p", '{"spec":{"cancel":true}}'
+    )
+
+
+def _exact(status: dict[str, Any], total: int, failed: int = 0) -> tuple[Any, ...]:
+    return (status["phase"], status.get("processed"), status.get("failed")), (
+        "Succeeded" if failed * 2 <= total else "Failed",
+        total,
+        failed,
+    )
+
+
+# --- processes killed -------------------------------------------------------------------------
+
+
+def test_operator_killed_at_half_and_restarted_ends_with_exact_counts(e2e: E2E) -> None:
+    """The operator (with the in-process collector) SIGKILLed mid-job: results wait in the stream,
+    the restarted operator resumes the job and collects them once."""
+    assert e2e.operator is not None
+    items = [f"ok-{i:04d}" for i in range(2000)]
+    uid = e2e.apply("op-killed", "op-killed", items)
+    e2e.start_worker("op-killed", "slow", "--concurrency", "8", MLJOB_TEST_SLEEP="0.02")
+    at_kill = _wait_rows(e2e, uid, 1000)
+    e2e.operator.stop(signal.SIGKILL)
+    assert at_kill < 2000, "the job finished before the operator was killed"
+    e2e.start_operator()
+    status = e2e.wait_terminal("op-killed", timeout=90)
+    got, want = _exact(status, 2000)
+    assert got == want, e2e.logs()
+    assert_job_invariants(e2e, uid, items, "op-killed", status)
+
+
+def test_external_collector_killed_mid_flight_and_restarted_ends_with_exact_counts(e2e: E2E) -> None:
+    """A separate `mljob collector` SIGKILLed mid-batch: what it had not acked is redelivered to
+    its successor and counted once."""
+    assert e2e.operator is not None
+    e2e.operator.stop()
+    e2e.start_operator("--no-collector")
+    try:
+        collector = Proc("collector", mljob_cmd("collector"), e2e.env, e2e.log_dir)
+        e2e.procs.append(collector)
+        items = [f"ec-{i:04d}" for i in range(1500)]
+        uid = e2e.apply("coll-killed", "coll-killed", items)
+        e2e.start_worker("coll-killed", "slow", "--concurrency", "8", MLJOB_TEST_SLEEP="0.02")
+        at_kill = _wait_rows(e2e, uid, 400)
+        collector.stop(signal.SIGKILL)
+        assert at_kill < 1500, "the job finished before the collector was killed"
+        time.sleep(2)  # results pile up with no collector at all
+        e2e.procs.append(Proc("collector", mljob_cmd("collector"), e2e.env, e2e.log_dir))
+        status = e2e.wait_terminal("coll-killed", timeout=90)
+        got, want = _exact(status, 1500)
+        assert got == want, e2e.logs()
+        assert_job_invariants(e2e, uid, items, "coll-killed", status)
+    finally:
+        for proc in e2e.procs:
+            if proc.name == "collector":
+                proc.stop()
+        e2e.operator.stop()
+        e2e.start_operator()
+
+
+# --- servers restarted ------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("stack_restored")
+def test_nats_restarted_mid_job_everyone_reconnects_and_counts_are_exact(e2e: E2E) -> None:
+    """nats-server stopped and started again (file store kept): workers, the collector and the
+    operator reconnect by themselves; acks lost in the restart only mean idempotent replays."""
+    items = [f"nr-{i:04d}" for i in range(2000)]
+    uid = e2e.apply("nats-restart", "nats-restart", items)
+    e2e.start_worker("nats-restart", "slow", "--concurrency", "8", MLJOB_TEST_SLEEP="0.02")
+    at_restart = _wait_rows(e2e, uid, 600)
+    restart_service(e2e, "nats", down_seconds=1)
+    assert at_restart < 2000, "the job finished before NATS was restarted"
+    status = e2e.wait_terminal("nats-restart", timeout=90)
+    got, want = _exact(status, 2000)
+    assert got == want, e2e.logs()
+    assert_job_invariants(e2e, uid, items, "nats-restart", status)
+
+
+@pytest.mark.usefixtures("stack_restored")
+def test_postgres_restarted_mid_job_and_at_completion_ends_once_with_exact_counts(e2e: E2E) -> None:
+    """Postgres restarted at ~30 %, then again when the last result is about to land, so the
+    terminal transition meets an outage: it is retried, lands once, and both stores agree."""
+    items = [f"pr-{i:04d}" for i in range(1500)] + ["pr-last@2"]
+    uid = e2e.apply("pg-restart", "pg-restart", items)
+    e2e.start_worker("pg-restart", "sleep_from_id", "--concurrency", "8", MLJOB_TEST_SLEEP="0.02")
+    _wait_rows(e2e, uid, 450)
+    restart_service(e2e, "postgres", down_seconds=1)
+    wait_for(lambda: _rows(e2e, uid) >= len(items) - 1, 60, what="all but the last result")
+    restart_service(e2e, "postgres", down_seconds=2)
+    status = e2e.wait_terminal("pg-restart", timeout=90)
+    got, want = _exact(status, len(items))
+    assert got == want, e2e.logs()
+    assert_job_invariants(e2e, uid, items, "pg-restart", status)
+
+
+# --- scenario E -------------------------------------------------------------------------------
+
+
+def test_results_postgres_refuses_fail_their_items_with_result_rejected(e2e: E2E) -> None:
+    """Scenario E: the worker's result for two items holds a NUL, refused on every delivery. The
+    job ends by itself (no stall timeout is reached) and says why per item."""
+    items = [f"e-{i:03d}" for i in range(60)]
+    bad = ["e-007", "e-042"]
+    uid = e2e.apply("rejected", "rejected", items, stallTimeoutSeconds=600)
+    e2e.start_worker("rejected", "nul_on_listed", MLJOB_TEST_NUL_ITEMS=",".join(bad))
+    status = e2e.wait_terminal("rejected", timeout=60)
+    got, want = _exact(status, 60, 2)
+    assert got == want, e2e.logs()
+    rows = assert_job_invariants(e2e, uid, items, "rejected", status)
+    assert sorted(item for item, outcome in rows.items() if outcome == "failed") == bad
+    with e2e.pg() as conn:
+        cur = conn.execute(
+            "SELECT error, result FROM mljob_results WHERE job_uid = %s AND item_id = ANY(%s)", (uid, bad)
+        )
+        found = cur.fetchall()
+        letters = conn.execute(
+            "SELECT count(*) FROM mljob_dead_letters WHERE subject LIKE %s", (f"%{uid}%",)
+        ).fetchone()
+    assert all(error.startswith("ResultRejected: ") and result is None for error, result in found), found
+    assert letters is not None and letters[0] >= 2, "the refused payloads are kept for inspection"
+
+
+# --- cancel racing completion -----------------------------------------------------------------
+
+
+def _assert_one_verdict(e2e: E2E, name: str, uid: str, items: list[str], pipeline: str) -> str:
+    """One terminal verdict, kept once every result is in; then the invariants."""
+    status = e2e.wait_terminal(name, timeout=60)
+    phase = status["phase"]
+    assert phase in ("Succeeded", "Cancelled"), status
+    if phase == "Cancelled":  # results still in flight are recorded and change nothing
+        wait_for(lambda: _rows(e2e, uid) == len(items), 30, what=f"the late results of {name}")
+        time.sleep(1.5)  # a tick of the (finished) job's loop
+        status = e2e.status(name)
+    job = e2e.job_row(uid)
+    assert job is not None and (status["phase"], job["phase"]) == (phase, phase), (status, job)
+    if job["processed"] == len(items):
+        assert_job_invariants(e2e, uid, items, pipeline, status)
+    else:
+        _assert_cancelled_with_late_results(e2e, uid, items, pipeline, status, job)
+    return str(phase)
+
+
+def _assert_cancelled_with_late_results(
+    e2e: E2E, uid: str, items: list[str], pipeline: str, status: dict[str, Any], job: dict[str, Any]
+) -> None:
+    """`assert_job_invariants` for a Cancelled job whose results partly landed after the verdict:
+    the same checks, except that the verdict's counts (MLJob == Postgres job row) are fewer than
+    the result rows, which include the late ones (see the strict xfail below)."""
+    rows = e2e.result_rows(uid)
+    assert set(rows) == set(items), "every late result is recorded"
+    assert job["phase"] == status["phase"] == "Cancelled"
+    assert (status.get("processed"), status.get("failed")) == (job["processed"], job["failed"]), (status, job)
+    assert job["processed"] < len(rows), (job, len(rows))
+    audit = transitions(e2e, uid)
+    assert len([t for t in audit if t[1] in TERMINAL]) == 1, audit
+    assert not [t for t in audit if t[0] in TERMINAL], audit
+    assert e2e.redis_keys(uid) == [], "Redis keys left behind (a late result must create none)"
+    assert e2e.nats_leftovers(uid, pipeline) == {"stream": False, "registry": False}
+
+
+def test_cancel_patched_as_the_last_results_land(e2e: E2E) -> None:
+    """Race (a): spec.cancel is set the moment all but one result are in, while the last item
+    takes 0 to 1.2 s more; either verdict may win, only one does, and it stays."""
+    pipeline = "race-last"
+    e2e.start_worker(pipeline, "sleep_from_id", "--concurrency", "16", MLJOB_TEST_SLEEP="0.01")
+    jobs = {}
+    for j, delay in enumerate((0.0, 0.1, 0.25, 0.4, 0.6, 0.9, 1.2)):
+        items = [f"rl{j}-{i}" for i in range(8)] + [f"rl{j}-last@{delay}"]
+        jobs[f"race-last-{j}"] = (e2e.apply(f"race-last-{j}", pipeline, items), items)
+    pending = dict(jobs)
+    deadline = time.monotonic() + 60
+    while pending and time.monotonic() < deadline:
+        for name, (uid, items) in list(pending.items()):
+            if _rows(e2e, uid) >= len(items) - 1:
+                _cancel(e2e, name)
+                del pending[name]
+        time.sleep(0.02)
+    assert not pending, f"never reached total-1: {sorted(pending)}"
+    verdicts = [_assert_one_verdict(e2e, name, uid, items, pipeline) for name, (uid, items) in jobs.items()]
+    print("verdicts of race (a):", verdicts)
+
+
+def test_results_landing_while_the_cancel_is_processed(e2e: E2E) -> None:
+    """Race (b): every task is held by the worker; each job's results are released from 0.3 s
+    before to 0.3 s after its cancel is patched, so completion meets Canceling both ways."""
+    pipeline = "race-gate"
+    gates = Path(tempfile.mkdtemp(prefix="gates-", dir=e2e.log_dir))
+    e2e.start_worker(pipeline, "gated", "--concurrency", "48", MLJOB_TEST_GATE_DIR=str(gates))
+    offsets = (-0.3, -0.1, 0.0, 0.1, 0.3)
+    jobs = {}
+    for j in range(len(offsets)):
+        items = [f"rg{j}-{i}" for i in range(6)]
+        jobs[f"race-gate-{j}"] = (e2e.apply(f"race-gate-{j}", pipeline, items), items)
+    for name in jobs:
+        e2e.wait_phase(name, {"Running"}, timeout=30)
+    time.sleep(2)  # the worker holds every task
+    for j, (name, offset) in enumerate(zip(jobs, offsets, strict=True)):
+        if offset < 0:
+            (gates / f"rg{j}").touch()
+            time.sleep(-offset)
+            _cancel(e2e, name)
+        else:
+            _cancel(e2e, name)
+            time.sleep(offset)
+            (gates / f"rg{j}").touch()
+    verdicts = [_assert_one_verdict(e2e, name, uid, items, pipeline) for name, (uid, items) in jobs.items()]
+    print("verdicts of race (b):", verdicts)
+
+
+def _cancelled_then_results(e2e: E2E, name: str) -> tuple[str, list[str], dict[str, Any]]:
+    """A job whose held results are released only once it shows Cancelled: they surely land late."""
+    pipeline = f"late-{name}"
+    gates = Path(tempfile.mkdtemp(prefix="gates-", dir=e2e.log_dir))
+    worker = e2e.start_worker(pipeline, "gated", "--concurrency", "8", MLJOB_TEST_GATE_DIR=str(gates))
+    items = [f"lt-{i}" for i in range(4)]
+    uid = e2e.apply(name, pipeline, items)
+    e2e.wait_phase(name, {"Running"}, timeout=30)
+    time.sleep(2)  # the worker holds every task
+    _cancel(e2e, name)
+    assert e2e.wait_terminal(name, timeout=30)["phase"] == "Cancelled"
+    assert _rows(e2e, uid) == 0, "a held result landed before its gate opened"
+    (gates / "lt").touch()
+    wait_for(lambda: _rows(e2e, uid) == len(items), 30, what="the late results")
+    time.sleep(1.5)  # a tick of the (finished) job's loop
+    worker.stop()
+    return uid, items, e2e.status(name)
+
+
+def test_results_after_a_cancelled_verdict_are_recorded_and_change_nothing(e2e: E2E) -> None:
+    uid, items, status = _cancelled_then_results(e2e, "late-results")
+    job = e2e.job_row(uid)
+    assert job is not None
+    _assert_cancelled_with_late_results(e2e, uid, items, "late-late-results", status, job)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="assert_job_invariants requires a Cancelled job's counts (MLJob and job row, frozen at "
+    "the verdict) to equal its result rows, but late results are recorded after the verdict "
+    "(row 10): the invariant and the requirement conflict; see the report",
+)
+def test_invariants_of_a_cancelled_job_with_late_results(e2e: E2E) -> None:
+    uid, items, status = _cancelled_then_results(e2e, "late-invariant")
+    assert_job_invariants(e2e, uid, items, "late-late-invariant", status)
