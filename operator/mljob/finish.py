@@ -8,7 +8,6 @@ not fire mirrors the winner, never its own guess.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 from mljob.adapters.jobs_store import JobRow, JobsStore
@@ -17,18 +16,9 @@ from mljob.api.models import TERMINAL_PHASES, Phase
 from mljob.core import reconcile
 from mljob.core.conditions import set_condition
 from mljob.core.counts import ItemCounts
+from mljob.jobview import iso, now_iso
 
 log = logging.getLogger(__name__)
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def finish_job(

@@ -14,7 +14,6 @@ from mljob.actions.cleanup import cleanup_job
 from mljob.adapters.kube import GuardFailed
 from mljob.api.models import TERMINAL_PHASES, Phase
 from mljob.core import reconcile
-from mljob.finish import mirror_phase
 from mljob.jobview import JobView
 from mljob.services import Services
 
@@ -39,15 +38,7 @@ async def cancel(services: Services, view: JobView) -> bool:
                 view.ref.name,
                 row.phase,
             )
-            return await mirror_phase(
-                services.kube,
-                view.ref,
-                view.generation,
-                row.phase,
-                row.reason or "",
-                row.message or "",
-                row.counts,
-            )
+            return await finish.mirror_row(services, view, row)
         fields = {
             "phase": Phase.CANCELING.value,
             "observedGeneration": view.generation,

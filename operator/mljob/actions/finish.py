@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 
+from mljob.adapters.jobs_store import JobRow
 from mljob.core import reconcile
 from mljob.core.counts import ItemCounts
-from mljob.finish import finish_job
+from mljob.finish import finish_job, mirror_phase
 from mljob.jobview import JobView
 from mljob.services import Services
 
@@ -51,3 +52,10 @@ async def finish(services: Services, view: JobView, override: reconcile.Verdict 
     )
     await view.reload()
     return shown
+
+
+async def mirror_row(services: Services, view: JobView, row: JobRow) -> bool:
+    """Show the verdict Postgres (the arbiter) already holds; True once the MLJob shows it."""
+    return await mirror_phase(
+        services.kube, view.ref, view.generation, row.phase, row.reason or "", row.message or "", row.counts
+    )

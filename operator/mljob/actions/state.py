@@ -12,8 +12,8 @@ import logging
 import time
 from collections.abc import Sequence
 
+from mljob.actions import finish
 from mljob.api.models import TERMINAL_PHASES
-from mljob.finish import mirror_phase
 from mljob.jobview import JobView
 from mljob.services import Services
 
@@ -57,15 +57,7 @@ async def rebuild(services: Services, view: JobView) -> bool:
     row = await services.jobs.get(uid)
     if row is not None and row.phase in TERMINAL_PHASES:
         # A crash between the two terminal writes: the MLJob mirrors the arbiter.
-        return await mirror_phase(
-            services.kube,
-            view.ref,
-            view.generation,
-            row.phase,
-            row.reason or "",
-            row.message or "",
-            row.counts,
-        )
+        return await finish.mirror_row(services, view, row)
     if await services.results.registered_count(uid) == 0:
         await view.set_conditions(
             (
