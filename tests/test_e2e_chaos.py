@@ -25,8 +25,6 @@ from e2e_support.env import E2E
 from e2e_support.harness import Proc, mljob_cmd, wait_for
 from e2e_support.invariants import assert_job_invariants
 
-
-
 # --- servers of the shared stack --------------------------------------------------------------
 
 
