@@ -147,3 +147,38 @@ async def _advisory_timestamps(nats_url: str, uid: str) -> list[datetime]:
                 await msg.ack()
     finally:
         await nc.close()
+
+
+def test_chaos_exhaust_fails_only_the_chosen_items(e2e: E2E) -> None:
+    """`mljob chaos exhaust` announces exhausted deliveries for chosen items of a live job: the
+    operator fails exactly those, the rest are processed normally."""
+    import subprocess
+
+    from e2e_support.harness import mljob_cmd, wait_for
+    from e2e_support.invariants import assert_job_invariants
+
+    items = [f"ch-{i}" for i in range(5)]
+    uid = e2e.apply("chosen", "chosen", items)
+    e2e.wait_phase("chosen", {"Running"}, timeout=30)
+    done = subprocess.run(
+        mljob_cmd("chaos", "exhaust", f"{e2e.namespace}/chosen", "--items", "ch-1,ch-3,not-an-item"),
+        env=e2e.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "not-an-item has no task" in done.stdout
+    wait_for(lambda: len(e2e.result_rows(uid)) == 2, 20, what="the two chosen items to fail")
+    assert e2e.result_rows(uid) == {"ch-1": "failed", "ch-3": "failed"}
+    e2e.start_worker("chosen", "quick")
+    status = e2e.wait_terminal("chosen", timeout=60)
+    assert (status["phase"], status["processed"], status["failed"]) == ("Succeeded", 5, 2)
+    rows = assert_job_invariants(e2e, uid, items, "chosen", status)
+    assert rows == {
+        "ch-0": "succeeded",
+        "ch-1": "failed",
+        "ch-2": "succeeded",
+        "ch-3": "failed",
+        "ch-4": "succeeded",
+    }

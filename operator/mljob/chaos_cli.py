@@ -46,6 +46,15 @@ def add_parser(subparsers: Any) -> None:
     _job_args(stream)
     stream.set_defaults(func=_run, action=delete_stream)
 
+    exhaust = sub.add_parser(
+        "exhaust",
+        help="announce that chosen items' deliveries ran out, as JetStream does (a max-deliveries "
+        "advisory for each of their task messages)",
+    )
+    _job_args(exhaust)
+    exhaust.add_argument("--items", required=True, help="comma-separated item ids")
+    exhaust.set_defaults(func=_run, action=exhaust_items)
+
     plant = sub.add_parser("plant-orphans", help="create streams, registry entries, Redis keys of no MLJob")
     plant.add_argument("--count", type=int, default=1, help="how many orphan jobs (default: 1)")
     plant.add_argument("--pipeline", default="chaos", help="pipeline of the orphans (default: chaos)")
@@ -186,6 +195,60 @@ async def delete_stream(args: argparse.Namespace, settings: OperatorSettings) ->
     finally:
         await services.close()
     return 0
+
+
+async def exhaust_items(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    """Publish, for each chosen item still in the job's stream, the advisory JetStream sends when
+    its deliveries run out. Only the chosen items are touched (no delivery is used up), so a
+    runbook can show the operator's handling on a live job. A real exhaustion needs a worker that
+    dies on the item every time (see docs/operations.md)."""
+    import json
+    import uuid
+    from datetime import UTC, datetime
+
+    wanted = {item.strip() for item in args.items.split(",") if item.strip()}
+    services = await open_services(settings)
+    try:
+        target = await resolve(services, args.job, args.uid)
+        stream, consumer = protocol.task_stream(target.uid), protocol.task_consumer(target.uid)
+        try:
+            info = await services.js.consumer_info(stream, consumer)
+            state = (await services.js.stream_info(stream)).state
+        except Exception as err:
+            raise ChaosError(f"{target.label} has no stream or consumer: {err}") from err
+        found: dict[str, int] = {}
+        for seq in range(state.first_seq, state.last_seq + 1):
+            if len(found) == len(wanted):
+                break
+            try:
+                msg = await services.js.get_msg(stream, seq)
+            except Exception:
+                continue  # acked (removed) or deleted
+            msg_id = str((msg.headers or {}).get(protocol.MSG_ID_HEADER, ""))
+            item_id = msg_id.partition(":")[2]
+            if item_id in wanted:
+                found[item_id] = seq
+        subject = protocol.MAX_DELIVERIES_ADVISORY_SUBJECTS.replace("*.*", f"{stream}.{consumer}")
+        for item_id, seq in sorted(found.items(), key=lambda kv: kv[1]):
+            advisory = {
+                "type": "io.nats.jetstream.advisory.v1.max_deliver",
+                "id": uuid.uuid4().hex,
+                "timestamp": datetime.now(UTC).isoformat(),
+                "stream": stream,
+                "consumer": consumer,
+                "stream_seq": seq,
+                "deliveries": int(info.config.max_deliver or 0),
+            }
+            await services.nc.publish(subject, json.dumps(advisory).encode())
+            print(
+                f"announced exhausted deliveries of item {item_id} (stream sequence {seq}) of {target.label}"
+            )
+        await services.nc.flush()
+        for item_id in sorted(wanted - set(found)):
+            print(f"item {item_id} has no task in {stream} (finished already, or not an item)")
+    finally:
+        await services.close()
+    return 0 if found else 1
 
 
 async def plant(
