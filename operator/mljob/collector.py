@@ -47,14 +47,13 @@ from nats.js import JetStreamContext
 from mljob import ledger, protocol
 from mljob.adapters.redis_state import JobState, RecordStatus
 from mljob.adapters.results_store import RejectedResult, ResultsStore, UpsertResult
+from mljob.outage import Outage, one_line
 
 __all__ = ["DEAD_LETTER_SOURCE", "REJECTED_REASON", "Collector"]
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_SOURCE = "collector"
-BACKOFF_INITIAL_SECONDS = 0.5
-BACKOFF_MAX_SECONDS = 5.0
 #: At most one summary line of refused messages per this many seconds while they keep coming.
 REFUSAL_LOG_INTERVAL_SECONDS = 10.0
 #: The error prefix of an item failed because Postgres refused its result (scenario E).
@@ -85,12 +84,6 @@ def _storable(text: str) -> str:
     return _clip(text.replace("\x00", "\\x00"), 500)
 
 
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = str(err).strip().splitlines()
-    line = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 class Collector:
     """Consumes results in batches; see the module docstring for the guarantees."""
 
@@ -116,8 +109,7 @@ class Collector:
         self.on_drained = on_drained
         self.stream = stream
         self.consumer = consumer
-        self._backoff = BACKOFF_INITIAL_SECONDS
-        self._failing: str | None = None  # the last logged outage, to log it once
+        self._outage = Outage(log, "collector")
         self._refused: Counter[str] = Counter()  # refusals by kind, since the last summary line
         self._latest_refusal = ""
         self._refusals_logged_at = -math.inf
@@ -131,8 +123,8 @@ class Collector:
                     try:
                         sub = await self.js.pull_subscribe_bind(durable=self.consumer, stream=self.stream)
                     except Exception as err:
-                        self._outage(f"cannot bind to {self.stream}/{self.consumer}", err)
-                        await self._sleep(stop)
+                        self._outage.report(f"cannot bind to {self.stream}/{self.consumer}", err)
+                        await self._outage.sleep(stop)
                         continue
                 try:
                     msgs: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
@@ -140,13 +132,13 @@ class Collector:
                     self._report_refusals(force=True)  # idle: no flood to protect the log from
                     continue  # nothing to do (nats' timeout errors subclass TimeoutError)
                 except Exception as err:  # consumer missing, connection lost...
-                    self._outage(f"fetching from {self.stream}/{self.consumer} failed", err)
-                    await self._sleep(stop)
+                    self._outage.report(f"fetching from {self.stream}/{self.consumer} failed", err)
+                    await self._outage.sleep(stop)
                     continue
                 if await self.process(msgs):
-                    self._recovered()
+                    self._outage.recovered()
                 else:
-                    await self._sleep(stop)
+                    await self._outage.sleep(stop)
         finally:
             self._report_refusals(force=True)
             if sub is not None:
@@ -170,7 +162,7 @@ class Collector:
                 time.time(),
             )
         except Exception as err:
-            self._outage("storing results failed; batch left for redelivery", err)
+            self._outage.report("storing results failed; batch left for redelivery", err)
             await self._nak([m for m in msgs if id(m) not in settled])
             return False
         for p in valid:
@@ -212,7 +204,7 @@ class Collector:
                 refused.append(_Refusal(msg, "malformed", str(err)))
                 continue
             except Exception as err:  # a decoder bug must not wedge the loop either
-                refused.append(_Refusal(msg, "malformed", f"invalid result: {_one_line(err)}"))
+                refused.append(_Refusal(msg, "malformed", f"invalid result: {one_line(err)}"))
                 continue
             valid.append(_Parsed(msg, result))
         await self._refuse(refused, settled)
@@ -324,50 +316,30 @@ class Collector:
         try:
             await msg.ack()
         except Exception as err:
-            log.warning("ack failed (the message will be redelivered): %s", _one_line(err))
+            log.warning("ack failed (the message will be redelivered): %s", one_line(err))
 
     async def _nak(self, msgs: list[Msg]) -> None:
         """Ask for redelivery after the current backoff; if NATS is gone too, ack_wait does it."""
         try:
             for msg in msgs:
-                await msg.nak(delay=self._backoff)
+                await msg.nak(delay=self._outage.backoff)
             await self._flush()
         except Exception as err:
-            log.debug("nak failed (redelivery after ack_wait instead): %s", _one_line(err))
+            log.debug("nak failed (redelivery after ack_wait instead): %s", one_line(err))
 
     async def _flush(self) -> None:
         try:
             await self.nc.flush(timeout=5)
         except Exception as err:  # acks lost in flight only mean an idempotent redelivery
-            log.warning("NATS flush failed: %s", _one_line(err))
+            log.warning("NATS flush failed: %s", one_line(err))
 
     async def _announce(self, uid: str) -> None:
         try:
             await self.nc.publish(protocol.drained_subject(uid), b"")
         except Exception as err:
-            log.warning("cannot publish drained event for job %s: %s", uid, _one_line(err))
+            log.warning("cannot publish drained event for job %s: %s", uid, one_line(err))
         if self.on_drained is not None:
             try:
                 await self.on_drained(uid)
             except Exception:
                 log.exception("on_drained callback failed for job %s", uid)
-
-    def _outage(self, what: str, err: BaseException) -> None:
-        """One log line per outage (and per change of its cause), not one per retry."""
-        line = f"{what}: {_one_line(err)}"
-        if line != self._failing:
-            log.warning("%s (retrying with backoff)", line)
-            self._failing = line
-        else:
-            log.debug("%s", line)
-
-    def _recovered(self) -> None:
-        if self._failing is not None:
-            log.info("collector recovered")
-            self._failing = None
-        self._backoff = BACKOFF_INITIAL_SECONDS
-
-    async def _sleep(self, stop: asyncio.Event) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=self._backoff)
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX_SECONDS)

@@ -40,14 +40,13 @@ from mljob import ledger, protocol
 from mljob.adapters import jetstream
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import RejectedResult, ResultsStore
+from mljob.outage import Outage, one_line
 
 __all__ = ["REASON", "Advisory", "ExhaustedDeliveries", "parse_advisory"]
 
 log = logging.getLogger(__name__)
 
 REASON = "MaxDeliveriesExceeded"
-BACKOFF_INITIAL_SECONDS = 0.5
-BACKOFF_MAX_SECONDS = 5.0
 _JOB_STREAM = re.compile(
     r"^MLJOB_([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$", re.IGNORECASE
 )
@@ -95,12 +94,6 @@ def parse_advisory(data: bytes) -> Advisory:
     return Advisory(stream, consumer, seq, deliveries, stamp)
 
 
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = str(err).strip().splitlines()
-    line = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def item_of(uid: str, data: bytes | None, headers: dict[str, Any] | None) -> str | None:
     """The item id of a task message: from its body, else from its ``Nats-Msg-Id`` header."""
     try:
@@ -139,8 +132,7 @@ class ExhaustedDeliveries:
         self.batch = batch
         self.fetch_timeout = fetch_timeout
         self.consumer = consumer
-        self._backoff = BACKOFF_INITIAL_SECONDS
-        self._failing: str | None = None
+        self._outage = Outage(log, "max-deliveries advisories")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Handle advisories until ``stop`` is set; never stops on bad input or outages."""
@@ -153,21 +145,21 @@ class ExhaustedDeliveries:
                             durable=self.consumer, stream=protocol.ADVISORY_STREAM
                         )
                     except Exception as err:
-                        self._outage("cannot bind to the advisory consumer", err)
-                        await self._sleep(stop)
+                        self._outage.report("cannot bind to the advisory consumer", err)
+                        await self._outage.sleep(stop)
                         continue
                 try:
                     msgs: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
                 except TimeoutError:
                     continue
                 except Exception as err:
-                    self._outage("fetching advisories failed", err)
-                    await self._sleep(stop)
+                    self._outage.report("fetching advisories failed", err)
+                    await self._outage.sleep(stop)
                     continue
                 if await self.process(msgs):
-                    self._recovered()
+                    self._outage.recovered()
                 else:
-                    await self._sleep(stop)
+                    await self._outage.sleep(stop)
         finally:
             if sub is not None:
                 with contextlib.suppress(Exception):
@@ -180,7 +172,7 @@ class ExhaustedDeliveries:
             try:
                 await self.handle(msg.data)
             except Exception as err:
-                self._outage("handling a max-deliveries advisory failed; it will be retried", err)
+                self._outage.report("handling a max-deliveries advisory failed; it will be retried", err)
                 await self._nak(msgs[index:])
                 return False
             await self._ack(msg)
@@ -244,31 +236,11 @@ class ExhaustedDeliveries:
         try:
             await msg.ack()
         except Exception as err:  # a lost ack means an idempotent replay
-            log.warning("advisory ack failed (it will be replayed): %s", _one_line(err))
+            log.warning("advisory ack failed (it will be replayed): %s", one_line(err))
 
     async def _nak(self, msgs: list[Msg]) -> None:
         try:
             for msg in msgs:
-                await msg.nak(delay=self._backoff)
+                await msg.nak(delay=self._outage.backoff)
         except Exception as err:
-            log.debug("nak failed (redelivery after ack_wait instead): %s", _one_line(err))
-
-    def _outage(self, what: str, err: BaseException) -> None:
-        """One log line per outage (and per change of its cause), not one per retry."""
-        line = f"{what}: {_one_line(err)}"
-        if line != self._failing:
-            log.warning("%s (retrying with backoff)", line)
-            self._failing = line
-        else:
-            log.debug("%s", line)
-
-    def _recovered(self) -> None:
-        if self._failing is not None:
-            log.info("max-deliveries advisories: recovered")
-            self._failing = None
-        self._backoff = BACKOFF_INITIAL_SECONDS
-
-    async def _sleep(self, stop: asyncio.Event) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=self._backoff)
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX_SECONDS)
+            log.debug("nak failed (redelivery after ack_wait instead): %s", one_line(err))
