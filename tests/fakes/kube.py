@@ -1,0 +1,168 @@
+"""A fake of the Kubernetes adapter: MLJobs with the API server's status rules and guarded patch."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from mljob.adapters.kube import GuardFailed, JobRef
+from mljob.api.models import GROUP, KIND, TERMINAL_PHASES, VERSION, Phase
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    uid: str
+    reason: str
+    message: str
+    type: str
+
+
+@dataclass(frozen=True)
+class StatusWrite:
+    """One accepted status write: the generation at that moment and the status before/after."""
+
+    uid: str
+    generation: int
+    before: dict[str, Any]
+    after: dict[str, Any]
+
+
+def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch (what `patch_status` sends)."""
+    result = copy.deepcopy(target)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(result.get(key), dict):
+            result[key] = _merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def server_rule_violation(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """The CRD's CEL rules on status (see `MLJobStatus`): what the API server would refuse."""
+    old_phase, new_phase = old.get("phase"), new.get("phase")
+    if old_phase is not None:
+        if new_phase is None:
+            return "status.phase cannot be removed"
+        if old_phase in TERMINAL_PHASES and new_phase != old_phase:
+            return f"status.phase: a terminal phase ({old_phase}) never changes (to {new_phase})"
+        if old_phase == Phase.CANCELING and new_phase not in (Phase.CANCELING, Phase.CANCELLED):
+            return f"status.phase: Canceling can only become Cancelled (not {new_phase})"
+    for key in ("processed", "failed"):
+        if key in old and (key not in new or int(new[key]) < int(old[key])):
+            return f"status.{key} never decreases ({old[key]} -> {new.get(key)})"
+    if "completionTime" in old and new.get("completionTime") != old["completionTime"]:
+        return "status.completionTime never changes once set"
+    return None
+
+
+class FakeKube:
+    """`Kube` holding MLJobs, ConfigMaps, Events and deletions.
+
+    The stored MLJob dict is the very object handed to `JobLoop` as kopf's live body: status
+    writes and spec edits land in it at once (a watch with no lag).
+    """
+
+    def __init__(self) -> None:
+        self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.configmaps: dict[tuple[str, str], dict[str, str]] = {}
+        self.events: list[RecordedEvent] = []
+        self.deleted: list[JobRef] = []
+        self.writes: list[StatusWrite] = []
+
+    def create_job(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {"namespace": namespace, "name": name, "uid": str(uuid.uuid4()), "generation": 1},
+            "spec": copy.deepcopy(spec),
+        }
+        self.jobs[(namespace, name)] = body
+        return body
+
+    def edit_spec(self, body: Mapping[str, Any], **changes: Any) -> None:
+        """`kubectl patch` of the spec: the generation moves, as on a real API server."""
+        live = self.jobs[(body["metadata"]["namespace"], body["metadata"]["name"])]
+        live["spec"].update(changes)
+        live["metadata"]["generation"] += 1
+
+    def events_of(self, uid: str, reason: str | None = None) -> list[RecordedEvent]:
+        return [e for e in self.events if e.uid == uid and (reason is None or e.reason == reason)]
+
+    def phases_of(self, uid: str) -> list[str]:
+        """Every phase the MLJob's status showed, in order (repeats collapsed)."""
+        shown: list[str] = []
+        for write in self.writes:
+            phase = write.after.get("phase")
+            if write.uid == uid and phase is not None and (not shown or shown[-1] != phase):
+                shown.append(phase)
+        return shown
+
+    def _live(self, job: JobRef) -> dict[str, Any]:
+        body = self.jobs.get((job.namespace, job.name))
+        if body is None:
+            raise ApiException(status=404, reason="Not Found")
+        return body
+
+    def _commit(self, body: dict[str, Any], new: dict[str, Any]) -> None:
+        old = body.get("status") or {}
+        violation = server_rule_violation(old, new)
+        if violation is not None:
+            raise ApiException(status=422, reason=violation)
+        meta = body["metadata"]
+        self.writes.append(
+            StatusWrite(meta["uid"], meta["generation"], copy.deepcopy(old), copy.deepcopy(new))
+        )
+        body["status"] = new
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        body = self.jobs.get((namespace, name))
+        return copy.deepcopy(body) if body is not None else None
+
+    async def list_jobs(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
+        return [
+            copy.deepcopy(b) for (ns, _), b in self.jobs.items() if namespaces is None or ns in namespaces
+        ]
+
+    async def patch_status(self, job: JobRef, fields: dict[str, Any]) -> None:
+        body = self._live(job)
+        self._commit(body, _merge(body.get("status") or {}, fields))
+
+    async def guarded_status(self, job: JobRef, expected_phase: str | None, fields: dict[str, Any]) -> None:
+        """The JSON patch's `test` ops (uid, phase) and the server's rules both raise GuardFailed."""
+        body = self._live(job)
+        if body["metadata"]["uid"] != job.uid:
+            raise GuardFailed("uid changed")
+        current = body.get("status") or {}
+        if expected_phase is None:
+            new: dict[str, Any] = {}  # `add /status {}` replaces the whole status
+        elif current.get("phase") != expected_phase:
+            raise GuardFailed(f"phase is {current.get('phase')}, not {expected_phase}")
+        else:
+            new = copy.deepcopy(current)
+        new.update(copy.deepcopy(fields))
+        try:
+            self._commit(body, new)
+        except ApiException as err:
+            raise GuardFailed(str(err.reason)) from err
+
+    async def delete_job(self, job: JobRef) -> None:
+        body = self.jobs.get((job.namespace, job.name))
+        if body is None or body["metadata"]["uid"] != job.uid:
+            return
+        del self.jobs[(job.namespace, job.name)]
+        self.deleted.append(job)
+
+    async def configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        data = self.configmaps.get((namespace, name))
+        return dict(data) if data is not None else None
+
+    async def event(self, job: JobRef, reason: str, message: str, warning: bool = False) -> None:
+        self.events.append(RecordedEvent(job.uid, reason, message, "Warning" if warning else "Normal"))
