@@ -320,3 +320,49 @@ def test_results_after_a_cancelled_verdict_are_recorded_and_change_nothing(e2e: 
     rows = assert_job_invariants(e2e, uid, items, "late-late-results", status)
     assert set(rows) == set(items), "every late result is recorded"
     assert job["processed"] < len(rows), "the verdict's counts stay as they were at the verdict"
+
+
+@pytest.mark.usefixtures("stack_restored")
+def test_deleting_a_job_while_redis_is_down_retries_the_finalizer_then_cleans_up(e2e: E2E) -> None:
+    """The finalizer cannot clean up without Redis: the MLJob stays (finalizer held), the operator
+    says why, and once Redis is back the cleanup runs and Postgres records Cancelled/Deleted."""
+    import threading
+
+    items = [f"fd-{i}" for i in range(4)]
+    uid = e2e.apply("undeletable", "nobody-pulls-undeletable", items)
+    e2e.wait_phase("undeletable", {"Running"}, timeout=30)
+    outage = threading.Thread(target=restart_service, args=(e2e, "redis", 10.0))
+    outage.start()
+
+    def redis_down() -> bool:
+        client = redis_sync.Redis.from_url(e2e.stack.redis_url, socket_connect_timeout=1)
+        try:
+            client.ping()
+        except redis_sync.RedisError:
+            return True
+        finally:
+            client.close()
+        return False
+
+    wait_for(redis_down, 30, interval=0.1, what="Redis to go down")
+    e2e.kubectl.run("-n", e2e.namespace, "delete", "mljob", "undeletable", "--wait=false")
+    assert e2e.operator is not None
+
+    def said_why() -> bool:
+        log = e2e.operator.log_path.read_text(errors="replace")  # type: ignore[union-attr]
+        return f"cleanup of {e2e.namespace}/undeletable failed" in log
+
+    wait_for(said_why, 15, what="the finalizer's retry line")
+    still_there = e2e.kubectl.run("-n", e2e.namespace, "get", "mljob", "undeletable", check=False)
+    assert still_there.returncode == 0, "the MLJob went away before its cleanup ran"
+    outage.join()
+
+    def gone() -> bool:
+        return (
+            e2e.kubectl.run("-n", e2e.namespace, "get", "mljob", "undeletable", check=False).returncode != 0
+        )
+
+    wait_for(gone, 60, what="the MLJob to be deleted once Redis is back")
+    job = e2e.job_row(uid)
+    assert job is not None and (job["phase"], job["reason"]) == ("Cancelled", "Deleted")
+    assert_job_invariants(e2e, uid, items, "nobody-pulls-undeletable", deleted=True)

@@ -9,7 +9,6 @@ within about a second of the last outcome.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -40,26 +39,31 @@ class JobLoop:
         self.last_error: str | None = None
 
     async def run(self, stopped: Any, wake: asyncio.Event) -> None:
-        """Tick until stopped. A finished job's loop sleeps until its TTL (or until woken, e.g.
-        when `spec.ttlSecondsAfterFinished` is set later) instead of ending, so a TTL added
-        after completion still applies."""
-        backoff = self.s.settings.reconcile_interval
-        while not stopped:
-            timeout: float | None = self.s.settings.reconcile_interval
-            try:
-                if await self.step():
-                    timeout = self._until_ttl()
-                self.last_error = None
-                backoff = self.s.settings.reconcile_interval
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                self._log_error(err)
-                backoff = min(backoff * 2, MAX_ERROR_BACKOFF_SECONDS)
-                timeout = backoff
-            wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=timeout)
+        """Tick until kopf stops the daemon. A finished job's loop sleeps until its TTL (or until
+        woken, e.g. when `spec.ttlSecondsAfterFinished` is set later) instead of ending, so a TTL
+        added after completion still applies. After an error it backs off, doubling to a minute."""
+        interval = self.s.settings.reconcile_interval
+        backoff = interval
+        stop = asyncio.ensure_future(stopped.wait())  # set when the MLJob goes away or kopf exits
+        try:
+            while not stopped:
+                sleep: float | None = interval
+                try:
+                    if await self.step():
+                        sleep = self._until_ttl()
+                    self.last_error, backoff = None, interval
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:
+                    self._log_error(err)
+                    backoff = min(backoff * 2, MAX_ERROR_BACKOFF_SECONDS)
+                    sleep = backoff
+                wake.clear()
+                woken = asyncio.ensure_future(wake.wait())
+                await asyncio.wait({woken, stop}, timeout=sleep, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+        finally:
+            stop.cancel()
 
     def _until_ttl(self) -> float | None:
         """Seconds until a finished job's MLJob is due for deletion; None: sleep until woken."""
