@@ -26,6 +26,7 @@ class E2E:
     log_dir: Path
     operator: Proc | None = None
     procs: list[Proc] = field(default_factory=list)
+    _api: Any = None
 
     # ------------------------------------------------------------------ processes
     @property
@@ -81,7 +82,17 @@ class E2E:
         return str(self.get(name)["metadata"]["uid"])
 
     def get(self, name: str) -> dict[str, Any]:
-        return self.kubectl.json("-n", self.namespace, "get", "mljob", name)
+        """The MLJob as the API server has it. Through the Python client, not a kubectl process:
+        tests poll this several times a second, and a kubectl start costs a core for a moment."""
+        from kubernetes.client import CustomObjectsApi
+        from kubernetes.config import new_client_from_config
+
+        if self._api is None:
+            self._api = CustomObjectsApi(new_client_from_config(config_file=self.stack.kubeconfig))
+        body: dict[str, Any] = self._api.get_namespaced_custom_object(
+            "mljob.dev", "v1alpha1", self.namespace, "mljobs", name
+        )
+        return body
 
     def status(self, name: str) -> dict[str, Any]:
         return dict(self.get(name).get("status") or {})
