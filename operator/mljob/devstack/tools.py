@@ -1,4 +1,4 @@
-"""Build and cache the Go test-infrastructure binaries (kube-apiserver, etcd, nats-server).
+"""Build and cache the Go test-infrastructure binaries (kube-apiserver, etcd, nats-server, helm).
 
 Nothing ships kube-apiserver as a package, so it is built from the Go module proxy through a
 throw-away wrapper module. Binaries are cached outside the repository, keyed by version, so
@@ -20,6 +20,7 @@ from pathlib import Path
 KUBERNETES_VERSION = "v1.35.4"
 ETCD_VERSION = "v3.5.35"
 NATS_SERVER_VERSION = "v2.12.15"
+HELM_VERSION = "v3.21.4"
 
 
 class ToolError(RuntimeError):
@@ -39,7 +40,7 @@ def cache_dir() -> Path:
 def _go() -> str:
     go = shutil.which("go")
     if not go:
-        raise ToolError("Go is required to build kube-apiserver, etcd and nats-server: install Go 1.25+")
+        raise ToolError("Go is required to build kube-apiserver, etcd, nats-server and helm: install Go 1.26")
     return go
 
 
@@ -132,10 +133,45 @@ def _build_nats_server(target: Path) -> None:
         shutil.move(str(work / "nats-server"), target)
 
 
+def _helm_ldflags(go: str, workdir: Path) -> str:
+    """The flags helm's own Makefile sets: its version, and the Kubernetes version it assumes.
+
+    Without them `helm version` says "v3.x" and `helm lint`/`template` assume an old default
+    Kubernetes version; the Kubernetes one is derived from helm's client-go like upstream does.
+    """
+    out = _run([go, "mod", "download", "-json", f"helm.sh/helm/v3@{HELM_VERSION}"], workdir)
+    gomod = Path(json.loads(out)["GoMod"]).read_text()
+    found = re.search(r"^\s*k8s\.io/client-go\s+v0\.(\d+)\.", gomod, re.M)
+    if not found:
+        raise ToolError(f"helm {HELM_VERSION}: no k8s.io/client-go requirement in its go.mod")
+    k8s_major, k8s_minor = "1", found.group(1)
+    flags = [
+        f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",
+        "-X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+    ]
+    for pkg in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+        flags += [f"-X {pkg}.k8sVersionMajor={k8s_major}", f"-X {pkg}.k8sVersionMinor={k8s_minor}"]
+    return "-s -w " + " ".join(flags)
+
+
+def _build_helm(target: Path) -> None:
+    go = _go()
+    with tempfile.TemporaryDirectory(prefix="mljob-helm-build-") as tmp:
+        work = Path(tmp)
+        ldflags = _helm_ldflags(go, work)
+        _run(
+            [go, "install", "-trimpath", "-ldflags", ldflags, f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}"],
+            work,
+            env={"GOBIN": str(work), "CGO_ENABLED": "0"},
+        )
+        shutil.move(str(work / "helm"), target)
+
+
 _BUILDERS = {
     "kube-apiserver": (KUBERNETES_VERSION, _build_kube_apiserver),
     "etcd": (ETCD_VERSION, _build_etcd),
     "nats-server": (NATS_SERVER_VERSION, _build_nats_server),
+    "helm": (HELM_VERSION, _build_helm),
 }
 
 
