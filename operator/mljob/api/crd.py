@@ -186,6 +186,13 @@ def render_policy_yaml() -> str:
     return HEADER + yaml.safe_dump_all(render_policy(), sort_keys=False, width=100)
 
 
+def render_chart_policy_yaml() -> str:
+    """The chart's copy of the policy, behind `admissionPolicy.enabled`: the policy is cluster-scoped
+    with a fixed name, so a second release (or a cluster that applied crds/ by hand) turns it off."""
+    body = yaml.safe_dump_all(render_policy(), sort_keys=False, width=100)
+    return HEADER + "{{- if .Values.admissionPolicy.enabled }}\n" + body + "{{- end }}\n"
+
+
 def rendered_files(root: Path) -> dict[Path, str]:
     """Every generated file and its expected content."""
     crd, policy = render_yaml(), render_policy_yaml()
@@ -194,7 +201,7 @@ def rendered_files(root: Path) -> dict[Path, str]:
         root / "crds" / "mljob.yaml": crd,
         root / "crds" / "mljob-policy.yaml": policy,
         chart / "crds" / "mljob.yaml": crd,
-        chart / "templates" / "validating-policy.yaml": policy,
+        chart / "templates" / "validating-policy.yaml": render_chart_policy_yaml(),
     }
 
 
