@@ -574,3 +574,14 @@ def test_values_yaml_documents_every_top_level_key_of_the_schema() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(values) == set(schema["properties"])
+
+
+def test_worker_example_passes_a_server_side_dry_run(
+    kubectl: Kubectl, foreign_crds: None, namespace: str
+) -> None:
+    example = CHART.parents[1] / "examples" / "worker-deployment.yaml"
+    kinds = [d["kind"] for d in docs(example.read_text())]
+    assert kinds == ["Deployment", "ScaledObject"]
+    proc = kubectl.run("apply", "--dry-run=server", "-n", namespace, "-f", str(example), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("(server dry run)") == 2
