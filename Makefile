@@ -17,7 +17,7 @@ deps:
 $(BIN)/mljob: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[operator,devstack,dev]'
 	@touch $@
 
 venv: $(BIN)/mljob

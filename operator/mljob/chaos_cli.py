@@ -18,7 +18,7 @@ from typing import Any
 from mljob import protocol
 from mljob.adapters.kube import Kube
 from mljob.services import Services
-from mljob.settings import OperatorSettings
+from mljob.settings import OperatorSettings, load
 
 CONNECT_TIMEOUT = 5.0
 
@@ -85,7 +85,7 @@ def _job_args(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        code: int = asyncio.run(args.action(args, OperatorSettings()))
+        code: int = asyncio.run(args.action(args, load(OperatorSettings)))
     except ChaosError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -97,6 +97,7 @@ async def open_services(settings: OperatorSettings, kube: Kube | None = None) ->
     import nats
     from redis.asyncio import Redis
 
+    from mljob import natsconn
     from mljob.adapters import jetstream
     from mljob.adapters.jobs_store import JobsStore
     from mljob.adapters.kube import load_config
@@ -106,10 +107,10 @@ async def open_services(settings: OperatorSettings, kube: Kube | None = None) ->
 
     try:
         nc = await nats.connect(
-            settings.nats_url, connect_timeout=CONNECT_TIMEOUT, allow_reconnect=False, name="mljob-chaos"
+            **natsconn.options(settings, name="mljob-chaos", connect_timeout=CONNECT_TIMEOUT)
         )
     except Exception as err:
-        raise ChaosError(f"cannot reach NATS at {settings.nats_url}: {err}") from err
+        raise ChaosError(f"cannot reach NATS at {natsconn.redact(settings.nats_url)}: {err}") from err
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=CONNECT_TIMEOUT)
     pool = make_pool(settings.postgres_dsn, settings.postgres_schema, min_size=1, max_size=2)
     try:
@@ -118,7 +119,7 @@ async def open_services(settings: OperatorSettings, kube: Kube | None = None) ->
         try:
             await redis.ping()
         except Exception as err:
-            raise ChaosError(f"cannot reach Redis at {settings.redis_url}: {err}") from err
+            raise ChaosError(f"cannot reach Redis at {natsconn.redact(settings.redis_url)}: {err}") from err
         try:
             await pool.open(wait=True, timeout=CONNECT_TIMEOUT)
             async with pool.connection() as conn:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 POINTER = Path(".stack") / "dir"
+#: What the operator extra brings (import names).
+OPERATOR_MODULES = ("kopf", "kubernetes", "redis", "psycopg", "psycopg_pool", "yaml")
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
@@ -126,24 +129,60 @@ def build_parser() -> argparse.ArgumentParser:
     tools_cmd.add_argument("names", nargs="*")
     tools_cmd.set_defaults(func=_cmd_tools)
 
-    from mljob.operator_cli import add_parser as add_operator_parser
-
-    add_operator_parser(sub)
     from mljob.collector_cli import add_parser as add_collector_parser
-
-    add_collector_parser(sub)
+    from mljob.operator_cli import add_parser as add_operator_parser
     from mljob.worker.cli import add_parser as add_worker_parser
 
+    add_operator_parser(sub)
+    add_collector_parser(sub)
     add_worker_parser(sub)
-    from mljob.chaos_cli import add_parser as add_chaos_parser
-
-    add_chaos_parser(sub)
+    try:
+        from mljob.chaos_cli import add_parser as add_chaos_parser
+    except ImportError:  # a worker-only install: main() names the extra before parsing
+        sub.add_parser("chaos", help="inject faults and inspect orphans (needs the operator extra)")
+    else:
+        add_chaos_parser(sub)
     return parser
 
 
+#: Subcommand -> (extra, modules it brings): checked before parsing, so a worker-only install
+#: gets one line naming the extra instead of an ImportError.
+EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "operator": ("operator", OPERATOR_MODULES),
+    "collector": ("operator", OPERATOR_MODULES),
+    "chaos": ("operator", OPERATOR_MODULES),
+    "migrate": ("operator", OPERATOR_MODULES),
+    "crd": ("operator", OPERATOR_MODULES),
+    "dev stack": ("devstack", ("cryptography", "psycopg")),
+}
+
+
+def missing_extra(argv: list[str]) -> str | None:
+    """The hint to print when the subcommand in `argv` needs an extra that is not installed."""
+    words = [word for word in argv if not word.startswith("-")][:2]
+    command = " ".join(words) if " ".join(words) in EXTRAS else (words[0] if words else "")
+    if command not in EXTRAS:
+        return None
+    extra, modules = EXTRAS[command]
+    if all(importlib.util.find_spec(module) is not None for module in modules):
+        return None
+    return f"mljob {command} needs the {extra} extra: pip install 'mljob-operator[{extra}]'"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mljob.settings import SettingsError
+
+    argv = sys.argv[1:] if argv is None else argv
+    hint = missing_extra(argv)
+    if hint is not None:
+        print(hint, file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except SettingsError as err:  # a refused MLJOB_* value or flag: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return result
 
 

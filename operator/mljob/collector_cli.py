@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+from mljob import natsconn
+from mljob.settings import CollectorSettings, load
 
 log = logging.getLogger("mljob.collector")
 
@@ -27,19 +27,17 @@ RETRY_MAX_SECONDS = 15.0
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register the `collector` sub-command (defaults from the MLJOB_* environment)."""
+    """Register the `collector` sub-command (defaults from the MLJOB_* settings, see mljob.settings)."""
     parser = subparsers.add_parser("collector", help="consume worker results into Postgres and Redis")
-    parser.add_argument("--nats-url", default=os.environ.get("MLJOB_NATS_URL"))
-    parser.add_argument("--redis-url", default=os.environ.get("MLJOB_REDIS_URL"))
-    parser.add_argument("--postgres-dsn", default=os.environ.get("MLJOB_POSTGRES_DSN"))
+    parser.add_argument("--nats-url", help="default: $MLJOB_NATS_URL")
+    parser.add_argument("--redis-url", help="default: $MLJOB_REDIS_URL")
+    parser.add_argument("--postgres-dsn", help="default: $MLJOB_POSTGRES_DSN")
     parser.add_argument(
-        "--postgres-schema",
-        default=os.environ.get("MLJOB_POSTGRES_SCHEMA") or None,
-        help="schema for the tables (default: the server's search_path)",
+        "--postgres-schema", help="schema for the tables (default: $MLJOB_POSTGRES_SCHEMA, else search_path)"
     )
-    parser.add_argument("--batch", type=int, default=256, help="results per fetch (default: 256)")
-    parser.add_argument("--redis-prefix", default=os.environ.get("MLJOB_REDIS_PREFIX", "mljob"))
-    parser.add_argument("--log-level", default=os.environ.get("MLJOB_LOG_LEVEL", "INFO"))
+    parser.add_argument("--batch", help="results per fetch (default: $MLJOB_COLLECTOR_BATCH, else 256)")
+    parser.add_argument("--redis-prefix", help="default: $MLJOB_REDIS_PREFIX, else mljob")
+    parser.add_argument("--log-level", help="default: $MLJOB_LOG_LEVEL, else INFO")
     parser.set_defaults(func=_cmd_collector)
 
 
@@ -55,62 +53,34 @@ def _where(url: str) -> str:
 
 
 def _cmd_collector(args: argparse.Namespace) -> int:
+    settings = load(
+        CollectorSettings,
+        nats_url=args.nats_url,
+        redis_url=args.redis_url,
+        postgres_dsn=args.postgres_dsn,
+        postgres_schema=args.postgres_schema,
+        collector_batch=args.batch,
+        redis_prefix=args.redis_prefix,
+        log_level=args.log_level,
+    )  # SettingsError: `mljob` prints it and exits 2
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, settings.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    missing = [
-        flag
-        for flag, value in (
-            ("--nats-url/MLJOB_NATS_URL", args.nats_url),
-            ("--redis-url/MLJOB_REDIS_URL", args.redis_url),
-            ("--postgres-dsn/MLJOB_POSTGRES_DSN", args.postgres_dsn),
-        )
-        if not value
-    ]
-    if missing:
-        print(f"error: set {', '.join(missing)}", file=sys.stderr)
-        return 2
-    if args.batch < 1:
-        print("error: --batch must be >= 1", file=sys.stderr)
-        return 2
-    asyncio.run(serve(args))
+    asyncio.run(serve(settings))
     return 0
 
 
 async def _retry(name: str, where: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T | None:
     """Run ``attempt`` until it succeeds (its value) or ``stop`` is set (None); one line per cause."""
-    delay = RETRY_INITIAL_SECONDS
-    last = ""
-    while not stop.is_set():
-        try:
-            return await attempt()
-        except Exception as err:
-            line = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-            if line != last:
-                log.warning("%s unreachable at %s (%s); retrying", name, where, line)
-                last = line
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        delay = min(delay * 2, RETRY_MAX_SECONDS)
-    return None
+    report = natsconn.once_per_cause(log, f"{name} unreachable at {where}")
+    return await natsconn.retry(
+        attempt, report, stop=stop, initial=RETRY_INITIAL_SECONDS, maximum=RETRY_MAX_SECONDS
+    )
 
 
-async def _until_stopped(coro: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """Await ``coro`` unless ``stop`` is set first (then cancel it and return None)."""
-    task = asyncio.ensure_future(coro)
-    waiter = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    return None
-
-
-async def serve(args: argparse.Namespace) -> None:
+async def serve(settings: CollectorSettings) -> None:
     """Connect to everything (retrying), then run the collector until SIGTERM/SIGINT."""
-    import nats
     import psycopg
     from redis.asyncio import Redis
 
@@ -126,54 +96,38 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     async def migrate() -> list[str]:
-        async with await psycopg.AsyncConnection.connect(args.postgres_dsn, connect_timeout=5) as conn:
-            return await apply_migrations_async(conn, schema=args.postgres_schema)
+        async with await psycopg.AsyncConnection.connect(settings.postgres_dsn, connect_timeout=5) as conn:
+            return await apply_migrations_async(conn, schema=settings.postgres_schema)
 
-    pg_where = _where(args.postgres_dsn)
+    pg_where = _where(settings.postgres_dsn)
     applied = await _retry("Postgres", pg_where, migrate, stop)
     if applied is None:
         return
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
 
-    nats_where = _where(args.nats_url)
-    nats_errors: set[str] = set()
-
-    async def on_error(err: Exception) -> None:
-        line = f"{type(err).__name__}: {err}"
-        if line not in nats_errors:  # one line per distinct cause, never a stack trace
-            nats_errors.add(line)
-            log.warning("NATS unreachable at %s (%s); retrying", nats_where, line)
-
-    async def on_disconnected() -> None:
-        if not stop.is_set():  # a disconnect while shutting down is ours
-            log.warning("NATS disconnected from %s; reconnecting", nats_where)
-
-    async def on_reconnected() -> None:
-        nats_errors.clear()
-        log.info("NATS reconnected to %s", nats_where)
-
-    nc = await _until_stopped(
-        nats.connect(
-            args.nats_url,
-            name="mljob-collector",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=2,
-            connect_timeout=5,
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
-        ),
-        stop,
+    nats_where = _where(settings.nats_url)
+    nc = await natsconn.connect(
+        settings,
+        name="mljob-collector",
+        log=log,
+        report=natsconn.once_per_cause(log, f"NATS unreachable at {nats_where}"),
+        stop=stop,
+        connect_timeout=5,
+        reconnect_time_wait=2,
+        initial_delay=RETRY_INITIAL_SECONDS,
+        max_delay=RETRY_MAX_SECONDS,
     )
     if nc is None:
         return
-    redis = Redis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=5)
-    pool = make_pool(args.postgres_dsn, args.postgres_schema, min_size=1, max_size=4, name="collector")
+    redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    pool = make_pool(
+        settings.postgres_dsn, settings.postgres_schema, min_size=1, max_size=4, name="collector"
+    )
     js = nc.jetstream()
 
     async def ensure_stream() -> bool:
-        await ensure_results_stream(js)
+        await ensure_results_stream(js, settings.stream_replicas)
         return True
 
     async def ping_redis() -> bool:
@@ -181,19 +135,24 @@ async def serve(args: argparse.Namespace) -> None:
         return True
 
     try:
-        if await _retry("NATS JetStream", nats_where, ensure_stream, stop) is None:
+        stream_report = natsconn.once_per_cause(
+            log,
+            f"cannot set up the results stream on NATS at {nats_where} "
+            f"(MLJOB_STREAM_REPLICAS={settings.stream_replicas})",
+        )
+        if await natsconn.retry(ensure_stream, stream_report, stop=stop, maximum=RETRY_MAX_SECONDS) is None:
             return
-        if await _retry("Redis", _where(args.redis_url), ping_redis, stop) is None:
+        if await _retry("Redis", _where(settings.redis_url), ping_redis, stop) is None:
             return
         await pool.open(wait=False)
         collector = Collector(
             js,
             nc,
-            JobState(redis, prefix=args.redis_prefix),
+            JobState(redis, prefix=settings.redis_prefix),
             ResultsStore(pool),
-            batch=args.batch,
+            batch=settings.collector_batch,
         )
-        log.info("collector running (batch %d)", args.batch)
+        log.info("collector running (batch %d)", settings.collector_batch)
         await collector.run(stop)
         log.info("collector stopped")
     finally:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from typing import Any
 
-from mljob.settings import OperatorSettings
+from mljob.settings import OperatorSettings, load
 
 
 def add_parser(subparsers: Any) -> None:
@@ -20,7 +20,7 @@ def add_parser(subparsers: Any) -> None:
         help="watch only this namespace (repeatable); default: cluster-wide",
     )
     parser.add_argument("--peering", action="store_true", help="enable kopf peering for HA replicas")
-    parser.add_argument("--reconcile-interval", type=float, help="seconds between reconcile ticks")
+    parser.add_argument("--reconcile-interval", help="seconds between reconcile ticks")
     parser.add_argument(
         "--no-collector",
         action="store_true",
@@ -34,28 +34,29 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = load(
+        OperatorSettings,
+        nats_url=args.nats_url,
+        redis_url=args.redis_url,
+        postgres_dsn=args.postgres_dsn,
+        reconcile_interval=args.reconcile_interval,
+        namespaces=args.namespace,
+        peering=True if args.peering else None,
+        run_collector=False if args.no_collector else None,
+        log_level="DEBUG" if args.verbose else None,
+    )  # SettingsError: `mljob` prints it and exits 2
+
     import kopf
 
     import mljob.handlers  # noqa: F401 - registers the handlers
 
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=getattr(logging, config.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     for noisy in ("kopf.objects", "kopf._core.engines.peering", "kopf.activities.probe"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # we log "cannot reach Postgres" ourselves
-    config = OperatorSettings()
-    for attr in ("nats_url", "redis_url", "postgres_dsn", "reconcile_interval"):
-        value = getattr(args, attr)
-        if value is not None:
-            setattr(config, attr, value)
-    if args.namespace:
-        config.namespaces = args.namespace
-    if args.peering:
-        config.peering = True
-    if args.no_collector:
-        config.run_collector = False
     memo = kopf.Memo(config=config)
     asyncio.run(
         kopf.operator(

@@ -12,13 +12,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
+from mljob import natsconn
 from mljob.adapters import jetstream
 from mljob.adapters.jobs_store import JobsStore
 from mljob.adapters.kube import Kube, load_config
@@ -33,14 +33,7 @@ T = TypeVar("T")
 
 async def with_retry(what: str, attempt: Callable[[], Awaitable[T]], max_delay: float = 10.0) -> T:
     """Retry `attempt` until it succeeds, logging one line per failure that names the dependency."""
-    delay = 0.5
-    while True:
-        try:
-            return await attempt()
-        except Exception as err:
-            log.error("cannot reach %s (%s: %s); retrying in %.0fs", what, type(err).__name__, err, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_delay)
+    return await natsconn.retry(attempt, natsconn.every_failure(log, what), maximum=max_delay)
 
 
 @dataclass
@@ -73,26 +66,11 @@ class Services:
 
 
 async def connect(settings: OperatorSettings) -> Services:
-    async def nats_error(err: Exception) -> None:
-        log.warning("NATS: %s: %s", type(err).__name__, err)  # one line, no traceback
-
-    async def nats_connect() -> NATS:
-        # Two attempts for the first connection, so with_retry can name the problem;
-        # once connected, reconnect forever.
-        nc = await nats.connect(
-            settings.nats_url,
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0.5,
-            allow_reconnect=True,
-            connect_timeout=3,
-            name="mljob-operator",
-            error_cb=nats_error,
-        )
-        nc.options["max_reconnect_attempts"] = -1
+    async def jetstream_enabled(nc: NATS) -> None:
         await nc.jetstream().account_info()
-        return nc
 
-    nc = await with_retry(f"NATS at {settings.nats_url}", nats_connect)
+    nc = await natsconn.connect(settings, name="mljob-operator", log=log, ready=jetstream_enabled)
+    assert nc is not None  # no stop event: connect returns only once connected
     js = nc.jetstream()
     registry = await with_retry(
         "the NATS job registry", lambda: jetstream.registry(js, settings.stream_replicas)
@@ -105,7 +83,7 @@ async def connect(settings: OperatorSettings) -> Services:
     )
 
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, health_check_interval=30)
-    await with_retry(f"Redis at {settings.redis_url}", redis.ping)
+    await with_retry(f"Redis at {natsconn.redact(settings.redis_url)}", redis.ping)
 
     async def open_and_migrate() -> AsyncConnectionPool:
         # A pool whose first connection timed out is closed by psycopg: start a fresh one.

@@ -1,46 +1,299 @@
-"""Operator settings from environment variables (flags override them in the CLI)."""
+"""Every MLJOB_* setting of the operator, the collector and the worker, in one place.
+
+Each field names its environment variable, type, default and meaning; the README's table is
+rendered from these classes (`python -m mljob.settings`) and a test keeps the two equal. Command
+line flags are passed to `load` and override the environment. This module imports only pydantic,
+pydantic-settings and the standard library, so a worker-only install can use it.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import socket
+from collections.abc import Iterator
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.config import JsonDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PREFIX = "MLJOB_"
+S = TypeVar("S", bound="NatsSettings")
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+def _var(
+    name: str, default: Any = ..., doc: str = "", shown: str | None = None, flag: str | None = None, **kw: Any
+) -> Any:
+    """A field read from MLJOB_<name>; `shown`: the README's text for a computed default; `flag`:
+    the command-line flag when it is not --field-name."""
+    extra: JsonDict = {"shown": shown} if shown is not None else {}
+    if flag is not None:
+        extra["flag"] = flag
+    return Field(default, validation_alias=PREFIX + name, description=doc, json_schema_extra=extra, **kw)
 
 
-@dataclass
-class OperatorSettings:
-    nats_url: str = field(default_factory=lambda: _env("MLJOB_NATS_URL", "nats://127.0.0.1:4222"))
-    redis_url: str = field(default_factory=lambda: _env("MLJOB_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    postgres_dsn: str = field(
-        default_factory=lambda: _env("MLJOB_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/mljob")
+def default_worker_id() -> str:
+    """Host name (the pod name in Kubernetes) and process id."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class SettingsError(ValueError):
+    """A setting refused at start-up; the message names the variable (or flag) and the value."""
+
+
+class NatsSettings(BaseSettings):
+    """What every process needs: where NATS is and how to authenticate to it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, populate_by_name=True, extra="ignore", env_ignore_empty=False
     )
-    #: Postgres schema for all tables (lets several installations or tests share one database).
-    postgres_schema: str | None = field(
-        default_factory=lambda: os.environ.get("MLJOB_POSTGRES_SCHEMA") or None
+
+    nats_url: str = _var("NATS_URL", "nats://127.0.0.1:4222", "NATS with JetStream (`nats://` or `tls://`)")
+    nats_creds_file: str | None = _var(
+        "NATS_CREDS_FILE", None, "NATS user credentials file (JWT and NKey seed)", shown="(none)"
     )
-    redis_prefix: str = field(default_factory=lambda: _env("MLJOB_REDIS_PREFIX", "mljob"))
-    reconcile_interval: float = field(default_factory=lambda: float(_env("MLJOB_RECONCILE_INTERVAL", "5")))
-    dispatch_chunk: int = field(default_factory=lambda: int(_env("MLJOB_DISPATCH_CHUNK", "1000")))
-    stream_replicas: int = field(default_factory=lambda: int(_env("MLJOB_STREAM_REPLICAS", "1")))
-    max_ack_pending: int = field(default_factory=lambda: int(_env("MLJOB_MAX_ACK_PENDING", "1000")))
-    run_collector: bool = field(default_factory=lambda: _env("MLJOB_RUN_COLLECTOR", "true") == "true")
-    namespaces: list[str] = field(
-        default_factory=lambda: [n for n in _env("MLJOB_NAMESPACES", "").split(",") if n]
+    nats_user: str | None = _var(
+        "NATS_USER", None, "NATS user name (with `MLJOB_NATS_PASSWORD`)", shown="(none)"
     )
-    peering: bool = field(default_factory=lambda: _env("MLJOB_PEERING", "false") == "true")
-    actor: str = field(default_factory=lambda: _env("HOSTNAME", "mljob-operator"))
-    #: How often a running job's lost stream is recreated and re-dispatched before it fails.
-    max_stream_recreations: int = field(
-        default_factory=lambda: int(_env("MLJOB_MAX_STREAM_RECREATIONS", "3"))
+    nats_password: SecretStr | None = _var("NATS_PASSWORD", None, "NATS password", shown="(none)")
+    nats_tls_ca_file: str | None = _var(
+        "NATS_TLS_CA_FILE", None, "CA bundle that signed the NATS server certificate", shown="(system CAs)"
     )
-    #: Streams, registry entries and Redis keys of no live MLJob are removed once this old.
-    orphan_grace_seconds: float = field(
-        default_factory=lambda: float(_env("MLJOB_ORPHAN_GRACE_SECONDS", "300"))
+    log_level: str = _var("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR (`--log-level`)")
+
+    @field_validator("nats_creds_file", "nats_user", "nats_password", "nats_tls_ca_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("input should be DEBUG, INFO, WARNING or ERROR")
+        return level
+
+
+class CollectorSettings(NatsSettings):
+    """The collector's stores (the operator shares them: it runs the collector in-process)."""
+
+    redis_url: str = _var("REDIS_URL", "redis://127.0.0.1:6379/0", "per-item state")
+    postgres_dsn: str = _var(
+        "POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/mljob", "job rows, results, audit"
     )
-    #: Seconds between orphan sweeps (the first one runs one interval after start-up).
-    orphan_sweep_interval: float = field(
-        default_factory=lambda: float(_env("MLJOB_ORPHAN_SWEEP_INTERVAL", "60"))
+    postgres_schema: str | None = _var(
+        "POSTGRES_SCHEMA",
+        None,
+        "schema for the tables (migrations run there)",
+        shown="search_path default",
     )
+    redis_prefix: str = _var("REDIS_PREFIX", "mljob", "key prefix (`<prefix>:{<uid>}:pending` …)")
+    stream_replicas: int = _var(
+        "STREAM_REPLICAS", 1, "JetStream replicas of streams and the registry (results stream too)", ge=1
+    )
+    collector_batch: int = _var(
+        "COLLECTOR_BATCH", 256, "results per fetch of the collector (`--batch`)", flag="--batch", ge=1
+    )
+
+    @field_validator("postgres_schema", mode="before")
+    @classmethod
+    def _schema_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
+class OperatorSettings(CollectorSettings):
+    """The operator's own knobs (it also reads the collector's and NATS settings)."""
+
+    reconcile_interval: float = _var(
+        "RECONCILE_INTERVAL", 5.0, "seconds between reconcile ticks of a job", gt=0
+    )
+    dispatch_chunk: int = _var(
+        "DISPATCH_CHUNK", 1000, "tasks per published chunk (the cursor moves per chunk)", ge=1
+    )
+    max_ack_pending: int = _var("MAX_ACK_PENDING", 1000, "tasks out with workers at once, per job", ge=1)
+    run_collector: bool = _var(
+        "RUN_COLLECTOR",
+        True,
+        "run the results collector in-process (`--no-collector` to use `mljob collector`)",
+    )
+    namespaces: Annotated[list[str], NoDecode] = _var(
+        "NAMESPACES",
+        [],
+        "comma-separated namespaces to watch (`--namespace`, repeatable)",
+        shown="(all)",
+    )
+    peering: bool = _var("PEERING", False, "kopf peering for HA replicas (`--peering`)")
+    actor: str = Field(
+        "mljob-operator",
+        validation_alias=AliasChoices("MLJOB_ACTOR", "HOSTNAME"),
+        description="who wrote a status or audit row (`HOSTNAME` if unset: the pod name)",
+        json_schema_extra={"shown": "`$HOSTNAME`, else `mljob-operator`"},
+    )
+    max_stream_recreations: int = _var(
+        "MAX_STREAM_RECREATIONS",
+        3,
+        "how often a job's lost stream is recreated and re-dispatched before the job fails with `StreamLost`",
+        ge=0,
+    )
+    orphan_sweep_interval: float = _var(
+        "ORPHAN_SWEEP_INTERVAL", 60.0, "seconds between orphan sweeps (`0` disables them)", ge=0
+    )
+    orphan_grace_seconds: float = _var(
+        "ORPHAN_GRACE_SECONDS",
+        300.0,
+        "streams, registry entries and Redis keys of no live MLJob are removed once this old",
+        ge=0,
+    )
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+
+class WorkerSettings(NatsSettings):
+    """A worker process (`mljob worker`, or `WorkerConfig(pipeline=...)` in Python)."""
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    pipeline: str = _var("PIPELINE", doc="pipeline whose jobs to serve (`--pipeline`)", shown="(required)")
+    concurrency: int = _var(
+        "WORKER_CONCURRENCY", 8, "handlers running at once, so tasks held at once (`--concurrency`)", ge=1
+    )
+    batch: int = _var("WORKER_BATCH", 16, "most tasks fetched from one job in one turn (`--batch`)", ge=1)
+    grace_seconds: float = _var(
+        "WORKER_GRACE_SECONDS",
+        20.0,
+        "on stop, how long in-flight handlers may run before their tasks are NAKed (`--grace-seconds`)",
+        ge=0,
+    )
+    worker_id: str = _var(
+        "WORKER_ID",
+        doc="name in results and logs (`--worker-id`)",
+        shown="`<host>-<pid>`",
+        default_factory=default_worker_id,
+    )
+    publish_attempts: int = _var("WORKER_PUBLISH_ATTEMPTS", 5, "tries to publish one result", ge=1)
+    publish_backoff_seconds: float = _var(
+        "WORKER_PUBLISH_BACKOFF_SECONDS", 0.2, "first delay between publish tries (doubled each time)", ge=0
+    )
+    publish_timeout_seconds: float = _var(
+        "WORKER_PUBLISH_TIMEOUT_SECONDS", 5.0, "how long one result publish may take", gt=0
+    )
+    ack_timeout_seconds: float = _var("WORKER_ACK_TIMEOUT_SECONDS", 5.0, "how long one ack may take", gt=0)
+    idle_poll_max_seconds: float = _var(
+        "WORKER_IDLE_POLL_MAX_SECONDS", 0.5, "every active job is asked for tasks at least this often", gt=0
+    )
+    default_ack_wait_seconds: float = _var(
+        "WORKER_DEFAULT_ACK_WAIT_SECONDS",
+        10.0,
+        "heartbeat basis when the consumer's ack_wait is unknown",
+        gt=0,
+    )
+
+    @field_validator("pipeline")
+    @classmethod
+    def _one_subject_token(cls, value: str) -> str:
+        if not value or any(c in value for c in ".*> "):
+            raise ValueError(f"invalid pipeline name {value!r}: one NATS subject token expected")
+        return value
+
+
+ROLES: dict[str, type[NatsSettings]] = {
+    "operator": OperatorSettings,
+    "collector": CollectorSettings,
+    "worker": WorkerSettings,
+}
+
+
+def env_name(info: FieldInfo) -> str:
+    """The (first) environment variable of a field."""
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return str(alias)
+
+
+def load(cls: type[S], **flags: Any) -> S:
+    """Settings from the environment, overridden by the flags given (None = not given).
+
+    A refused value raises SettingsError naming the flag (when it came from one) or the variable.
+    """
+    given = {name: value for name, value in flags.items() if value is not None}
+    try:
+        return cls(**given)
+    except ValidationError as err:
+        raise SettingsError(describe(cls, err, set(given))) from None
+
+
+def describe(cls: type[NatsSettings], err: ValidationError, flags: set[str]) -> str:
+    """One line per refused setting: `MLJOB_X: input should be ..., got 'value'`."""
+    by_name = {
+        **{env_name(info): name for name, info in cls.model_fields.items()},
+        **{n: n for n in cls.model_fields},
+    }
+    lines = []
+    for problem in err.errors():
+        loc = next((str(part) for part in problem["loc"] if isinstance(part, str)), "")
+        field = by_name.get(loc, loc)
+        info = cls.model_fields.get(field)
+        flag = flag_name(field, info)
+        where = flag if field in flags or info is None else env_name(info)
+        message = str(problem["msg"]).split(", unable to ", 1)[0].removeprefix("Value error, ")
+        message = message[:1].lower() + message[1:]
+        if problem["type"] == "missing":
+            lines.append(f"{where}: required, not set (or pass {flag})")
+        elif problem["type"] == "value_error" or "password" in field:
+            lines.append(f"{where}: {message}")
+        else:
+            lines.append(f"{where}: {message}, got {problem['input']!r}")
+    return "; ".join(lines)
+
+
+def flag_name(field: str, info: FieldInfo | None) -> str:
+    """The command-line flag of a field (`--batch` for collector_batch, else --field-name)."""
+    extra = info.json_schema_extra if info is not None else None
+    if isinstance(extra, dict) and "flag" in extra:
+        return str(extra["flag"])
+    return "--" + field.replace("_", "-")
+
+
+def shown_default(info: FieldInfo) -> str:
+    """How the README states a field's default."""
+    extra = info.json_schema_extra
+    if isinstance(extra, dict) and "shown" in extra:
+        return str(extra["shown"])
+    value = info.default
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value.is_integer():
+        return f"`{int(value)}`"
+    return f"`{value}`"
+
+
+def rows() -> Iterator[tuple[str, str, str, str]]:
+    """(variable, default, used by, meaning) for every setting: shared ones first, then by role."""
+    seen: set[str] = set()
+    for cls in (NatsSettings, CollectorSettings, OperatorSettings, WorkerSettings):
+        for field, info in cls.model_fields.items():
+            name = env_name(info)
+            if name in seen:
+                continue
+            seen.add(name)
+            roles = ", ".join(role for role, each in ROLES.items() if field in each.model_fields)
+            yield f"`{name}`", shown_default(info), roles, info.description or ""
+
+
+def markdown_table() -> str:
+    """The README's settings table."""
+    lines = ["| variable | default | used by | meaning |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

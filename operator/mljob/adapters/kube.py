@@ -119,16 +119,16 @@ class Kube:
             raise
 
     def _json_patch_status(self, job: JobRef, ops: list[dict[str, Any]]) -> None:
-        # The generated client always sends merge-patch for custom objects; a `test` op needs
-        # a real JSON patch, so call the endpoint directly with the right content type.
-        self.api.call_api(
-            f"/apis/{GROUP}/{VERSION}/namespaces/{job.namespace}/{PLURAL}/{job.name}/status",
-            "PATCH",
-            header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
-            body=ops,
-            auth_settings=["BearerToken"],
-            response_type="object",
-            _return_http_data_only=True,
+        # Custom objects default to merge-patch; a `test` op needs a real JSON patch. The
+        # `_content_type` override works on the old and the new (>= 36) generated clients alike.
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            job.namespace,
+            PLURAL,
+            job.name,
+            ops,
+            _content_type="application/json-patch+json",
         )
 
     async def delete_job(self, job: JobRef) -> None:

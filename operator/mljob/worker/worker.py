@@ -16,12 +16,12 @@ import signal
 from collections import OrderedDict
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
-from mljob import protocol
+from mljob import natsconn, protocol
 from mljob.worker.config import WorkerConfig
 from mljob.worker.handler import Handler, load_handler
 from mljob.worker.outcome import describe
@@ -155,31 +155,17 @@ class Worker:
             raise RuntimeError(f"worker failed: {describe(crashed)}") from crashed
 
     async def _connect(self) -> tuple[Client, JetStreamContext]:
-        last_error: list[str] = []  # log a repeating connection error once, not every second
-
-        async def on_error(err: Exception) -> None:
-            text = describe(err)
-            if last_error != [text]:
-                log.warning("NATS: %s", text)
-                last_error[:] = [text]
-
-        async def on_disconnected() -> None:
-            if not self._stop_requested.is_set():
-                log.warning("disconnected from NATS; reconnecting")
-
-        async def on_reconnected() -> None:
-            last_error.clear()
-            log.info("reconnected to NATS")
-
-        nc = await nats.connect(
-            self.config.nats_url,
+        """NATS through the shared helper: first connection retried, one line per failure cause."""
+        where = natsconn.redact(self.config.nats_url)
+        nc = await natsconn.connect(
+            self.config,
             name=f"mljob-worker {self.config.worker_id}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
-        )
+            log=log,
+            report=natsconn.once_per_cause(log, f"cannot reach NATS at {where}"),
+            initial_delay=0.5,
+            max_delay=5.0,
+        )  # run() cancels this on stop
+        assert nc is not None  # without a stop event, connect returns only once connected
         return nc, nc.jetstream()
 
     async def _close_connection(self) -> None:
@@ -378,7 +364,7 @@ def run_worker(handler: Handler | str, config: WorkerConfig) -> int:
 
     try:
         asyncio.run(main())
-    except (OSError, nats.errors.Error) as err:
+    except (OSError, NatsError) as err:
         log.error("worker failed: %s", describe(err))
         return 1
     except RuntimeError as err:

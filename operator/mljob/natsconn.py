@@ -1,0 +1,244 @@
+"""One way to connect to NATS, for the operator, the collector and the worker (and the retry they share).
+
+The first connection is retried with backoff, one log line per failure naming NATS and where it
+was looked for, never a traceback; once connected, nats-py reconnects forever and its error
+callback logs one line per distinct error. Credentials files, user/password and a CA for
+`tls://` URLs come from the settings. Imports only nats-py and the standard library, so a
+worker-only install has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar, overload
+from urllib.parse import urlsplit, urlunsplit
+
+import nats
+from nats.aio.client import Client
+
+T = TypeVar("T")
+
+#: Called after each failed attempt with the cause (one line) and the delay before the next one.
+Report = Callable[[str, float], None]
+
+
+class Secret(Protocol):
+    def get_secret_value(self) -> str: ...
+
+
+class NatsTarget(Protocol):
+    """The settings a NATS connection needs (mljob.settings.NatsSettings has them)."""
+
+    @property
+    def nats_url(self) -> str: ...
+    @property
+    def nats_creds_file(self) -> str | None: ...
+    @property
+    def nats_user(self) -> str | None: ...
+    @property
+    def nats_password(self) -> Secret | None: ...
+    @property
+    def nats_tls_ca_file(self) -> str | None: ...
+
+
+def cause(err: BaseException) -> str:
+    """`Type: first line of the message`: enough to tell causes apart, short enough for one line."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def redact(url: str) -> str:
+    """The URL without user and password, for log lines."""
+    try:
+        parts = urlsplit(url)
+        if parts.hostname is None:
+            return url
+        host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    except ValueError:
+        return "(configured address)"
+
+
+def every_failure(log: logging.Logger, what: str) -> Report:
+    """Report each failed attempt: `cannot reach <what> (<cause>); retrying in 2s`."""
+
+    def report(line: str, delay: float) -> None:
+        log.error("cannot reach %s (%s); retrying in %.0fs", what, line, delay)
+
+    return report
+
+
+def once_per_cause(log: logging.Logger, what: str) -> Report:
+    """Report a failure once while its cause stays the same: `<what> (<cause>); retrying`."""
+    last: list[str] = []
+
+    def report(line: str, delay: float) -> None:
+        if last != [line]:
+            log.warning("%s (%s); retrying", what, line)
+            last[:] = [line]
+
+    return report
+
+
+@overload
+async def retry(
+    attempt: Callable[[], Awaitable[T]],
+    report: Report,
+    *,
+    stop: None = None,
+    initial: float = ...,
+    maximum: float = ...,
+) -> T: ...
+
+
+@overload
+async def retry(
+    attempt: Callable[[], Awaitable[T]],
+    report: Report,
+    *,
+    stop: asyncio.Event,
+    initial: float = ...,
+    maximum: float = ...,
+) -> T | None: ...
+
+
+async def retry(
+    attempt: Callable[[], Awaitable[T]],
+    report: Report,
+    *,
+    stop: asyncio.Event | None = None,
+    initial: float = 0.5,
+    maximum: float = 10.0,
+) -> T | None:
+    """Run `attempt` until it succeeds (its value) or `stop` is set (None), backing off."""
+    delay = initial
+    while stop is None or not stop.is_set():
+        try:
+            return await attempt()
+        except Exception as err:
+            report(cause(err), delay)
+        if stop is None:
+            await asyncio.sleep(delay)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+        delay = min(delay * 2, maximum)
+    return None
+
+
+class ConnectionLog:
+    """nats-py's callbacks once connected: one line per distinct error, no traceback.
+
+    Errors of the first connection are left to `retry`'s report (one line per attempt).
+    """
+
+    def __init__(self, log: logging.Logger, url: str, stop: asyncio.Event | None = None) -> None:
+        self.log = log
+        self.where = redact(url)
+        self.stop = stop
+        self.connected = False
+        self.seen: set[str] = set()
+
+    async def error(self, err: Exception) -> None:
+        line = cause(err)
+        if self.connected and line not in self.seen:
+            self.seen.add(line)
+            self.log.warning("NATS at %s: %s", self.where, line)
+
+    async def disconnected(self) -> None:
+        if self.connected and not (self.stop is not None and self.stop.is_set()):
+            self.log.warning("NATS disconnected from %s; reconnecting", self.where)
+
+    async def reconnected(self) -> None:
+        self.seen.clear()
+        self.log.info("NATS reconnected to %s", self.where)
+
+
+def options(
+    settings: NatsTarget,
+    *,
+    name: str,
+    callbacks: ConnectionLog | None = None,
+    connect_timeout: float = 3.0,
+    reconnect_time_wait: float = 1.0,
+) -> dict[str, Any]:
+    """Keyword arguments of `nats.connect` for one attempt (no reconnect until `connect` allows it)."""
+    kwargs: dict[str, Any] = {
+        "servers": [settings.nats_url],
+        "name": name,
+        "allow_reconnect": False,  # a failed first attempt raises its own cause
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": reconnect_time_wait,
+        "connect_timeout": connect_timeout,
+    }
+    if callbacks is not None:
+        kwargs.update(
+            error_cb=callbacks.error,
+            disconnected_cb=callbacks.disconnected,
+            reconnected_cb=callbacks.reconnected,
+        )
+    else:  # nats-py logs a traceback for errors nobody handles
+        kwargs["error_cb"] = _ignore
+    if settings.nats_creds_file:
+        kwargs["user_credentials"] = settings.nats_creds_file
+    if settings.nats_user:
+        kwargs["user"] = settings.nats_user
+    if settings.nats_password is not None:
+        kwargs["password"] = settings.nats_password.get_secret_value()
+    if settings.nats_tls_ca_file:
+        kwargs["tls"] = ssl.create_default_context(cafile=settings.nats_tls_ca_file)
+    return kwargs
+
+
+async def _ignore(err: Exception) -> None:
+    return None
+
+
+async def connect(
+    settings: NatsTarget,
+    *,
+    name: str,
+    log: logging.Logger,
+    report: Report | None = None,
+    stop: asyncio.Event | None = None,
+    ready: Callable[[Client], Awaitable[object]] | None = None,
+    connect_timeout: float = 3.0,
+    reconnect_time_wait: float = 1.0,
+    initial_delay: float = 0.5,
+    max_delay: float = 10.0,
+) -> Client | None:
+    """Connect (retrying until it works or `stop` is set: then None), then reconnect forever.
+
+    `ready` runs on each new connection before it counts (e.g. a JetStream check); if it fails
+    the connection is closed and the attempt retried. The default report names NATS at its
+    address on every failure.
+    """
+    callbacks = ConnectionLog(log, settings.nats_url, stop)
+    report = report or every_failure(log, f"NATS at {callbacks.where}")
+
+    async def attempt() -> Client:
+        nc = await nats.connect(
+            **options(
+                settings,
+                name=name,
+                callbacks=callbacks,
+                connect_timeout=connect_timeout,
+                reconnect_time_wait=reconnect_time_wait,
+            )
+        )
+        try:
+            if ready is not None:
+                await ready(nc)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
+        callbacks.connected = True
+        nc.options["allow_reconnect"] = True  # read by nats-py on each disconnect
+        return nc
+
+    return await retry(attempt, report, stop=stop, initial=initial_delay, maximum=max_delay)
