@@ -52,7 +52,13 @@ async def start(services: Services) -> Background:
     await services.nc.subscribe(f"{protocol.HEARTBEAT_SUBJECT_PREFIX}.*", cb=on_heartbeat)
     stop = background.stop_event
     if services.settings.run_collector:
-        collector = Collector(services.js, services.nc, services.state, services.results)
+        collector = Collector(
+            services.js,
+            services.nc,
+            services.state,
+            services.results,
+            batch=services.settings.collector_batch,
+        )
         background.tasks.append(asyncio.create_task(collector.run(stop), name="mljob-collector"))
     exhausted = ExhaustedDeliveries(services.js, services.nc, services.results, services.state, services.wake)
     background.tasks.append(asyncio.create_task(exhausted.run(stop), name="mljob-exhausted-deliveries"))
