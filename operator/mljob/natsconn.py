@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client
+from nats.errors import NoServersError
 
 T = TypeVar("T")
 
@@ -67,7 +68,7 @@ def every_failure(log: logging.Logger, what: str) -> Report:
     """Report each failed attempt: `cannot reach <what> (<cause>); retrying in 2s`."""
 
     def report(line: str, delay: float) -> None:
-        log.error("cannot reach %s (%s); retrying in %.0fs", what, line, delay)
+        log.error("cannot reach %s (%s); retrying in %gs", what, line, delay)
 
     return report
 
@@ -118,7 +119,9 @@ async def retry(
     delay = initial
     while stop is None or not stop.is_set():
         try:
-            return await attempt()
+            return await attempt() if stop is None else await _unless_stopped(attempt(), stop)
+        except _Stopped:
+            return None
         except Exception as err:
             report(cause(err), delay)
         if stop is None:
@@ -128,6 +131,25 @@ async def retry(
                 await asyncio.wait_for(stop.wait(), timeout=delay)
         delay = min(delay * 2, maximum)
     return None
+
+
+class _Stopped(Exception):
+    """`stop` was set while an attempt was under way (the attempt was cancelled)."""
+
+
+async def _unless_stopped(coro: Awaitable[T], stop: asyncio.Event) -> T:
+    task = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise _Stopped
 
 
 class ConnectionLog:
@@ -142,8 +164,12 @@ class ConnectionLog:
         self.stop = stop
         self.connected = False
         self.seen: set[str] = set()
+        #: The last error of the connection attempt under way (nats-py reports only "no servers").
+        self.attempt_error: Exception | None = None
 
     async def error(self, err: Exception) -> None:
+        if not self.connected:
+            self.attempt_error = err
         line = cause(err)
         if self.connected and line not in self.seen:
             self.seen.add(line)
@@ -166,12 +192,16 @@ def options(
     connect_timeout: float = 3.0,
     reconnect_time_wait: float = 1.0,
 ) -> dict[str, Any]:
-    """Keyword arguments of `nats.connect` for one attempt (no reconnect until `connect` allows it)."""
+    """Keyword arguments of `nats.connect` for one attempt: two tries, then NoServersError.
+
+    `connect` lets a connection that made it reconnect forever; `-1` here would make nats-py
+    retry the first connection forever, silently and deaf to a stop request.
+    """
     kwargs: dict[str, Any] = {
         "servers": [settings.nats_url],
         "name": name,
-        "allow_reconnect": False,  # a failed first attempt raises its own cause
-        "max_reconnect_attempts": -1,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": 1,
         "reconnect_time_wait": reconnect_time_wait,
         "connect_timeout": connect_timeout,
     }
@@ -221,15 +251,20 @@ async def connect(
     report = report or every_failure(log, f"NATS at {callbacks.where}")
 
     async def attempt() -> Client:
-        nc = await nats.connect(
-            **options(
-                settings,
-                name=name,
-                callbacks=callbacks,
-                connect_timeout=connect_timeout,
-                reconnect_time_wait=reconnect_time_wait,
-            )
+        callbacks.attempt_error = None
+        kwargs = options(
+            settings,
+            name=name,
+            callbacks=callbacks,
+            connect_timeout=connect_timeout,
+            reconnect_time_wait=reconnect_time_wait,
         )
+        try:
+            nc = await nats.connect(**kwargs)
+        except NoServersError:
+            if callbacks.attempt_error is not None:  # the cause, not nats-py's summary of it
+                raise callbacks.attempt_error from None
+            raise
         try:
             if ready is not None:
                 await ready(nc)
@@ -238,7 +273,7 @@ async def connect(
                 await nc.close()
             raise
         callbacks.connected = True
-        nc.options["allow_reconnect"] = True  # read by nats-py on each disconnect
+        nc.options["max_reconnect_attempts"] = -1  # read by nats-py on each disconnect
         return nc
 
     return await retry(attempt, report, stop=stop, initial=initial_delay, maximum=max_delay)
