@@ -26,8 +26,7 @@ pytestmark = pytest.mark.unit
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts from the defaults: no MLJOB_* variable of the session's stack leaks in."""
-    for name in [*OperatorSettings.model_fields, *WorkerSettings.model_fields]:
-        info = {**OperatorSettings.model_fields, **WorkerSettings.model_fields}[name]
+    for info in [*OperatorSettings.model_fields.values(), *WorkerSettings.model_fields.values()]:
         monkeypatch.delenv(env_name(info), raising=False)
     monkeypatch.delenv("HOSTNAME", raising=False)
 
