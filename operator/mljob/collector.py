@@ -44,9 +44,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from mljob import ledger, protocol
+from mljob import ledger, metrics, protocol
 from mljob.adapters.redis_state import JobState, RecordStatus
 from mljob.adapters.results_store import RejectedResult, ResultsStore, UpsertResult
+from mljob.logs import job_extra
 from mljob.outage import Outage, one_line
 
 __all__ = ["DEAD_LETTER_SOURCE", "REJECTED_REASON", "Collector"]
@@ -129,6 +130,7 @@ class Collector:
                 try:
                     msgs: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
                 except TimeoutError:
+                    metrics.COLLECTOR_LAG.set(0)  # idle: nothing waits
                     self._report_refusals(force=True)  # idle: no flood to protect the log from
                     continue  # nothing to do (nats' timeout errors subclass TimeoutError)
                 except Exception as err:  # consumer missing, connection lost...
@@ -151,6 +153,7 @@ class Collector:
         dependency failed and the batch was left for redelivery (none of its results acked)."""
         if not msgs:
             return True
+        metrics.COLLECTOR_BATCH.observe(len(msgs))
         settled: set[int] = set()  # id() of dead-lettered messages, already acked
         try:
             valid = await self._store(await self._parse(msgs, settled), settled)
@@ -165,6 +168,8 @@ class Collector:
             self._outage.report("storing results failed; batch left for redelivery", err)
             await self._nak([m for m in msgs if id(m) not in settled])
             return False
+        metrics.count_recorded([p.result for p in valid], outcomes)
+        metrics.collector_lag([p.result for p in valid])
         for p in valid:
             await self._ack(p.msg)
         await self._flush()
@@ -271,6 +276,7 @@ class Collector:
         )
         p.result = failure
         self._refused["rejected by Postgres, item failed"] += 1
+        metrics.RESULTS_REFUSED.labels(kind="rejected_by_postgres_item_failed").inc()
         self._latest_refusal = f"{p.msg.subject}: {_clip(reason)}"
         return upserted
 
@@ -292,6 +298,7 @@ class Collector:
             await self._ack(r.msg)
             settled.add(id(r.msg))
             self._refused[r.kind] += 1
+            metrics.RESULTS_REFUSED.labels(kind=metrics.label_value(r.kind)).inc()
         self._latest_refusal = f"{refused[-1].msg.subject}: {_clip(refused[-1].reason)}"
 
     def _report_refusals(self, *, force: bool = False) -> None:
@@ -337,9 +344,11 @@ class Collector:
         try:
             await self.nc.publish(protocol.drained_subject(uid), b"")
         except Exception as err:
-            log.warning("cannot publish drained event for job %s: %s", uid, one_line(err))
+            log.warning(
+                "cannot publish drained event for job %s: %s", uid, one_line(err), extra=job_extra(uid)
+            )
         if self.on_drained is not None:
             try:
                 await self.on_drained(uid)
             except Exception:
-                log.exception("on_drained callback failed for job %s", uid)
+                log.exception("on_drained callback failed for job %s", uid, extra=job_extra(uid))

@@ -12,11 +12,14 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from mljob import natsconn
 from mljob.settings import CollectorSettings, load
+
+if TYPE_CHECKING:
+    from mljob.health import Readiness
 
 log = logging.getLogger("mljob.collector")
 
@@ -63,10 +66,9 @@ def _cmd_collector(args: argparse.Namespace) -> int:
         redis_prefix=args.redis_prefix,
         log_level=args.log_level,
     )  # SettingsError: `mljob` prints it and exits 2
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from mljob import logs
+
+    logs.setup(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
     return 0
 
@@ -80,6 +82,19 @@ async def _retry(name: str, where: str, attempt: Callable[[], Awaitable[T]], sto
 
 
 async def serve(settings: CollectorSettings) -> None:
+    """Serve /metrics and /readyz (not ready until connected), then connect and collect."""
+    from mljob.health import HealthServer, Readiness
+
+    readiness = Readiness()
+    server = HealthServer(settings.metrics_port, readiness)
+    await server.start()
+    try:
+        await collect(settings, readiness)
+    finally:
+        await server.stop()
+
+
+async def collect(settings: CollectorSettings, readiness: Readiness) -> None:
     """Connect to everything (retrying), then run the collector until SIGTERM/SIGINT."""
     import psycopg
     from redis.asyncio import Redis
@@ -89,6 +104,7 @@ async def serve(settings: CollectorSettings) -> None:
     from mljob.adapters.results_store import ResultsStore, make_pool
     from mljob.collector import Collector
     from mljob.db.migrate import apply_migrations_async
+    from mljob.health import store_checks
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -145,6 +161,7 @@ async def serve(settings: CollectorSettings) -> None:
         if await _retry("Redis", _where(settings.redis_url), ping_redis, stop) is None:
             return
         await pool.open(wait=False)
+        readiness.connected(store_checks(nc, redis, pool))
         collector = Collector(
             js,
             nc,

@@ -36,7 +36,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from mljob import ledger, protocol
+from mljob import ledger, logs, metrics, protocol
 from mljob.adapters import jetstream
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import RejectedResult, ResultsStore
@@ -107,6 +107,15 @@ def item_of(uid: str, data: bytes | None, headers: dict[str, Any] | None) -> str
     if msg_id.startswith(prefix) and len(msg_id) > len(prefix):
         return msg_id[len(prefix) :]
     return None
+
+
+def job_of(uid: str, data: bytes | None) -> tuple[str, str, str]:
+    """(namespace, name, uid) of a task's job for log lines; the task names it (else blanks)."""
+    try:
+        job = protocol.decode_task(data or b"").job
+    except protocol.MalformedMessage:
+        return "", "", uid
+    return (job.namespace, job.name, uid) if job.uid == uid else ("", "", uid)
 
 
 class ExhaustedDeliveries:
@@ -204,7 +213,8 @@ class ExhaustedDeliveries:
         if item_id is None:
             log.warning("job %s: exhausted task seq %d names no item; left alone", uid, advisory.stream_seq)
             return None
-        await self._fail(uid, item_id, advisory)
+        with logs.job_context(*job_of(uid, msg.data)):
+            await self._fail(uid, item_id, advisory)
         await jetstream.delete_task_message(self.js, uid, advisory.stream_seq)
         if self.on_failed is not None:
             try:
@@ -223,6 +233,7 @@ class ExhaustedDeliveries:
         except RejectedResult as err:  # refused data can never be stored: do not retry forever
             log.warning("job %s: cannot record item %s as failed: %s", uid, item_id, err)
             return
+        metrics.items_failed_by_operator(REASON, newly)
         latency = ""
         if advisory.timestamp is not None:
             seconds = (protocol.utcnow() - advisory.timestamp).total_seconds()

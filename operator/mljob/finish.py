@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from mljob import metrics
 from mljob.adapters.jobs_store import JobRow, JobsStore
 from mljob.adapters.kube import GuardFailed, JobRef, Kube
 from mljob.api.models import TERMINAL_PHASES, Phase
@@ -35,6 +36,7 @@ async def finish_job(
     outcome = await jobs.finish(ref.uid, verdict.phase, verdict.reason, verdict.message, counts, actor)
     row = outcome.row
     if not outcome.won:
+        metrics.GUARD_REFUSALS.labels(store="postgres").inc()
         log.info("job %s/%s: Postgres already holds %s; mirroring it", ref.namespace, ref.name, row.phase)
         counts = row.counts
     shown = await mirror_phase(kube, ref, generation, row.phase, row.reason or "", row.message or "", counts)
@@ -106,6 +108,7 @@ async def mirror_phase(
         try:
             await kube.guarded_status(ref, current.get("phase"), fields)
         except GuardFailed as err:
+            metrics.GUARD_REFUSALS.labels(store="kubernetes").inc()
             log.info("status of %s/%s changed under us (%s); re-reading", ref.namespace, ref.name, err)
             continue
         return True

@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from mljob import background
+from mljob import background, health, logs, metrics
 from mljob.actions.cleanup import on_deleted
 from mljob.adapters.kube import JobRef
 from mljob.api.models import GROUP, PLURAL, VERSION
@@ -27,7 +27,14 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
         prefix=PREFIX, key="last-handled-configuration", ignored_fields=["spec.items", "spec.params"]
     )
     settings.posting.enabled = False  # handler log lines are not Events; we post our own
+    # kopf's advice for long watches: the server ends a watch after server_timeout, the client
+    # gives up a little later (a stream the server forgot to end), connects fail fast, and
+    # short API calls have their own bound instead of aiohttp's 5 minutes.
     settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.networking.connect_timeout = 30
+    settings.networking.request_timeout = 60
 
 
 @kopf.on.startup()
@@ -36,6 +43,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     services = await connect(memo.config)
     memo.services = services
     memo.background = await background.start(services)
+    memo.readiness.connected(health.store_checks(services.nc, services.redis, services.pool))
     log.info("mljob operator ready (collector %s)", "in-process" if memo.config.run_collector else "external")
 
 
@@ -48,12 +56,15 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
 async def job_daemon(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
     services: Services = memo.services
-    uid = body["metadata"]["uid"]
+    meta = body["metadata"]
+    uid = meta["uid"]
     wake = services.wakeups.setdefault(uid, asyncio.Event())
     try:
-        await JobLoop(services, body).run(stopped, wake)
+        with logs.job_context(meta["namespace"], meta["name"], uid):
+            await JobLoop(services, body).run(stopped, wake)
     finally:
         services.wakeups.pop(uid, None)
+        metrics.JOBS.forget(uid)
 
 
 @kopf.on.field(GROUP, VERSION, PLURAL, field="spec.ttlSecondsAfterFinished")
@@ -67,7 +78,8 @@ async def job_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     meta = body["metadata"]
     ref = JobRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
     try:
-        await on_deleted(memo.services, ref, str(body.get("spec", {}).get("pipeline", "")))
+        with logs.job_context(ref.namespace, ref.name, ref.uid):
+            await on_deleted(memo.services, ref, str(body.get("spec", {}).get("pipeline", "")))
     except Exception as err:
         raise kopf.TemporaryError(
             f"cleanup of {ref.namespace}/{ref.name} failed ({type(err).__name__}: {err}); retrying. "

@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from mljob import metrics
 from mljob.actions import cancel, cleanup, dispatch, fail_items, finish, observe, redispatch, state
 from mljob.api.models import TERMINAL_PHASES
 from mljob.core import reconcile
@@ -77,6 +78,7 @@ class JobLoop:
         """The first occurrence with its traceback, repeats as one line."""
         line = f"{type(err).__name__}: {err}"
         ref = self.view.ref
+        metrics.RECONCILE_ERRORS.inc()
         if line != self.last_error:
             log.exception("reconcile of %s/%s (%s) failed", ref.namespace, ref.name, ref.uid)
         else:
@@ -85,6 +87,7 @@ class JobLoop:
 
     async def step(self) -> bool:
         """One reconcile; True when the job is finished and cleaned up (nothing to do but its TTL)."""
+        started = metrics.started()
         view = self.view
         view.refresh_from_body()
         counts = None if view.phase in TERMINAL_PHASES else await self.s.state.counts(view.ref.uid)
@@ -98,7 +101,10 @@ class JobLoop:
         )
         snapshot = observe.snapshot(self.s, view, counts, stream, self.watching_since)
         plan = reconcile.decide(snapshot)
-        return await self.act(plan, counts)
+        with metrics.reconcile_timer(plan.action, started):
+            done = await self.act(plan, counts)
+        metrics.JOBS.track(view.ref.uid, view.phase, view.pipeline, counts)
+        return done
 
     async def act(self, plan: reconcile.Plan, counts: ItemCounts | None) -> bool:
         s, view = self.s, self.view

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import zlib
 from typing import Any
 
-from mljob.settings import OperatorSettings, load
+from mljob.settings import OperatorSettings, default_worker_id, load
 
 
 def add_parser(subparsers: Any) -> None:
@@ -20,6 +21,13 @@ def add_parser(subparsers: Any) -> None:
         help="watch only this namespace (repeatable); default: cluster-wide",
     )
     parser.add_argument("--peering", action="store_true", help="enable kopf peering for HA replicas")
+    parser.add_argument(
+        "--priority", help="kopf peering priority (default: $MLJOB_PRIORITY, else from host name and pid)"
+    )
+    parser.add_argument("--peering-name", help="the (Cluster)KopfPeering to join (default: default)")
+    parser.add_argument(
+        "--liveness", help="serve kopf's liveness endpoint at this URL, e.g. http://0.0.0.0:8080/healthz"
+    )
     parser.add_argument("--reconcile-interval", help="seconds between reconcile ticks")
     parser.add_argument(
         "--no-collector",
@@ -42,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         reconcile_interval=args.reconcile_interval,
         namespaces=args.namespace,
         peering=True if args.peering else None,
+        priority=args.priority,
+        peering_name=args.peering_name,
+        liveness_endpoint=args.liveness,
         run_collector=False if args.no_collector else None,
         log_level="DEBUG" if args.verbose else None,
     )  # SettingsError: `mljob` prints it and exits 2
@@ -49,21 +60,47 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     import mljob.handlers  # noqa: F401 - registers the handlers
+    from mljob import logs
+    from mljob.health import HealthServer, Readiness
 
-    logging.basicConfig(
-        level=getattr(logging, config.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("kopf.objects", "kopf._core.engines.peering", "kopf.activities.probe"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # we log "cannot reach Postgres" ourselves
-    memo = kopf.Memo(config=config)
-    asyncio.run(
-        kopf.operator(
-            clusterwide=not config.namespaces,
-            namespaces=config.namespaces,
-            standalone=not config.peering,
-            memo=memo,
+    logs.setup(config.log_level, config.log_format)
+    readiness = Readiness()
+    memo = kopf.Memo(config=config, readiness=readiness)
+    priority = peering_priority(config)
+    if config.peering:
+        logging.getLogger("mljob.operator").info(
+            "kopf peering %r with priority %d", config.peering_name, priority
         )
-    )
+
+    async def main() -> None:
+        server = HealthServer(config.metrics_port, readiness)
+        await server.start()
+        try:
+            await kopf.operator(
+                clusterwide=not config.namespaces,
+                namespaces=config.namespaces,
+                standalone=not config.peering,
+                priority=priority,
+                peering_name=config.peering_name,
+                liveness_endpoint=config.liveness_endpoint,
+                memo=memo,
+            )
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
     return 0
+
+
+def peering_priority(config: OperatorSettings) -> int:
+    """The configured priority, else one derived from host name (the pod name) and pid.
+
+    kopf pauses every peer while two live ones share a priority, so HA replicas need distinct
+    ones; a Deployment's pods have no ordinal, but distinct names: a 31-bit hash of the name
+    makes a tie between a few replicas about a one-in-a-billion event.
+    """
+    if config.priority is not None:
+        return config.priority
+    if not config.peering:
+        return 0
+    return zlib.crc32(default_worker_id().encode()) & 0x7FFFFFFF

@@ -96,11 +96,29 @@ class CollectorSettings(NatsSettings):
     collector_batch: int = _var(
         "COLLECTOR_BATCH", 256, "results per fetch of the collector (`--batch`)", flag="--batch", ge=1
     )
+    metrics_port: int = _var(
+        "METRICS_PORT",
+        9090,
+        "port of `/metrics` (Prometheus) and `/readyz` (`0`: neither is served)",
+        ge=0,
+        le=65535,
+    )
+    log_format: str = _var(
+        "LOG_FORMAT", "text", "`text`, or `json`: one object per line, with the job's namespace, name and uid"
+    )
 
     @field_validator("postgres_schema", mode="before")
     @classmethod
     def _schema_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        fmt = value.lower()
+        if fmt not in {"text", "json"}:
+            raise ValueError("input should be text or json")
+        return fmt
 
 
 class OperatorSettings(CollectorSettings):
@@ -125,6 +143,20 @@ class OperatorSettings(CollectorSettings):
         shown="(all)",
     )
     peering: bool = _var("PEERING", False, "kopf peering for HA replicas (`--peering`)")
+    priority: int | None = _var(
+        "PRIORITY",
+        None,
+        "kopf peering priority (`--priority`): the highest live peer works, equal ones pause each other",
+        shown="with `--peering`: derived from host name and pid",
+    )
+    peering_name: str = _var("PEERING_NAME", "default", "the (Cluster)KopfPeering to join (`--peering-name`)")
+    liveness_endpoint: str | None = _var(
+        "LIVENESS_ENDPOINT",
+        None,
+        "kopf's liveness endpoint, e.g. `http://0.0.0.0:8080/healthz` (`--liveness`)",
+        shown="(none)",
+        flag="--liveness",
+    )
     actor: str = Field(
         "mljob-operator",
         validation_alias=AliasChoices("MLJOB_ACTOR", "HOSTNAME"),
@@ -146,6 +178,11 @@ class OperatorSettings(CollectorSettings):
         "streams, registry entries and Redis keys of no live MLJob are removed once this old",
         ge=0,
     )
+
+    @field_validator("priority", "liveness_endpoint", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
 
     @field_validator("namespaces", mode="before")
     @classmethod

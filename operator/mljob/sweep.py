@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from mljob import metrics
 from mljob.adapters import jetstream
 from mljob.core.orphans import Kind, Resource, decide, is_job_uid, live_uids
 from mljob.services import Services
@@ -131,6 +132,7 @@ async def sweep_orphans(services: Services) -> SweepReport:
             log.warning("orphan sweep: could not remove %s: %s", describe(orphan), err)
             continue
         report.removed.append(orphan)
+        metrics.ORPHANS_REMOVED.labels(kind=orphan.kind.value).inc()
         log.info("orphan sweep: removed %s", describe(orphan))
     counts = {kind: sum(1 for r in report.removed if r.kind is kind) for kind in Kind}
     log.log(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from mljob import metrics
 from mljob.actions import finish
 from mljob.actions.cleanup import cleanup_job
 from mljob.adapters.kube import GuardFailed
@@ -54,6 +55,7 @@ async def cancel(services: Services, view: JobView) -> bool:
         try:
             await services.kube.guarded_status(view.ref, view.status.get("phase"), fields)
         except GuardFailed:
+            metrics.GUARD_REFUSALS.labels(store="kubernetes").inc()
             await view.reload()  # someone else moved it; decide again next tick
             return False
         view.status.update(fields)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from mljob import protocol
+from mljob import metrics, protocol
 from mljob.actions.finish import ledger_counts
 from mljob.adapters import jetstream
 from mljob.adapters.kube import JobRef
@@ -22,6 +22,7 @@ async def cleanup_job(services: Services, uid: str, pipeline: str) -> None:
     await jetstream.delete_job_stream(services.js, uid)
     await services.state.delete(uid)
     services.heartbeats.pop(uid, None)
+    metrics.CLEANUPS.inc()
     log.debug("cleaned up job %s (%s)", uid, protocol.task_stream(uid))
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mljob import metrics
 from mljob.actions import finish
 from mljob.actions.dispatch_target import target_of
 from mljob.actions.redispatch import record_recreation, republish_unresolved
@@ -112,6 +113,7 @@ async def _publish_from_cursor(
             return False  # the next tick cancels the job
         chunk = items[cursor : cursor + services.settings.dispatch_chunk]
         await publish_chunk(services.js, subject, task_bodies(target, chunk))
+        metrics.TASKS_DISPATCHED.inc(len(chunk))
         cursor += len(chunk)
         await view.write({"dispatchCursor": cursor, "dispatched": cursor})
     return True

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from mljob import ledger
+from mljob import ledger, metrics
 from mljob.actions import finish
 from mljob.core import reconcile
 from mljob.jobview import JobView
@@ -39,6 +39,7 @@ async def fail_pending(services: Services, view: JobView, plan: reconcile.Plan) 
         newly = await ledger.fail_items(
             services.results, services.state, uid, unresolved, reason, plan.message
         )
+        metrics.items_failed_by_operator(reason, newly)
         summary = f"{plan.message}; failed {len(unresolved)} items: {summarize_ids(unresolved)}"
         log.warning(
             "job %s/%s (%s): %s (%d newly failed)", view.ref.namespace, view.ref.name, uid, summary, newly

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from mljob import metrics
 from mljob.actions.dispatch_target import target_of
 from mljob.adapters import jetstream
 from mljob.dispatch import (
@@ -42,6 +43,7 @@ async def republish_unresolved(
 async def record_recreation(services: Services, view: JobView, republished: int) -> None:
     """Count the recreation and say so: condition, diagnostic, Event, log line."""
     attempt = int(view.status.get("streamRecreations", 0)) + 1
+    metrics.ITEMS_LOST.labels(cause="StreamRecreated").inc(republished)
     message = (
         f"the job's stream or consumer was missing; recreated it and re-dispatched {republished} items "
         f"without a result (attempt {attempt} of {services.settings.max_stream_recreations})"
