@@ -80,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
                 clusterwide=not config.namespaces,
                 namespaces=config.namespaces,
                 standalone=not config.peering,
-                priority=priority,
-                peering_name=config.peering_name,
+                # Given at all, these make kopf wait for the peering CRDs: only with --peering.
+                priority=priority if config.peering else None,
+                peering_name=config.peering_name if config.peering else None,
                 liveness_endpoint=config.liveness_endpoint,
                 memo=memo,
             )
