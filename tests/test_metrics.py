@@ -16,7 +16,7 @@ from mljob import logs, metrics, protocol
 from mljob.adapters.redis_state import RecordOutcome, RecordStatus
 from mljob.api.models import Phase
 from mljob.core.counts import ItemCounts
-from mljob.health import Readiness
+from mljob.health import HealthServer, Readiness
 from mljob.operator_cli import peering_priority
 from mljob.settings import OperatorSettings
 
@@ -222,3 +222,34 @@ def test_peering_priority_is_given_or_derived_for_peers_only() -> None:
     derived = peering_priority(OperatorSettings(peering=True))
     assert 0 <= derived < 2**31
     assert derived == peering_priority(OperatorSettings(peering=True))  # stable within a process
+
+
+async def test_the_server_answers_and_a_taken_port_does_not_stop_the_process(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    first = HealthServer(port, Readiness(), host="127.0.0.1")
+    second = HealthServer(port, Readiness(), host="127.0.0.1")
+    await first.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="mljob.health"):
+            await second.start()  # logs and carries on
+        assert f"cannot serve /metrics and /readyz on port {port}" in caplog.text
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as reply:
+                assert (reply.status, await reply.text()) == (
+                    503,
+                    "not ready: not connected yet to NATS, Redis and Postgres\n",
+                )
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as reply:
+                assert reply.status == 200
+                assert "mljob_items_processed_total" in await reply.text()
+    finally:
+        await second.stop()
+        await first.stop()

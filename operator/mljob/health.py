@@ -109,7 +109,19 @@ class HealthServer:
         app.router.add_get("/readyz", self._readyz)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        try:
+            await web.TCPSite(self._runner, self.host, self.port).start()
+        except OSError as err:
+            # The work matters more than its metrics: say so loudly and carry on. In a pod the
+            # readiness probe then fails, so the problem cannot go unnoticed.
+            log.error(
+                "cannot serve /metrics and /readyz on port %d (%s); running without them: set "
+                "MLJOB_METRICS_PORT to a free port, or 0",
+                self.port,
+                err.strerror or err,
+            )
+            await self.stop()
+            return
         log.info("serving /metrics and /readyz on port %d", self.port)
 
     async def stop(self) -> None:
