@@ -65,7 +65,7 @@ async def observe(services: Services) -> Observation:
     """Every job stream, registry entry and Redis key set, with its age and owner namespace."""
     now = datetime.now(UTC)
     streams = await jetstream.list_job_streams(services.js)
-    registry = await jetstream.list_registry(services.registry)
+    registry = await jetstream.list_registry(services.js, services.registry)
     stored = {uid: job for uid, job in (await services.state.scan_jobs()).items() if is_job_uid(uid)}
     unowned_entries = {r.uid for r in registry if r.entry is None or not r.entry.namespace}
     wanted = {s.uid for s in streams} | set(stored) | unowned_entries

@@ -16,7 +16,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -253,21 +253,25 @@ class RegistryListing:
     entry: protocol.RegistryEntry | None
 
 
-async def list_registry(kv: KeyValue) -> list[RegistryListing]:
-    """Every live key of the job registry with its parsed entry (purged keys are skipped)."""
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
+async def list_registry(js: JetStreamContext, kv: KeyValue) -> list[RegistryListing]:
+    """Every live key of the job registry with its parsed entry (purged keys are skipped).
+
+    The keys come from one stream-info request with a subjects filter, not from a KV watcher:
+    a watcher's end-of-snapshot marker can arrive before every key under load, and a sweep that
+    misses a key silently leaves it behind.
+    """
+    prefix = f"$KV.{protocol.REGISTRY_BUCKET}."
+    info = await js.stream_info(f"KV_{protocol.REGISTRY_BUCKET}", subjects_filter=f"{prefix}>")
     listed: list[RegistryListing] = []
-    for key in keys:
+    for subject in sorted((info.state.subjects or {}).keys()):
+        key = subject.removeprefix(prefix)
         pipeline, _, uid = key.rpartition(".")
         if not pipeline or not uid:
             continue
         try:
             value = (await kv.get(key)).value or b""
         except NotFoundError:
-            continue  # deleted or purged since the key listing
+            continue  # purged (only its marker is left) or deleted since the listing
         try:
             entry: protocol.RegistryEntry | None = protocol.RegistryEntry.model_validate_json(value)
         except ValidationError:
