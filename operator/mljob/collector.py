@@ -31,14 +31,12 @@ replay is never counted twice. Several replicas can share the durable consumer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -48,7 +46,7 @@ from mljob import ledger, metrics, protocol
 from mljob.adapters.redis_state import JobState, RecordStatus
 from mljob.adapters.results_store import RejectedResult, ResultsStore, UpsertResult
 from mljob.logs import job_extra
-from mljob.outage import Outage, one_line
+from mljob.outage import Outage, consume, one_line
 
 __all__ = ["DEAD_LETTER_SOURCE", "REJECTED_REASON", "Collector"]
 
@@ -117,36 +115,18 @@ class Collector:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and process batches until ``stop`` is set; never stops on bad input or outages."""
-        sub: Any = None
+
+        def idle() -> None:
+            metrics.COLLECTOR_LAG.set(0)  # nothing waits
+            self._report_refusals(force=True)  # no flood to protect the log from
+
         try:
-            while not stop.is_set():
-                if sub is None:
-                    try:
-                        sub = await self.js.pull_subscribe_bind(durable=self.consumer, stream=self.stream)
-                    except Exception as err:
-                        self._outage.report(f"cannot bind to {self.stream}/{self.consumer}", err)
-                        await self._outage.sleep(stop)
-                        continue
-                try:
-                    msgs: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
-                except TimeoutError:
-                    metrics.COLLECTOR_LAG.set(0)  # idle: nothing waits
-                    self._report_refusals(force=True)  # idle: no flood to protect the log from
-                    continue  # nothing to do (nats' timeout errors subclass TimeoutError)
-                except Exception as err:  # consumer missing, connection lost...
-                    self._outage.report(f"fetching from {self.stream}/{self.consumer} failed", err)
-                    await self._outage.sleep(stop)
-                    continue
-                if await self.process(msgs):
-                    self._outage.recovered()
-                else:
-                    await self._outage.sleep(stop)
+            await consume(
+                self.js, self.stream, self.consumer, self.process, self._outage, stop,
+                batch=self.batch, fetch_timeout=self.fetch_timeout, on_idle=idle,
+            )  # fmt: skip
         finally:
             self._report_refusals(force=True)
-            if sub is not None:
-                # Late deliveries to a dead inbox would sit un-acked until ack_wait.
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
 
     async def process(self, msgs: list[Msg]) -> bool:
         """Handle one batch. True when every message was settled and acked; False when a

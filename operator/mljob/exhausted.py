@@ -40,7 +40,7 @@ from mljob import ledger, logs, metrics, protocol
 from mljob.adapters import jetstream
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import RejectedResult, ResultsStore
-from mljob.outage import Outage, one_line
+from mljob.outage import Outage, consume, one_line
 
 __all__ = ["REASON", "Advisory", "ExhaustedDeliveries", "parse_advisory"]
 
@@ -145,34 +145,10 @@ class ExhaustedDeliveries:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Handle advisories until ``stop`` is set; never stops on bad input or outages."""
-        sub: Any = None
-        try:
-            while not stop.is_set():
-                if sub is None:
-                    try:
-                        sub = await self.js.pull_subscribe_bind(
-                            durable=self.consumer, stream=protocol.ADVISORY_STREAM
-                        )
-                    except Exception as err:
-                        self._outage.report("cannot bind to the advisory consumer", err)
-                        await self._outage.sleep(stop)
-                        continue
-                try:
-                    msgs: list[Msg] = await sub.fetch(self.batch, timeout=self.fetch_timeout)
-                except TimeoutError:
-                    continue
-                except Exception as err:
-                    self._outage.report("fetching advisories failed", err)
-                    await self._outage.sleep(stop)
-                    continue
-                if await self.process(msgs):
-                    self._outage.recovered()
-                else:
-                    await self._outage.sleep(stop)
-        finally:
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        await consume(
+            self.js, protocol.ADVISORY_STREAM, self.consumer, self.process, self._outage, stop,
+            batch=self.batch, fetch_timeout=self.fetch_timeout,
+        )  # fmt: skip
 
     async def process(self, msgs: list[Msg]) -> bool:
         """Handle a batch in order. False when a dependency failed: that advisory and the rest of

@@ -1,4 +1,6 @@
-"""How a consume loop lives through an outage: one log line per outage, exponential backoff.
+"""How a consume loop lives through an outage: one log line per outage, exponential backoff,
+and the one fetch loop over a durable pull consumer that the collector and the
+exhausted-deliveries watcher share.
 
 The collector and the exhausted-deliveries watcher both pull from a durable consumer and write
 to Postgres and Redis; when any of them is down they leave messages for redelivery, log the
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 BACKOFF_INITIAL_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 5.0
@@ -51,3 +55,52 @@ class Outage:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=self.backoff)
         self.backoff = min(self.backoff * 2, BACKOFF_MAX_SECONDS)
+
+
+async def consume(
+    js: Any,
+    stream: str,
+    consumer: str,
+    process: Callable[[list[Any]], Awaitable[bool]],
+    outage: Outage,
+    stop: asyncio.Event,
+    *,
+    batch: int,
+    fetch_timeout: float = 1.0,
+    on_idle: Callable[[], None] | None = None,
+) -> None:
+    """Fetch batches from a durable pull consumer and hand them to `process` until `stop`.
+
+    `process` returns False when a dependency failed and it left the batch for redelivery: the
+    loop then backs off. Binding and fetching failures (consumer missing, connection lost) are
+    outages too. Nothing here ever ends the loop but `stop`.
+    """
+    sub: Any = None
+    try:
+        while not stop.is_set():
+            if sub is None:
+                try:
+                    sub = await js.pull_subscribe_bind(durable=consumer, stream=stream)
+                except Exception as err:
+                    outage.report(f"cannot bind to {stream}/{consumer}", err)
+                    await outage.sleep(stop)
+                    continue
+            try:
+                msgs: list[Any] = await sub.fetch(batch, timeout=fetch_timeout)
+            except TimeoutError:  # nothing to do (nats' timeout errors subclass TimeoutError)
+                if on_idle is not None:
+                    on_idle()
+                continue
+            except Exception as err:
+                outage.report(f"fetching from {stream}/{consumer} failed", err)
+                await outage.sleep(stop)
+                continue
+            if await process(msgs):
+                outage.recovered()
+            else:
+                await outage.sleep(stop)
+    finally:
+        if sub is not None:
+            # Late deliveries to a dead inbox would sit un-acked until ack_wait.
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
