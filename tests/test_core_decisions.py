@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import pytest
 
@@ -132,6 +133,19 @@ HALF = ItemCounts(10, 5, 0)
             Action.FAIL_PENDING,
             Phase.FAILED,
             "StreamLost",
+        ),
+        # a recreation begun but not seen through (crash or error halfway) is carried through
+        (
+            replace(snap(Phase.RUNNING, HALF, recreations=1), stream_recreation_pending=True),
+            Action.REDISPATCH,
+            None,
+            None,
+        ),
+        (
+            replace(snap(Phase.RUNNING, ItemCounts(10, 0, 0), recreations=1), stream_recreation_pending=True),
+            Action.FINISH,
+            Phase.SUCCEEDED,
+            None,
         ),
         # row 5: stalls; the threshold decides, and never num_ack_pending (row 3)
         (snap(Phase.RUNNING, HALF, stream=ALIVE, idle=599), Action.PROGRESS, None, None),

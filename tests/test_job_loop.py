@@ -578,3 +578,39 @@ async def test_deleting_a_running_mljob_records_it_as_cancelled(world: FakeWorld
     assert (row.phase, row.reason, row.processed) == (Phase.CANCELLED, "Deleted", 4)
     assert [t.to_phase for t in world.jobs.audit if t.to_phase in TERMINAL_PHASES] == ["Cancelled"]
     assert_cleaned_up(world, body)
+
+
+@pytest.mark.parametrize("fail_at", ["publish", "register"])
+async def test_a_recreation_interrupted_halfway_is_carried_through_and_counted_once(
+    world: FakeWorld, fail_at: str
+) -> None:
+    """NATS lost the stream and the registry entry; the tick that recreates them fails halfway
+    (a timeout, or the operator dying). The next ticks finish the job: every unresolved item is
+    published again, the entry is back, and the loss is counted once."""
+    body = new_job(world, 10)
+    uid = uid_of(body)
+    loop = await running(world, body)
+    await world.work(uid, 3)
+    await ticks(loop, 2)
+    await world.js.delete_stream(protocol.task_stream(uid))
+    world.registry.entries.pop(protocol.registry_key(PIPELINE, uid), None)
+    target: Any = world.js if fail_at == "publish" else world.registry
+    method = "publish_async" if fail_at == "publish" else "put"
+    real = getattr(target, method)
+
+    async def timeout(*args: Any, **kwargs: Any) -> Any:
+        raise TimeoutError(f"{method} timed out")
+
+    setattr(target, method, timeout)
+    with pytest.raises(TimeoutError):
+        await loop.step()
+    setattr(target, method, real)
+    await ticks(loop, 3)
+    assert protocol.registry_key(PIPELINE, uid) in world.registry.entries
+    assert status(body)["streamRecreations"] == 1
+    available = condition(body, "StreamAvailable")
+    assert available is not None and (available["status"], available["reason"]) == ("True", "StreamRecreated")
+    await world.work(uid, 7)
+    await ticks(loop, 2)
+    assert status(body)["phase"] == Phase.SUCCEEDED
+    assert (status(body)["processed"], status(body)["failed"]) == (10, 0)

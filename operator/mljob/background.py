@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mljob import protocol
+from mljob.adapters import jetstream
 from mljob.collector import Collector
 from mljob.exhausted import ExhaustedDeliveries
 from mljob.services import Services
@@ -51,6 +52,7 @@ async def start(services: Services) -> Background:
     await services.nc.subscribe(f"{protocol.DRAINED_SUBJECT_PREFIX}.*", cb=on_drained)
     await services.nc.subscribe(f"{protocol.HEARTBEAT_SUBJECT_PREFIX}.*", cb=on_heartbeat)
     stop = background.stop_event
+    replicas = services.settings.stream_replicas
     if services.settings.run_collector:
         collector = Collector(
             services.js,
@@ -58,9 +60,17 @@ async def start(services: Services) -> Background:
             services.state,
             services.results,
             batch=services.settings.collector_batch,
+            ensure=lambda: jetstream.ensure_results_stream(services.js, replicas),
         )
         background.tasks.append(asyncio.create_task(collector.run(stop), name="mljob-collector"))
-    exhausted = ExhaustedDeliveries(services.js, services.nc, services.results, services.state, services.wake)
+    exhausted = ExhaustedDeliveries(
+        services.js,
+        services.nc,
+        services.results,
+        services.state,
+        services.wake,
+        ensure=lambda: jetstream.ensure_advisory_stream(services.js, replicas),
+    )
     background.tasks.append(asyncio.create_task(exhausted.run(stop), name="mljob-exhausted-deliveries"))
     background.tasks.append(asyncio.create_task(run_sweeper(services, stop), name="mljob-orphan-sweep"))
     return background

@@ -98,6 +98,7 @@ class Collector:
         on_drained: Callable[[str], Awaitable[None]] | None = None,
         stream: str = protocol.RESULTS_STREAM,
         consumer: str = protocol.RESULTS_CONSUMER,
+        ensure: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.js = js
         self.nc = nc
@@ -108,6 +109,8 @@ class Collector:
         self.on_drained = on_drained
         self.stream = stream
         self.consumer = consumer
+        #: recreates the stream and consumer after an outage (None: they are someone else's)
+        self.ensure = ensure
         self._outage = Outage(log, "collector")
         self._refused: Counter[str] = Counter()  # refusals by kind, since the last summary line
         self._latest_refusal = ""
@@ -123,7 +126,7 @@ class Collector:
         try:
             await consume(
                 self.js, self.stream, self.consumer, self.process, self._outage, stop,
-                batch=self.batch, fetch_timeout=self.fetch_timeout, on_idle=idle,
+                batch=self.batch, fetch_timeout=self.fetch_timeout, on_idle=idle, ensure=self.ensure,
             )  # fmt: skip
         finally:
             self._report_refusals(force=True)

@@ -168,6 +168,7 @@ async def collect(settings: CollectorSettings, readiness: Readiness) -> None:
             JobState(redis, prefix=settings.redis_prefix),
             ResultsStore(pool),
             batch=settings.collector_batch,
+            ensure=lambda: ensure_results_stream(js, settings.stream_replicas),
         )
         log.info("collector running (batch %d)", settings.collector_batch)
         await collector.run(stop)

@@ -27,9 +27,9 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -75,6 +75,10 @@ class Advisory:
         return match.group(1)
 
 
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def parse_advisory(data: bytes) -> Advisory:
     try:
         body = json.loads(data)
@@ -91,6 +95,8 @@ def parse_advisory(data: bytes) -> Advisory:
     stamp: datetime | None = None
     with contextlib.suppress(TypeError, ValueError):
         stamp = datetime.fromisoformat(str(body.get("timestamp", "")))
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)  # JetStream writes UTC; a bare one is read as UTC
     return Advisory(stream, consumer, seq, deliveries, stamp)
 
 
@@ -132,6 +138,7 @@ class ExhaustedDeliveries:
         batch: int = 64,
         fetch_timeout: float = 1.0,
         consumer: str = protocol.ADVISORY_CONSUMER,
+        ensure: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.js = js
         self.nc = nc
@@ -141,13 +148,15 @@ class ExhaustedDeliveries:
         self.batch = batch
         self.fetch_timeout = fetch_timeout
         self.consumer = consumer
+        #: recreates the stream and consumer after an outage (None: they are someone else's)
+        self.ensure = ensure
         self._outage = Outage(log, "max-deliveries advisories")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Handle advisories until ``stop`` is set; never stops on bad input or outages."""
         await consume(
             self.js, protocol.ADVISORY_STREAM, self.consumer, self.process, self._outage, stop,
-            batch=self.batch, fetch_timeout=self.fetch_timeout,
+            batch=self.batch, fetch_timeout=self.fetch_timeout, ensure=self.ensure,
         )  # fmt: skip
 
     async def process(self, msgs: list[Msg]) -> bool:
@@ -184,6 +193,15 @@ class ExhaustedDeliveries:
             return None
         if msg is None:
             log.debug("job %s: task seq %d already settled", uid, advisory.stream_seq)
+            return None
+        if advisory.timestamp is not None and msg.time is not None and advisory.timestamp < _aware(msg.time):
+            # The task was published after the advisory: the stream was recreated since and its
+            # sequences started again, so this (old) advisory names another, healthy task.
+            log.info(
+                "job %s: stale advisory for seq %d (the stream was recreated); ignored",
+                uid,
+                advisory.stream_seq,
+            )
             return None
         item_id = item_of(uid, msg.data, msg.headers)
         if item_id is None:

@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import kopf
+
 from mljob import metrics
 from mljob.actions import cancel, cleanup, dispatch, fail_items, finish, observe, redispatch, state
 from mljob.api.models import TERMINAL_PHASES
@@ -49,6 +51,7 @@ class JobLoop:
         try:
             while not stopped:
                 sleep: float | None = interval
+                wake.clear()  # before the step: a wake-up during the step is not lost
                 try:
                     if await self.step():
                         sleep = self._until_ttl()
@@ -59,12 +62,21 @@ class JobLoop:
                     self._log_error(err)
                     backoff = min(backoff * 2, MAX_ERROR_BACKOFF_SECONDS)
                     sleep = backoff
-                wake.clear()
                 woken = asyncio.ensure_future(wake.wait())
                 await asyncio.wait({woken, stop}, timeout=sleep, return_when=asyncio.FIRST_COMPLETED)
                 woken.cancel()
         finally:
             stop.cancel()
+            if stopped.is_set(kopf.DaemonStoppingReason.RESOURCE_DELETED):
+                await self._cleanup_after_deletion()
+
+    async def _cleanup_after_deletion(self) -> None:
+        """kopf runs the delete handler while a step may still be finishing; a dispatch or
+        re-dispatch in flight could recreate what the finalizer removed. Clean up once more."""
+        try:
+            await cleanup.cleanup_job(self.s, self.view.ref.uid, self.view.pipeline)
+        except Exception as err:  # the orphan sweep removes whatever is left
+            log.warning("cleanup after the deletion of %s failed: %s", self.view.ref.name, err)
 
     def _until_ttl(self) -> float | None:
         """Seconds until a finished job's MLJob is due for deletion; None: sleep until woken."""

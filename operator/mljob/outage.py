@@ -68,6 +68,7 @@ async def consume(
     batch: int,
     fetch_timeout: float = 1.0,
     on_idle: Callable[[], None] | None = None,
+    ensure: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Fetch batches from a durable pull consumer and hand them to `process` until `stop`.
 
@@ -75,6 +76,15 @@ async def consume(
     loop then backs off. Binding and fetching failures (consumer missing, connection lost) are
     outages too. Nothing here ever ends the loop but `stop`.
     """
+
+    async def recover() -> None:
+        """After an outage: recreate the stream and consumer (NATS may have lost its storage)."""
+        if ensure is not None:
+            try:
+                await ensure()
+            except Exception as err:
+                outage.report(f"cannot recreate {stream}/{consumer}", err)
+
     sub: Any = None
     try:
         while not stop.is_set():
@@ -84,6 +94,7 @@ async def consume(
                 except Exception as err:
                     outage.report(f"cannot bind to {stream}/{consumer}", err)
                     await outage.sleep(stop)
+                    await recover()
                     continue
             try:
                 msgs: list[Any] = await sub.fetch(batch, timeout=fetch_timeout)
@@ -94,6 +105,10 @@ async def consume(
             except Exception as err:
                 outage.report(f"fetching from {stream}/{consumer} failed", err)
                 await outage.sleep(stop)
+                await recover()
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+                sub = None  # bind again: the consumer may be a new one
                 continue
             if await process(msgs):
                 outage.recovered()

@@ -73,11 +73,15 @@ class FakeJetStream:
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
+        self.buckets: dict[str, FakeKeyValue] = {}
         self.streams: dict[str, _Stream] = {}
         self.publishes = 0
         #: Called with the number of publish calls so far, before one is served: a test's way to
         #: break NATS at a chosen moment (raise, or delete the stream).
         self.before_publish: Callable[[int], None] | None = None
+
+    async def key_value(self, bucket: str) -> FakeKeyValue:
+        return self.buckets[bucket]
 
     def _stream(self, name: str) -> _Stream:
         stream = self.streams.get(name)

@@ -35,6 +35,7 @@ class FakeWorld:
         self.state = FakeJobState()
         self.js = FakeJetStream(clock)
         self.registry = FakeKeyValue()
+        self.js.buckets[protocol.REGISTRY_BUCKET] = self.registry
         unused = cast(Any, None)  # the loop never touches raw connections
         self.services = Services(
             settings=settings,

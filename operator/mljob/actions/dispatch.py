@@ -15,7 +15,13 @@ from pydantic import ValidationError
 from mljob import metrics
 from mljob.actions import finish
 from mljob.actions.dispatch_target import target_of
-from mljob.actions.redispatch import record_recreation, republish_unresolved
+from mljob.actions.redispatch import (
+    begin_recreation,
+    end_recreation,
+    ensure_stream_and_registry,
+    recreation_in_progress,
+    republish_unresolved,
+)
 from mljob.actions.state import ensure_state
 from mljob.adapters import jetstream
 from mljob.api.models import Phase
@@ -26,7 +32,6 @@ from mljob.dispatch import (
     SourceNotReady,
     load_items,
     publish_chunk,
-    stream_settings,
     task_bodies,
 )
 from mljob.jobview import JobView, now_iso
@@ -66,16 +71,14 @@ async def dispatch(services: Services, view: JobView) -> None:
     # The ledger knows every item, then Redis; both before any task can be published (row 9).
     await services.results.register_items(view.ref.uid, ids)
     await ensure_state(services, view.ref.uid, ids)
-    settings = services.settings
     existed = await jetstream.job_stream_exists(services.js, view.ref.uid)
-    entry = await jetstream.ensure_job_stream(
-        services.js, stream_settings(target, settings.stream_replicas, settings.max_ack_pending)
-    )
+    entry = await ensure_stream_and_registry(services, target)
     cursor = int(view.status.get("dispatchCursor", 0))
-    if not existed and cursor > 0:
+    if (not existed and cursor > 0) or recreation_in_progress(view):
         # The stream vanished mid-dispatch with the tasks published so far (row 11).
+        await begin_recreation(services, view)
         republished = await republish_unresolved(services, target, entry.subject, items[:cursor])
-        await record_recreation(services, view, republished)
+        await end_recreation(services, view, republished)
     await jetstream.register_job(services.registry, entry)
     if await _publish_from_cursor(services, view, target, entry.subject, items):
         await _mark_running(services, view, len(items))

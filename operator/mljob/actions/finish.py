@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from mljob.actions import state
 from mljob.adapters.jobs_store import JobRow
 from mljob.core import reconcile
 from mljob.core.counts import ItemCounts
@@ -36,13 +37,18 @@ async def finish(services: Services, view: JobView, override: reconcile.Verdict 
     counts = await ledger_counts(services, view.ref.uid)
     if override is None:
         if counts is None or counts.pending:
+            # Redis and the ledger disagree (e.g. the item source changed under a resumed
+            # dispatch): the ledger wins; the Redis copy is rebuilt from it and the job goes on.
             log.warning(
                 "job %s/%s: Redis shows nothing pending but the ledger has %s items without an outcome; "
-                "not finishing yet",
+                "rebuilding the Redis state from the ledger",
                 view.ref.namespace,
                 view.ref.name,
                 counts.pending if counts else "all",
             )
+            if counts is not None:
+                await services.state.delete(view.ref.uid)
+                await state.rebuild(services, view)
             return False
         threshold = float(view.spec.get("failureThreshold", 0.5))
         override = reconcile.verdict(counts.total, counts.failed, threshold)

@@ -72,4 +72,5 @@ def snapshot(
         stream=stream,
         stream_recreations=int(status.get("streamRecreations", 0)),
         max_stream_recreations=services.settings.max_stream_recreations,
+        stream_recreation_pending=view.has_condition("StreamAvailable", "False"),
     )

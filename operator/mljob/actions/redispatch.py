@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mljob import metrics
+from mljob import metrics, protocol
 from mljob.actions.dispatch_target import target_of
 from mljob.adapters import jetstream
 from mljob.dispatch import (
@@ -40,20 +40,35 @@ async def republish_unresolved(
     return len(todo)
 
 
-async def record_recreation(services: Services, view: JobView, republished: int) -> None:
-    """Count the recreation and say so: condition, diagnostic, Event, log line."""
+def recreation_in_progress(view: JobView) -> bool:
+    """A recreation was begun (counted, announced) and not yet seen through."""
+    return view.has_condition("StreamAvailable", "False")
+
+
+async def begin_recreation(services: Services, view: JobView) -> None:
+    """Count the loss and say so BEFORE acting: a crash or an error halfway through leaves
+    `StreamAvailable=False`, and the next tick carries the recreation through (republishing is
+    idempotent by `Nats-Msg-Id`), without counting it twice."""
+    if recreation_in_progress(view):
+        return
     attempt = int(view.status.get("streamRecreations", 0)) + 1
-    metrics.ITEMS_LOST.labels(cause="StreamRecreated").inc(republished)
     message = (
-        f"the job's stream or consumer was missing; recreated it and re-dispatched {republished} items "
-        f"without a result (attempt {attempt} of {services.settings.max_stream_recreations})"
+        f"the job's stream or consumer is missing; recreating it and re-dispatching the items without "
+        f"a result (attempt {attempt} of {services.settings.max_stream_recreations})"
     )
     log.warning("job %s/%s (%s): %s", view.ref.namespace, view.ref.name, view.ref.uid, message)
     await view.set_conditions(
-        ("StreamAvailable", "True", "StreamRecreated", message),
+        ("StreamAvailable", "False", "Recreating", message),
         extra={"streamRecreations": attempt, "diagnostics": view.with_diagnostic("StreamRecreated", message)},
     )
     await services.kube.event(view.ref, "StreamRecreated", message, warning=True)
+
+
+async def end_recreation(services: Services, view: JobView, republished: int) -> None:
+    metrics.ITEMS_LOST.labels(cause="StreamRecreated").inc(republished)
+    message = f"recreated the job's stream and re-dispatched {republished} items without a result"
+    log.info("job %s/%s (%s): %s", view.ref.namespace, view.ref.name, view.ref.uid, message)
+    await view.set_conditions(("StreamAvailable", "True", "StreamRecreated", message))
 
 
 async def redispatch(services: Services, view: JobView) -> int:
@@ -73,11 +88,18 @@ async def redispatch(services: Services, view: JobView) -> int:
         return 0
     if view.has_condition("ItemsSourceReady", "False"):
         await view.set_conditions(("ItemsSourceReady", "True", "ItemsLoaded", f"{len(items)} items loaded"))
-    settings = services.settings
-    entry = await jetstream.ensure_job_stream(
-        services.js, stream_settings(target, settings.stream_replicas, settings.max_ack_pending)
-    )
+    await begin_recreation(services, view)
+    entry = await ensure_stream_and_registry(services, target)
     republished = await republish_unresolved(services, target, entry.subject, items)
     await jetstream.register_job(services.registry, entry)
-    await record_recreation(services, view, republished)
+    await end_recreation(services, view, republished)
     return republished
+
+
+async def ensure_stream_and_registry(services: Services, target: DispatchTarget) -> protocol.RegistryEntry:
+    """The job's stream and consumer, and the registry bucket (NATS may have lost it too)."""
+    settings = services.settings
+    await jetstream.registry(services.js, settings.stream_replicas)
+    return await jetstream.ensure_job_stream(
+        services.js, stream_settings(target, settings.stream_replicas, settings.max_ack_pending)
+    )

@@ -27,6 +27,8 @@ async def ensure_state(services: Services, uid: str, item_ids: Sequence[str]) ->
     recorded, _ = await services.results.count(uid)
     if recorded == 0:
         await services.state.initialize(uid, item_ids)
+        if (await services.results.count(uid))[0]:
+            await _replay_ledger(services, uid)  # a result stored meanwhile found no state
         return "initialized"
     await rebuild_from_ledger(services, uid)
     return "rebuilt"
@@ -44,11 +46,17 @@ async def rebuild_from_ledger(services: Services, uid: str) -> tuple[int, int]:
     outcomes = await services.results.item_outcomes(uid)
     failed = [item for item, outcome in outcomes.items() if outcome == "failed"]
     await services.state.restore(uid, total, pending, failed, time.time())
+    await _replay_ledger(services, uid)
+    return len(pending), len(failed)
+
+
+async def _replay_ledger(services: Services, uid: str) -> None:
+    """Record every outcome of the ledger into the (existing) state: idempotent, an item leaves
+    `pending` once. Closes the window in which a result was stored while the state was missing."""
     outcomes = await services.results.item_outcomes(uid)
     await services.state.record(
         [(uid, item, outcome == "failed") for item, outcome in outcomes.items()], time.time()
     )
-    return len(pending), len(failed)
 
 
 async def rebuild(services: Services, view: JobView) -> bool:

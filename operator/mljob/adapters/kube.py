@@ -179,8 +179,9 @@ class Kube:
         )
         try:
             await asyncio.to_thread(self.core.create_namespaced_event, job.namespace, body)
-        except ApiException as err:
-            log.warning("could not post event %s for %s/%s: %s", reason, job.namespace, job.name, err.reason)
+        except Exception as err:  # an Event is never worth failing an action for
+            why = err.reason if isinstance(err, ApiException) else f"{type(err).__name__}: {err}"
+            log.warning("could not post event %s for %s/%s: %s", reason, job.namespace, job.name, why)
 
 
 def _reason(err: ApiException) -> str:

@@ -90,6 +90,8 @@ class Snapshot:
     stream: StreamView | None = None
     stream_recreations: int = 0
     max_stream_recreations: int = 3
+    #: a recreation was begun (counted, `StreamAvailable=False`) and not yet seen through
+    stream_recreation_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,8 @@ def decide(s: Snapshot) -> Plan:
     if s.counts is None:
         return Plan(Action.REBUILD_STATE)
     fields = progress_fields(s.counts, s.dispatched)
+    if s.stream_recreation_pending and s.counts.pending:
+        return Plan(Action.REDISPATCH, status=fields)  # carry a begun recreation through
     if s.counts.pending == 0:
         return Plan(Action.FINISH, verdict(s.counts.total, s.counts.failed, s.failure_threshold), fields)
     if s.stream is not None and not (s.stream.stream_exists and s.stream.consumer_exists):
