@@ -17,7 +17,7 @@ from typing import Any
 
 from mljob import protocol
 from mljob.adapters.kube import Kube
-from mljob.services import Services
+from mljob.services import Services, assemble
 from mljob.settings import OperatorSettings, load
 
 CONNECT_TIMEOUT = 5.0
@@ -99,10 +99,8 @@ async def open_services(settings: OperatorSettings, kube: Kube | None = None) ->
 
     from mljob import natsconn
     from mljob.adapters import jetstream
-    from mljob.adapters.jobs_store import JobsStore
     from mljob.adapters.kube import load_config
-    from mljob.adapters.redis_state import JobState
-    from mljob.adapters.results_store import ResultsStore, make_pool
+    from mljob.adapters.results_store import make_pool
     from mljob.db.migrate import apply_migrations_async
 
     try:
@@ -135,18 +133,7 @@ async def open_services(settings: OperatorSettings, kube: Kube | None = None) ->
         await redis.aclose()
         await pool.close()
         raise
-    return Services(
-        settings=settings,
-        nc=nc,
-        js=js,
-        registry=registry,
-        redis=redis,
-        state=JobState(redis, settings.redis_prefix),
-        pool=pool,
-        jobs=JobsStore(pool),
-        results=ResultsStore(pool),
-        kube=kube,
-    )
+    return assemble(settings, nc, registry, redis, pool, kube)
 
 
 async def resolve(services: Services, job: str | None, uid: str | None) -> Target:

@@ -46,7 +46,7 @@ from mljob import ledger, metrics, protocol
 from mljob.adapters.redis_state import JobState, RecordStatus
 from mljob.adapters.results_store import RejectedResult, ResultsStore, UpsertResult
 from mljob.logs import job_extra
-from mljob.outage import Outage, consume, one_line
+from mljob.outage import Outage, ack, consume, one_line
 
 __all__ = ["DEAD_LETTER_SOURCE", "REJECTED_REASON", "Collector"]
 
@@ -149,7 +149,8 @@ class Collector:
             )
         except Exception as err:
             self._outage.report("storing results failed; batch left for redelivery", err)
-            await self._nak([m for m in msgs if id(m) not in settled])
+            await self._outage.nak([m for m in msgs if id(m) not in settled])
+            await self._flush()
             return False
         metrics.count_recorded([p.result for p in valid], outcomes)
         metrics.collector_lag([p.result for p in valid])
@@ -302,20 +303,8 @@ class Collector:
         self._refusals_logged_at = now
 
     async def _ack(self, msg: Msg) -> None:
-        """Fire-and-forget ack (flushed per batch); a lost ack only means an idempotent replay."""
-        try:
-            await msg.ack()
-        except Exception as err:
-            log.warning("ack failed (the message will be redelivered): %s", one_line(err))
-
-    async def _nak(self, msgs: list[Msg]) -> None:
-        """Ask for redelivery after the current backoff; if NATS is gone too, ack_wait does it."""
-        try:
-            for msg in msgs:
-                await msg.nak(delay=self._outage.backoff)
-            await self._flush()
-        except Exception as err:
-            log.debug("nak failed (redelivery after ack_wait instead): %s", one_line(err))
+        """The one step after which a result is settled for good (a seam the crash tests use)."""
+        await ack(msg, log)
 
     async def _flush(self) -> None:
         try:

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,16 +39,13 @@ from mljob import ledger, logs, metrics, protocol
 from mljob.adapters import jetstream
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import RejectedResult, ResultsStore
-from mljob.outage import Outage, consume, one_line
+from mljob.outage import Outage, ack, consume
 
 __all__ = ["REASON", "Advisory", "ExhaustedDeliveries", "parse_advisory"]
 
 log = logging.getLogger(__name__)
 
 REASON = "MaxDeliveriesExceeded"
-_JOB_STREAM = re.compile(
-    r"^MLJOB_([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$", re.IGNORECASE
-)
 
 
 class MalformedAdvisory(ValueError):
@@ -69,10 +65,10 @@ class Advisory:
     @property
     def job_uid(self) -> str | None:
         """The job's uid when this is the workers' consumer of a job stream, else None."""
-        match = _JOB_STREAM.match(self.stream)
-        if match is None or self.consumer != protocol.task_consumer(match.group(1)):
+        uid = jetstream.job_stream_uid(self.stream)
+        if uid is None or self.consumer != protocol.task_consumer(uid):
             return None
-        return match.group(1)
+        return uid
 
 
 def _aware(moment: datetime) -> datetime:
@@ -167,9 +163,9 @@ class ExhaustedDeliveries:
                 await self.handle(msg.data)
             except Exception as err:
                 self._outage.report("handling a max-deliveries advisory failed; it will be retried", err)
-                await self._nak(msgs[index:])
+                await self._outage.nak(msgs[index:])
                 return False
-            await self._ack(msg)
+            await ack(msg, log)
         return True
 
     async def handle(self, data: bytes) -> str | None:
@@ -236,16 +232,3 @@ class ExhaustedDeliveries:
             log.info("job %s: item %s failed (%s, %d deliveries%s)", uid, item_id, REASON, n, latency)
         else:
             log.info("job %s: item %s exhausted %d deliveries but already had an outcome", uid, item_id, n)
-
-    async def _ack(self, msg: Msg) -> None:
-        try:
-            await msg.ack()
-        except Exception as err:  # a lost ack means an idempotent replay
-            log.warning("advisory ack failed (it will be replayed): %s", one_line(err))
-
-    async def _nak(self, msgs: list[Msg]) -> None:
-        try:
-            for msg in msgs:
-                await msg.nak(delay=self._outage.backoff)
-        except Exception as err:
-            log.debug("nak failed (redelivery after ack_wait instead): %s", one_line(err))

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 
 from mljob import protocol
-from mljob.adapters.redis_state import JobState, RecordOutcome
+from mljob.adapters.redis_state import JobState, RecordOutcome, RecordStatus
 from mljob.adapters.results_store import ResultsStore
 
 log = logging.getLogger(__name__)
@@ -77,4 +77,4 @@ async def fail_items(
     """
     results = [failure(uid, item_id, reason, message, attempts) for item_id in item_ids]
     outcomes = await record(store, state, results)
-    return sum(1 for o in outcomes if o.status.value == "new")
+    return sum(1 for o in outcomes if o.status is RecordStatus.NEW)

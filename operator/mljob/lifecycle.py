@@ -172,23 +172,18 @@ class JobLoop:
                 f"{desired['processed']} of {desired['total']} items processed",
             )
         ]
+        was_stalled = view.has_condition("Stalled")
         if stalled:
             updates.append(("Stalled", "True", "WaitingForWorkers", stalled))
-        elif view.has_condition("Stalled"):
+        elif was_stalled:
             updates.append(("Stalled", "False", "WorkMoving", "work is moving again"))
         if view.has_condition("StateAvailable", "False"):
             updates.append(("StateAvailable", "True", "StateFound", "the job's per-item state is available"))
         before = dict(view.status)
         await view.set_conditions(*updates, extra=desired)
-        if stalled and not (
-            before.get("conditions") and view.has_condition("Stalled") and _was_stalled(before)
-        ):
+        if stalled and not was_stalled:  # once per stall, not once per tick
             log.warning("job %s/%s: %s", view.ref.namespace, view.ref.name, stalled)
         if counts is not None and view.phase is not None and reconcile.status_delta(before, desired):
             await self.s.jobs.progress(
                 view.ref.uid, view.phase, counts, int(view.status.get("dispatched", 0))
             )
-
-
-def _was_stalled(status: Mapping[str, Any]) -> bool:
-    return any(c.get("type") == "Stalled" and c.get("status") == "True" for c in status.get("conditions", []))

@@ -26,6 +26,14 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+async def ack(msg: Any, log: logging.Logger) -> None:
+    """Fire-and-forget ack (the caller flushes); a lost ack only means an idempotent replay."""
+    try:
+        await msg.ack()
+    except Exception as err:
+        log.warning("ack failed (the message will be redelivered): %s", one_line(err))
+
+
 class Outage:
     """The outage state of one loop: what was last logged and the current backoff."""
 
@@ -49,6 +57,14 @@ class Outage:
             self.log.info("%s recovered", self.name)
             self.failing = None
         self.backoff = BACKOFF_INITIAL_SECONDS
+
+    async def nak(self, msgs: list[Any]) -> None:
+        """Ask for redelivery after the current backoff; if NATS is gone too, ack_wait does it."""
+        try:
+            for msg in msgs:
+                await msg.nak(delay=self.backoff)
+        except Exception as err:
+            self.log.debug("nak failed (redelivery after ack_wait instead): %s", one_line(err))
 
     async def sleep(self, stop: asyncio.Event) -> None:
         """Wait the current backoff (or until stopped), then double it."""

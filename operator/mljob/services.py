@@ -98,11 +98,22 @@ async def connect(settings: OperatorSettings) -> Services:
         return pool
 
     pool = await with_retry("Postgres", open_and_migrate)
-    kube = Kube(load_config())
+    return assemble(settings, nc, registry, redis, pool, Kube(load_config()))
+
+
+def assemble(
+    settings: OperatorSettings,
+    nc: NATS,
+    registry: KeyValue,
+    redis: Redis,
+    pool: AsyncConnectionPool,
+    kube: Kube,
+) -> Services:
+    """The stores and adapters over opened connections (one place, whoever opened them)."""
     return Services(
         settings=settings,
         nc=nc,
-        js=js,
+        js=nc.jetstream(),
         registry=registry,
         redis=redis,
         state=JobState(redis, settings.redis_prefix),

@@ -99,21 +99,16 @@ async def job_stream_exists(js: JetStreamContext, uid: str) -> bool:
 
 async def ensure_results_stream(js: JetStreamContext, replicas: int = 1) -> None:
     """The shared results stream and the collector's durable consumer (never drops a result)."""
-    try:
-        await js.stream_info(protocol.RESULTS_STREAM)
-    except NotFoundError:
-        await js.add_stream(
-            StreamConfig(
-                name=protocol.RESULTS_STREAM,
-                subjects=[f"{protocol.RESULTS_SUBJECT_PREFIX}.>"],
-                retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.FILE,
-                num_replicas=replicas,
-                duplicate_window=DUPLICATE_WINDOW_SECONDS,
-            )
-        )
-    await js.add_consumer(
-        protocol.RESULTS_STREAM,
+    await _ensure_stream_and_consumer(
+        js,
+        StreamConfig(
+            name=protocol.RESULTS_STREAM,
+            subjects=[f"{protocol.RESULTS_SUBJECT_PREFIX}.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        ),
         ConsumerConfig(
             durable_name=protocol.RESULTS_CONSUMER,
             ack_policy=AckPolicy.EXPLICIT,
@@ -122,6 +117,18 @@ async def ensure_results_stream(js: JetStreamContext, replicas: int = 1) -> None
             max_ack_pending=20_000,
         ),
     )
+
+
+async def _ensure_stream_and_consumer(
+    js: JetStreamContext, stream: StreamConfig, consumer: ConsumerConfig
+) -> None:
+    """A shared stream, created when missing (never reconfigured), and its durable consumer."""
+    assert stream.name is not None
+    try:
+        await js.stream_info(stream.name)
+    except NotFoundError:
+        await js.add_stream(stream)
+    await js.add_consumer(stream.name, consumer)
 
 
 async def registry(js: JetStreamContext, replicas: int = 1) -> KeyValue:
@@ -160,22 +167,17 @@ async def ensure_advisory_stream(js: JetStreamContext, replicas: int = 1) -> Non
     is lost and its item stays pending forever (failure-modes row 2). Limits retention keeps the
     last day for inspection; the consumer's ack position is what the operator has handled.
     """
-    try:
-        await js.stream_info(protocol.ADVISORY_STREAM)
-    except NotFoundError:
-        await js.add_stream(
-            StreamConfig(
-                name=protocol.ADVISORY_STREAM,
-                subjects=[protocol.MAX_DELIVERIES_ADVISORY_SUBJECTS],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                num_replicas=replicas,
-                max_age=ADVISORY_MAX_AGE_SECONDS,
-                discard=DiscardPolicy.OLD,
-            )
-        )
-    await js.add_consumer(
-        protocol.ADVISORY_STREAM,
+    await _ensure_stream_and_consumer(
+        js,
+        StreamConfig(
+            name=protocol.ADVISORY_STREAM,
+            subjects=[protocol.MAX_DELIVERIES_ADVISORY_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=ADVISORY_MAX_AGE_SECONDS,
+            discard=DiscardPolicy.OLD,
+        ),
         ConsumerConfig(
             durable_name=protocol.ADVISORY_CONSUMER,
             ack_policy=AckPolicy.EXPLICIT,

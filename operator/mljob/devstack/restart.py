@@ -9,13 +9,12 @@ restart empties it (a FLUSHALL plus refused connections while it is down).
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mljob.devstack.stack import Stack, StackError, _alive
+from mljob.devstack.stack import Stack, StackError, _terminate
 
 #: Service name on the command line -> process name in the stack's state file.
 SERVICES = {"nats": "nats-server", "redis": "redis-server", "postgres": "postgres"}
@@ -36,17 +35,8 @@ def stop_one(stack: Stack, process: str, grace: float = 20.0) -> None:
     pid = stack.pids.get(process)
     if pid is None:
         raise StackError(f"the stack in {stack.directory} has no {process}")
-    for sig, wait in ((STOP_SIGNALS[process], grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(0.1)
-    raise StackError(f"{process} (pid {pid}) did not stop")
+    if not _terminate(pid, grace, STOP_SIGNALS[process]):
+        raise StackError(f"{process} (pid {pid}) did not stop")
 
 
 def restart(directory: Path, name: str, down_seconds: float = 0.0) -> Stack:

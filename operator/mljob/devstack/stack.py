@@ -337,17 +337,19 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
-def _terminate(pid: int, grace: float = 10.0) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+def _terminate(pid: int, grace: float = 10.0, first: signal.Signals = signal.SIGTERM) -> bool:
+    """Stop a process group: `first`, then SIGKILL after `grace`. True once it is gone."""
+    for sig, wait in ((first, grace), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
-            return
+            return True
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if not _alive(pid):
-                return
+                return True
             time.sleep(0.1)
+    return False
 
 
 def _http_get(url: str, context: ssl.SSLContext | None = None) -> bytes:
