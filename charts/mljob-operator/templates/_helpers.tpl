@@ -65,38 +65,112 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
-{{/* NATS: what workers need too. */}}
+{{/*
+The NATS identity of one role (`role`: operator, collector or workers), as YAML for fromYaml:
+`kind` creds (a .creds file from a Secret), user (user/password from a Secret) or none, the
+Secret and its keys, and `where` (the values it came from, for messages). A worker's own
+`natsCredentials` (`override`) replaces the role's default when it names a Secret.
+*/}}
+{{- define "mljob.natsIdentity" -}}
+{{- $id := dig "credentials" .role dict .root.Values.nats -}}
+{{- $where := printf "nats.credentials.%s" .role -}}
+{{- with .override -}}
+{{- if or (dig "credsSecret" "name" "" .) (dig "userSecret" "name" "" .) -}}
+{{- $id = . -}}
+{{- $where = $.where -}}
+{{- end -}}
+{{- end -}}
+{{- $creds := dig "credsSecret" dict $id -}}
+{{- $user := dig "userSecret" dict $id -}}
+{{- if and $creds.name $user.name -}}
+{{- fail (printf "%s: both credsSecret.name (%q) and userSecret.name (%q) are set; a NATS client logs in with one identity: keep the .creds file or the user/password and set the other name to \"\"" $where $creds.name $user.name) -}}
+{{- end -}}
+where: {{ $where | quote }}
+{{- if $creds.name }}
+kind: creds
+secret: {{ $creds.name | quote }}
+key: {{ $creds.key | default "nats.creds" | quote }}
+{{- else if $user.name }}
+kind: user
+secret: {{ $user.name | quote }}
+userKey: {{ $user.userKey | default "user" | quote }}
+passwordKey: {{ $user.passwordKey | default "password" | quote }}
+{{- else }}
+kind: none
+{{- end }}
+{{- end -}}
+
+{{/* NATS: what workers need too; `id` is the pod's identity from mljob.natsIdentity. */}}
 {{- define "mljob.natsEnv" -}}
-{{ include "mljob.connEnv" (dict "env" "MLJOB_NATS_URL" "conn" .Values.nats "field" "url") }}
-{{- if .Values.nats.tls.caSecret.name }}
+{{- $root := .root -}}
+{{ include "mljob.connEnv" (dict "env" "MLJOB_NATS_URL" "conn" $root.Values.nats "field" "url") }}
+{{- if $root.Values.nats.tls.caSecret.name }}
 - name: MLJOB_NATS_TLS_CA_FILE
-  value: /etc/mljob/tls/nats/{{ .Values.nats.tls.caSecret.key }}
+  value: /etc/mljob/tls/nats/{{ $root.Values.nats.tls.caSecret.key }}
+{{- end }}
+{{- if eq .id.kind "creds" }}
+- name: MLJOB_NATS_CREDS_FILE
+  value: /etc/mljob/nats-creds/nats.creds
+{{- else if eq .id.kind "user" }}
+- name: MLJOB_NATS_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ .id.secret }}
+      key: {{ .id.userKey }}
+- name: MLJOB_NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .id.secret }}
+      key: {{ .id.passwordKey }}
+{{- end }}
+{{- end -}}
+
+{{/* The .creds file of the pod's NATS identity, read-only at a fixed path. 0400 plus the pod's
+fsGroup: the kubelet makes the file root:<fsGroup> 0440, readable by the pod's user. */}}
+{{- define "mljob.natsCredsVolume" -}}
+{{- if eq .id.kind "creds" -}}
+- name: nats-creds
+  secret:
+    secretName: {{ .id.secret }}
+    defaultMode: 0400
+    items:
+      - key: {{ .id.key }}
+        path: nats.creds
+{{- end }}
+{{- end -}}
+
+{{- define "mljob.natsCredsMount" -}}
+{{- if eq .id.kind "creds" -}}
+- name: nats-creds
+  mountPath: /etc/mljob/nats-creds
+  readOnly: true
 {{- end }}
 {{- end -}}
 
 {{/* Every connection of the operator and the collector, and the settings they share. */}}
 {{- define "mljob.storesEnv" -}}
+{{- $root := .root -}}
 {{ include "mljob.natsEnv" . }}
-{{ include "mljob.connEnv" (dict "env" "MLJOB_REDIS_URL" "conn" .Values.redis "field" "url") }}
+{{ include "mljob.connEnv" (dict "env" "MLJOB_REDIS_URL" "conn" $root.Values.redis "field" "url") }}
 - name: MLJOB_REDIS_PREFIX
-  value: {{ .Values.redis.prefix | quote }}
-{{- if .Values.redis.tls.caSecret.name }}
+  value: {{ $root.Values.redis.prefix | quote }}
+{{- if $root.Values.redis.tls.caSecret.name }}
 - name: MLJOB_REDIS_TLS_CA_FILE
-  value: /etc/mljob/tls/redis/{{ .Values.redis.tls.caSecret.key }}
+  value: /etc/mljob/tls/redis/{{ $root.Values.redis.tls.caSecret.key }}
 {{- end }}
-{{ include "mljob.connEnv" (dict "env" "MLJOB_POSTGRES_DSN" "conn" .Values.postgres "field" "dsn") }}
-{{- if .Values.postgres.schema }}
+{{ include "mljob.connEnv" (dict "env" "MLJOB_POSTGRES_DSN" "conn" $root.Values.postgres "field" "dsn") }}
+{{- if $root.Values.postgres.schema }}
 - name: MLJOB_POSTGRES_SCHEMA
-  value: {{ .Values.postgres.schema | quote }}
+  value: {{ $root.Values.postgres.schema | quote }}
 {{- end }}
-{{- if .Values.postgres.tls.caSecret.name }}
+{{- if $root.Values.postgres.tls.caSecret.name }}
 - name: MLJOB_POSTGRES_TLS_CA_FILE
-  value: /etc/mljob/tls/postgres/{{ .Values.postgres.tls.caSecret.key }}
+  value: /etc/mljob/tls/postgres/{{ $root.Values.postgres.tls.caSecret.key }}
 {{/* libpq reads these itself, so TLS to Postgres works before the settings model knows the file. */}}
 - name: PGSSLROOTCERT
-  value: /etc/mljob/tls/postgres/{{ .Values.postgres.tls.caSecret.key }}
+  value: /etc/mljob/tls/postgres/{{ $root.Values.postgres.tls.caSecret.key }}
 - name: PGSSLMODE
-  value: {{ .Values.postgres.tls.sslMode | quote }}
+  value: {{ $root.Values.postgres.tls.sslMode | quote }}
 {{- end }}
 {{- end -}}
 
