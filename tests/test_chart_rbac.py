@@ -113,7 +113,7 @@ def test_operator_on_the_service_account_token_completes_cancels_and_deletes(cha
 
     wait_for(gone, 60, what="the deleted MLJob's finalizer to be removed by the operator")
     assert env.redis_keys(uid) == []
-    assert env.nats_leftovers(uid, "rbac") == {"stream": False, "registry": False}
+    assert env.nats_leftovers(uid, "rbac") == {"consumer": False, "registry": False}
 
     log = chart_e2e.operator_log()
     assert "forbidden" not in log.lower() and "(403)" not in log, log[-4000:]

@@ -22,7 +22,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -39,6 +38,8 @@ from mljob.devstack.stack import free_port
 
 OK = protocol.Outcome.SUCCEEDED
 FAILED = protocol.Outcome.FAILED
+#: The pipeline of the collector tests' jobs (the second-to-last token of their result subjects).
+PIPELINE = "test"
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -52,8 +53,8 @@ class ResultsStream:
     consumer: str
     prefix: str
 
-    def subject(self, uid: str) -> str:
-        return f"{self.prefix}.{uid}"
+    def subject(self, uid: str, pipeline: str = PIPELINE) -> str:
+        return f"{self.prefix}.{pipeline}.{uid}"
 
 
 async def make_results_stream(js: JetStreamContext, ack_wait: float = 30.0) -> ResultsStream:
@@ -82,7 +83,7 @@ async def make_results_stream(js: JetStreamContext, ack_wait: float = 30.0) -> R
 
 @pytest.fixture
 async def nc(stack: StackEnv) -> AsyncIterator[NATS]:
-    client = await nats.connect(stack.nats_url)
+    client = await stack.nats()
     yield client
     await client.close()
 
@@ -204,6 +205,7 @@ def collector_for(
         on_drained=on_drained,
         stream=rs.stream,
         consumer=rs.consumer,
+        subject_prefix=rs.prefix,
     )
 
 
@@ -423,7 +425,12 @@ async def test_result_postgres_refuses_is_dead_lettered_alone(
     await dispatched(state, store, uid, ["a", "b"])
     drained = await drained_listener(nc, uid)
     poison = json.dumps(
-        {"version": 1, "job_uid": uid, "item_id": "nul\u0000id", "outcome": "succeeded"}
+        {
+            "version": protocol.PROTOCOL_VERSION,
+            "job_uid": uid,
+            "item_id": "nul\u0000id",
+            "outcome": "succeeded",
+        }
     ).encode()
     await js.publish(results.subject(uid), body(uid, "a", OK))
     await js.publish(results.subject(uid), poison)
@@ -464,8 +471,9 @@ async def test_crash_between_record_and_ack_redelivers_and_counts_once(
         for n, item in enumerate(items):
             await js.publish(rs.subject(uid), body(uid, item, FAILED if n % 3 == 0 else OK))
         crashing = CrashesBeforeAck(
-            js, nc, state, store, stream=rs.stream, consumer=rs.consumer, fetch_timeout=0.5
-        )
+            js, nc, state, store, stream=rs.stream, consumer=rs.consumer, subject_prefix=rs.prefix,
+            fetch_timeout=0.5,
+        )  # fmt: skip
         async with running(crashing):
             await until(lambda: state_pending_is(state, uid, 0), what="recorded")
         assert await stream_messages(js, rs) == 30  # recorded, never acked

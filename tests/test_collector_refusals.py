@@ -25,6 +25,7 @@ from mljob.adapters.results_store import ResultsStore
 from test_collector import (  # noqa: F401 (js, nc, results: fixtures)
     FAILED,
     OK,
+    PIPELINE,
     ResultsStream,
     body,
     collector_for,
@@ -54,20 +55,42 @@ async def all_acked(js: JetStreamContext, rs: ResultsStream) -> None:
     assert await stream_messages(js, rs) == 0
 
 
-def refused_body(case: str, uid: str, stranger: str) -> tuple[bytes, str]:
-    """A message the collector must refuse, aimed at item `a` where it can be; and the reason's
-    start. Each is a failed outcome that would win over `a`'s genuine success if stored."""
+def refused_body(case: str, uid: str, stranger: str, results: ResultsStream) -> tuple[bytes, str, str]:
+    """A message the collector must refuse, aimed at item `a` where it can be; the subject it is
+    published on; and the reason's start. Each is a failed outcome that would win over `a`'s
+    genuine success if stored."""
+    subject = results.subject(uid)
     if case == "version":
-        return body(uid, "a", FAILED, version=99), "unsupported protocol version 99"
+        return body(uid, "a", FAILED, version=99), subject, "unsupported protocol version 99"
     if case == "too-large":
-        return body(uid, "a", FAILED, error="x" * 600_000), "result too large: 6"
+        return body(uid, "a", FAILED, error="x" * 600_000), subject, "result too large: 6"
     if case == "unknown-job":
-        return body(stranger, "a", FAILED), f"unknown job: no items are registered for job {stranger}"
+        reason = f"unknown job: no items are registered for job {stranger}"
+        return body(stranger, "a", FAILED), results.subject(stranger), reason
+    if case == "wrong-subject":  # the body names the job, the subject another one
+        reason = f"wrong subject: a result of job {uid} belongs on {results.prefix}.<pipeline>.{uid}"
+        return body(uid, "a", FAILED), results.subject(stranger), reason
+    if case == "wrong-pipeline":  # a worker of pipeline `other` answering for this job
+        reason = f"wrong pipeline: job {uid} belongs to pipeline {PIPELINE!r}"
+        return body(uid, "a", FAILED), results.subject(uid, pipeline="other"), reason
     assert case == "not-an-item"
-    return body(uid, "a ", FAILED), f"not an item: 'a ' is not an item of job {uid}"
+    return body(uid, "a ", FAILED), subject, f"not an item: 'a ' is not an item of job {uid}"
 
 
-@pytest.mark.parametrize("case", ["version", "too-large", "unknown-job", "not-an-item"])
+async def job_row(store: ResultsStore, uid: str, pipeline: str) -> None:
+    """The job's row in the ledger, as dispatch writes it before registering the items."""
+    async with store.pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO mljob_jobs (uid, namespace, name, pipeline, phase) "
+            "VALUES (%s, 'ns', %s, %s, 'Running')",
+            (uid, f"job-{uid[:8]}", pipeline),
+        )
+
+
+CASES = ["version", "too-large", "unknown-job", "not-an-item", "wrong-subject", "wrong-pipeline"]
+
+
+@pytest.mark.parametrize("case", CASES)
 async def test_refused_result_is_dead_lettered_acked_and_never_counts(
     case: str,
     js: JetStreamContext,
@@ -79,9 +102,9 @@ async def test_refused_result_is_dead_lettered_acked_and_never_counts(
     prefix: str,
 ) -> None:
     uid, stranger = str(uuid.uuid4()), str(uuid.uuid4())
+    await job_row(store, uid, PIPELINE)
     assert await dispatched(state, store, uid, ["a", "b"])
-    bad, reason = refused_body(case, uid, stranger)
-    subject = results.subject(stranger if case == "unknown-job" else uid)
+    bad, subject, reason = refused_body(case, uid, stranger, results)
     await js.publish(subject, bad)  # first, so that it would win if it were stored
     await js.publish(results.subject(uid), body(uid, "a", OK, result={"genuine": True}))
     await js.publish(results.subject(uid), body(uid, "b", OK))

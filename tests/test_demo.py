@@ -96,7 +96,8 @@ def test_demo_script_recovers_crashes_agrees_with_postgres_and_leaves_nothing_ru
     assert re.search(r'mljob_items_failed_total\{reason="MaxDeliveriesExceeded"\}\s+0 -> 3\n', out), out
 
     # Nothing of the job is left in NATS or Redis.
-    assert re.search(r"stream MLJOB_\S+: gone", out), out
+    assert re.search(r"consumer MLJOB_TASKS_demo-classify/workers-\S+: gone", out), out
+    assert re.search(r"tasks on mljob\.tasks\.demo-classify\.\S+: 0\n", out), out
     assert re.search(r"registry mljob-registry/demo-classify\.\S+: gone", out), out
     assert re.search(r"Redis mljob:\{\S+\}:\*: 0 key\(s\)", out), out
     assert re.search(r"\b0 of \d+ observed resource\(s\) would be removed", out), out

@@ -37,9 +37,7 @@ def restart_service(e2e: E2E, service: str, down_seconds: float = 0.0) -> None:
 
 def _answers(e2e: E2E) -> dict[str, bool]:
     async def nats_ok() -> None:
-        import nats
-
-        nc = await nats.connect(e2e.stack.nats_url, connect_timeout=2, allow_reconnect=False)
+        nc = await e2e.stack.nats(connect_timeout=2, allow_reconnect=False)
         try:
             await nc.jetstream().account_info()
         finally:

@@ -120,21 +120,19 @@ def _exhaustion_to_failed_seconds(
     The advisory stream keeps handled advisories (limits retention). They are handled one by
     one in stream order, so the n-th advisory produced the n-th failure.
     """
-    stamps = asyncio.run(_advisory_timestamps(e2e.stack.nats_url, uid))
+    stamps = asyncio.run(_advisory_timestamps(e2e.stack, uid))
     assert len(stamps) == len(failed), stamps
     finished = sorted(row[2] for row in failed.values())
     return [(f - s).total_seconds() for s, f in zip(sorted(stamps), finished, strict=True)]
 
 
-async def _advisory_timestamps(nats_url: str, uid: str) -> list[datetime]:
-    import nats
-
-    nc = await nats.connect(nats_url)
+async def _advisory_timestamps(stack: Any, uid: str) -> list[datetime]:
+    nc = await stack.nats()
     try:
         js = nc.jetstream()
         prefix = protocol.MAX_DELIVERIES_ADVISORY_SUBJECTS.removesuffix(".*.*")
         sub = await js.pull_subscribe(
-            f"{prefix}.{protocol.task_stream(uid)}.*", stream=protocol.ADVISORY_STREAM
+            f"{prefix}.*.{protocol.task_consumer(uid)}", stream=protocol.ADVISORY_STREAM
         )
         stamps: list[datetime] = []
         while True:

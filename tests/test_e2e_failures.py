@@ -100,7 +100,8 @@ def test_terminal_verdict_survives_stale_writers_cancel_and_late_results(e2e: E2
     def refused() -> bool:
         with e2e.pg() as conn:
             found = conn.execute(
-                "SELECT reason FROM mljob_dead_letters WHERE subject = %s", (protocol.results_subject(uid),)
+                "SELECT reason FROM mljob_dead_letters WHERE subject = %s",
+                (protocol.results_subject("guards", uid),),
             ).fetchall()
         return any("'g-late' is not an item" in reason for (reason,) in found)
 
@@ -139,12 +140,10 @@ def test_concurrent_finishers_exactly_one_wins_and_the_cr_mirrors_it(e2e: E2E) -
 
 def _publish_late_result(e2e: E2E, uid: str, item_id: str) -> None:
     async def publish() -> None:
-        import nats
-
-        nc = await nats.connect(e2e.stack.nats_url)
+        nc = await e2e.stack.nats()
         result = protocol.Result(job_uid=uid, item_id=item_id, outcome=protocol.Outcome.FAILED, error="late")
         await nc.jetstream().publish(
-            protocol.results_subject(uid),
+            protocol.results_subject("guards", uid),
             result.encode(),
             headers={protocol.MSG_ID_HEADER: protocol.result_msg_id(uid, item_id)},
         )
@@ -174,4 +173,4 @@ def test_cr_mirrors_postgres_after_a_crash_between_the_two_writes(e2e: E2E) -> N
     assert status["phase"] == "Failed"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert (failed["reason"], failed["message"]) == ("FailureThresholdExceeded", "decided before the crash")
-    assert e2e.nats_leftovers(uid, "nobody-serves-half") == {"stream": False, "registry": False}
+    assert e2e.nats_leftovers(uid, "nobody-serves-half") == {"consumer": False, "registry": False}

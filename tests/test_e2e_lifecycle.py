@@ -43,7 +43,7 @@ def test_thousand_items_three_workers_ten_percent_fail(e2e: E2E) -> None:
     assert results == {item: _expected_outcome(item) for item in items}
 
     assert e2e.redis_keys(uid) == []
-    assert e2e.nats_leftovers(uid, "thumbs") == {"stream": False, "registry": False}
+    assert e2e.nats_leftovers(uid, "thumbs") == {"consumer": False, "registry": False}
 
     events = e2e.kubectl.json(
         "-n", e2e.namespace, "get", "events", "--field-selector", "involvedObject.name=thousand"
@@ -84,10 +84,10 @@ def test_deleting_a_running_job_cleans_up_through_the_finalizer(e2e: E2E) -> Non
     uid = e2e.apply("doomed", "nobody-home", [f"d-{i}" for i in range(5)])
     e2e.wait_phase("doomed", {"Running"}, timeout=30)
     assert e2e.get("doomed")["metadata"]["finalizers"] == ["mljob.dev/cleanup"]
-    assert e2e.nats_leftovers(uid, "nobody-home") == {"stream": True, "registry": True}
+    assert e2e.nats_leftovers(uid, "nobody-home") == {"consumer": True, "registry": True}
     assert e2e.redis_keys(uid)
     e2e.kubectl.run("-n", e2e.namespace, "delete", "mljob", "doomed", "--timeout=30s")
-    assert e2e.nats_leftovers(uid, "nobody-home") == {"stream": False, "registry": False}
+    assert e2e.nats_leftovers(uid, "nobody-home") == {"consumer": False, "registry": False}
     assert e2e.redis_keys(uid) == []
 
 
@@ -101,5 +101,5 @@ def test_cancelling_a_running_job_ends_it_cancelled_and_cleans_up(e2e: E2E) -> N
     assert status["phase"] == "Cancelled"
     job = e2e.job_row(uid)
     assert job is not None and job["phase"] == "Cancelled"
-    assert e2e.nats_leftovers(uid, "nobody-home-either") == {"stream": False, "registry": False}
+    assert e2e.nats_leftovers(uid, "nobody-home-either") == {"consumer": False, "registry": False}
     assert e2e.redis_keys(uid) == []

@@ -25,12 +25,13 @@ def _wait_processed(e2e: E2E, name: str, at_least: int, timeout: float = 60) -> 
     )
 
 
-def _delete_stream(e2e: E2E, uid: str) -> None:
-    async def delete() -> None:
-        import nats
+def _delete_stream(e2e: E2E, pipeline: str) -> None:
+    """What a NATS storage loss does to a job: its pipeline's stream (so its tasks and consumer)
+    are gone."""
 
-        nc = await nats.connect(e2e.stack.nats_url)
-        await nc.jetstream().delete_stream(protocol.task_stream(uid))
+    async def delete() -> None:
+        nc = await e2e.stack.nats()
+        await nc.jetstream().delete_stream(protocol.task_stream(pipeline))
         await nc.close()
 
     asyncio.run(delete())
@@ -76,7 +77,7 @@ def test_stream_deleted_mid_flight_is_recreated_and_only_unfinished_items_redisp
     uid = e2e.apply("streamless", "stream", items)
     e2e.start_worker("stream", "slow", "--concurrency", "8", MLJOB_TEST_SLEEP="0.01")
     _wait_processed(e2e, "streamless", 600)
-    _delete_stream(e2e, uid)
+    _delete_stream(e2e, "stream")
     status = e2e.wait_terminal("streamless", timeout=180)
     assert (status["phase"], status["processed"], status["failed"]) == ("Succeeded", 2000, 0), e2e.logs()
     assert status.get("streamRecreations") == 1
@@ -91,9 +92,9 @@ def test_a_stream_lost_more_often_than_allowed_fails_the_job_with_stream_lost(e2
     items = [f"l-{i:02d}" for i in range(20)]
     uid = e2e.apply("cursed", "nobody-pulls-cursed", items)
     e2e.wait_phase("cursed", {"Running"}, timeout=30)
-    _delete_stream(e2e, uid)
+    _delete_stream(e2e, "nobody-pulls-cursed")
     wait_for(lambda: e2e.status("cursed").get("streamRecreations") == 1, 30, what="the first recreation")
-    _delete_stream(e2e, uid)
+    _delete_stream(e2e, "nobody-pulls-cursed")
     status = e2e.wait_terminal("cursed", timeout=30)
     assert status["phase"] == "Failed"
     assert _condition(status, "Failed")["reason"] == "StreamLost"  # type: ignore[index]
@@ -269,9 +270,7 @@ def test_a_long_task_with_heartbeats_is_not_taken_for_a_stall(e2e: E2E) -> None:
 
 def _publish_raw(e2e: E2E, subject: str, bodies: list[bytes]) -> None:
     async def publish() -> None:
-        import nats
-
-        nc = await nats.connect(e2e.stack.nats_url)
+        nc = await e2e.stack.nats()
         js = nc.jetstream()
         for body in bodies:
             await js.publish(subject, body)
@@ -290,20 +289,27 @@ def test_forged_results_are_refused_and_never_beat_the_real_outcome(e2e: E2E) ->
     e2e.wait_phase("forged", {"Running"}, timeout=30)
 
     def forged(item_id: str, **extra: object) -> bytes:
-        body = {"version": 1, "job_uid": uid, "item_id": item_id, "outcome": "failed", "error": "forged"}
+        body = {
+            "version": protocol.PROTOCOL_VERSION,
+            "job_uid": uid,
+            "item_id": item_id,
+            "outcome": "failed",
+            "error": "forged",
+        }
         body.update(extra)
         return json.dumps(body).encode()
 
     _publish_raw(
         e2e,
-        protocol.results_subject(uid),
+        protocol.results_subject("forged", uid),
         [forged("fr-0", version=99), forged("fr-1", result="x" * 600_000), forged("not-an-item")],
     )
 
     def dead_lettered() -> int:
         with e2e.pg() as conn:
             row = conn.execute(
-                "SELECT count(*) FROM mljob_dead_letters WHERE subject = %s", (protocol.results_subject(uid),)
+                "SELECT count(*) FROM mljob_dead_letters WHERE subject = %s",
+                (protocol.results_subject("forged", uid),),
             ).fetchone()
         return int(row[0]) if row else 0
 

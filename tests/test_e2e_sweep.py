@@ -38,7 +38,7 @@ def test_operator_sweeps_planted_orphans_and_keeps_a_live_job(sweeping: E2E) -> 
     # A live job with no worker: dispatched, Running, its stream, entry and keys in place.
     live = env.apply("live", PIPELINE, [f"i{n}" for n in range(5)])
     env.wait_phase("live", {"Running"})
-    assert leftovers(env, live) == {"stream": True, "registry": True, "redis": True}
+    assert leftovers(env, live) == {"consumer": True, "registry": True, "redis": True}
 
     planted = subprocess.run(
         mljob_cmd(
@@ -68,5 +68,5 @@ def test_operator_sweeps_planted_orphans_and_keeps_a_live_job(sweeping: E2E) -> 
     for uid in orphans:
         removed = [line for line in log.splitlines() if "orphan sweep: removed" in line and uid in line]
         assert len(removed) == 3, f"expected stream, registry and Redis lines for {uid}:\n{log[-4000:]}"
-    assert leftovers(env, live) == {"stream": True, "registry": True, "redis": True}
+    assert leftovers(env, live) == {"consumer": True, "registry": True, "redis": True}
     assert env.status("live")["phase"] == "Running"

@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats
 import psycopg
 import pytest
 from nats.aio.client import Client as NATS
@@ -34,11 +33,12 @@ from mljob.exhausted import REASON, ExhaustedDeliveries
 WAIT_SECONDS = 30.0  # an upper bound for waiting, never a timing assertion
 MAX_DELIVER = 2
 ADVISORY_PREFIX = protocol.MAX_DELIVERIES_ADVISORY_SUBJECTS.removesuffix(".*.*")
+PIPELINE = "exh"
 
 
 @pytest.fixture
 async def nc(stack: StackEnv) -> AsyncIterator[NATS]:
-    client = await nats.connect(stack.nats_url)
+    client = await stack.nats()
     yield client
     await client.close()
 
@@ -93,10 +93,13 @@ class Job:
             if not seen.done():
                 seen.set_result(time.monotonic())
 
-        watch = await nc.subscribe(f"{ADVISORY_PREFIX}.{protocol.task_stream(self.uid)}.*", cb=on_advisory)
+        watch = await nc.subscribe(
+            f"{ADVISORY_PREFIX}.{protocol.task_stream(PIPELINE)}.{protocol.task_consumer(self.uid)}",
+            cb=on_advisory,
+        )
         await nc.flush()
         sub = await self.js.pull_subscribe_bind(
-            durable=protocol.task_consumer(self.uid), stream=protocol.task_stream(self.uid)
+            durable=protocol.task_consumer(self.uid), stream=protocol.task_stream(PIPELINE)
         )
         deliveries = 0
         deadline = time.monotonic() + WAIT_SECONDS
@@ -121,7 +124,7 @@ class Job:
             await watch.unsubscribe()
 
     async def message_exists(self, item_id: str) -> bool:
-        return await jetstream.get_task_message(self.js, self.uid, self.seqs[item_id]) is not None
+        return await jetstream.get_task_message(self.js, PIPELINE, self.uid, self.seqs[item_id]) is not None
 
 
 @pytest.fixture
@@ -135,7 +138,12 @@ async def new_job(nc: NATS, store: ResultsStore, state: JobState) -> AsyncIterat
         uid = str(uuid.uuid4())
         made.append(uid)
         settings = jetstream.JobStreamSettings(
-            uid=uid, namespace="ns", name="exh", pipeline="exh", max_deliver=MAX_DELIVER, ack_wait_seconds=2.0
+            uid=uid,
+            namespace="ns",
+            name="exh",
+            pipeline=PIPELINE,
+            max_deliver=MAX_DELIVER,
+            ack_wait_seconds=2.0,
         )
         await jetstream.ensure_job_stream(js, settings)
         register = getattr(store, "register_items", None)
@@ -157,7 +165,7 @@ async def new_job(nc: NATS, store: ResultsStore, state: JobState) -> AsyncIterat
 
     yield make
     for uid in made:
-        await jetstream.delete_job_stream(js, uid)
+        await jetstream.delete_job_tasks(js, PIPELINE, uid)
 
 
 @asynccontextmanager
@@ -263,12 +271,13 @@ async def test_advisories_of_other_streams_and_consumers_and_malformed_ones_are_
         (protocol.RESULTS_STREAM, protocol.RESULTS_CONSUMER, b""),
         (protocol.ADVISORY_STREAM, protocol.ADVISORY_CONSUMER, b""),
         ("OTHER", "c", b""),
-        # b's own task, but another consumer of the job stream: b must stay pending
-        (protocol.task_stream(job.uid), "someone-else", b""),
-        # a job whose stream is gone (finished)
-        (protocol.task_stream(gone), protocol.task_consumer(gone), b""),
-        (protocol.task_stream(job.uid), protocol.task_consumer(job.uid), b"not json"),
-        (protocol.task_stream(job.uid), protocol.task_consumer(job.uid), b'{"stream": 1}'),
+        # b's own task, but another consumer of the pipeline's stream: b must stay pending
+        (protocol.task_stream(PIPELINE), "someone-else", b""),
+        # another job's consumer (finished, or a stale advisory after a recreation) naming b's
+        # sequence: that sequence holds another job's task, so b stays pending
+        (protocol.task_stream(PIPELINE), protocol.task_consumer(gone), b""),
+        (protocol.task_stream(PIPELINE), protocol.task_consumer(job.uid), b"not json"),
+        (protocol.task_stream(PIPELINE), protocol.task_consumer(job.uid), b'{"stream": 1}'),
     ]
     for stream, consumer, body in fakes:
         payload = (

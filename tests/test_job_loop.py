@@ -113,7 +113,9 @@ def failed_with(world: FakeWorld, uid: str, reason: str) -> set[str]:
 
 def assert_cleaned_up(world: FakeWorld, body: dict[str, Any]) -> None:
     uid = uid_of(body)
-    assert protocol.task_stream(uid) not in world.js.streams
+    stream = world.js.streams.get(protocol.task_stream(PIPELINE))
+    assert stream is None or protocol.task_consumer(uid) not in stream.consumers
+    assert world.js.task_ids(protocol.task_stream(PIPELINE), protocol.task_subject(PIPELINE, uid)) == []
     assert protocol.registry_key(PIPELINE, uid) not in world.registry.entries
     assert uid not in world.state.jobs
 
@@ -151,7 +153,9 @@ async def test_happy_path(world: FakeWorld) -> None:
 
     assert not await loop.step()
     assert status(body)["phase"] == Phase.RUNNING
-    assert sorted(world.js.task_ids(protocol.task_stream(uid))) == item_ids(10)
+    assert sorted(
+        world.js.task_ids(protocol.task_stream(PIPELINE), protocol.task_subject(PIPELINE, uid))
+    ) == item_ids(10)
     assert protocol.registry_key(PIPELINE, uid) in world.registry.entries
     assert world.kube.phases_of(uid) == ["Dispatching", "Running"]
 
@@ -224,7 +228,7 @@ async def test_redis_state_lost_mid_run_is_rebuilt_from_the_ledger(world: FakeWo
 async def test_stream_lost_mid_run_is_recreated_with_the_unresolved_items(world: FakeWorld) -> None:
     body = new_job(world, 10)
     uid = uid_of(body)
-    stream = protocol.task_stream(uid)
+    stream = protocol.task_stream(PIPELINE)
     loop = await running(world, body)
     held = world.pull(uid, 2)  # a worker is busy with these when the stream goes
     await world.work(uid, 3)
@@ -254,7 +258,7 @@ async def test_stream_lost_mid_run_is_recreated_with_the_unresolved_items(world:
 async def test_stream_lost_too_often_fails_the_job_with_stream_lost(world: FakeWorld) -> None:
     body = new_job(world, 10)
     uid = uid_of(body)
-    stream = protocol.task_stream(uid)
+    stream = protocol.task_stream(PIPELINE)
     loop = await running(world, body)
     await world.work(uid, 4)
     assert not await ticks(loop, 2)
@@ -288,7 +292,7 @@ async def test_stall_with_every_task_delivered_fails_the_lost_items(
     world.pull(uid, lost)  # a worker dies holding these; nobody comes back
     await world.work(uid, 25)
     assert not await ticks(loop, 2)
-    info = await world.js.consumer_info(protocol.task_stream(uid), protocol.task_consumer(uid))
+    info = await world.js.consumer_info(protocol.task_stream(PIPELINE), protocol.task_consumer(uid))
     assert (info.num_pending, info.num_ack_pending) == (0, lost)
 
     clock.advance(STALL - 5)
@@ -483,13 +487,15 @@ async def test_missing_items_configmap_dispatches_nothing(world: FakeWorld) -> N
     assert status(body)["phase"] == Phase.RUNNING
     ready = condition(body, "ItemsSourceReady")
     assert ready is not None and ready["status"] == "True"
-    assert sorted(world.js.task_ids(protocol.task_stream(uid))) == item_ids(5)
+    assert sorted(
+        world.js.task_ids(protocol.task_stream(PIPELINE), protocol.task_subject(PIPELINE, uid))
+    ) == item_ids(5)
 
 
 async def test_consumer_lost_mid_run_is_recreated_and_the_stream_drained(world: FakeWorld) -> None:
     body = new_job(world, 10)
     uid = uid_of(body)
-    stream = protocol.task_stream(uid)
+    stream = protocol.task_stream(PIPELINE)
     loop = await running(world, body)
     world.pull(uid, 2)  # held by a worker that dies with the consumer
     await world.work(uid, 3)
@@ -523,7 +529,9 @@ async def test_dispatch_interrupted_resumes_from_the_cursor(world: FakeWorld) ->
 
     assert not await loop.step()
     assert status(body)["phase"] == Phase.RUNNING
-    assert world.js.task_ids(protocol.task_stream(uid)) == item_ids(10)
+    assert world.js.task_ids(
+        protocol.task_stream(PIPELINE), protocol.task_subject(PIPELINE, uid)
+    ) == item_ids(10)
     await world.work(uid, 10)
     assert await loop.step()
     assert_accounted(world, body)
@@ -531,8 +539,7 @@ async def test_dispatch_interrupted_resumes_from_the_cursor(world: FakeWorld) ->
 
 async def test_stream_lost_while_dispatching_republishes_what_it_held(world: FakeWorld) -> None:
     body = new_job(world, 10)
-    uid = uid_of(body)
-    stream = protocol.task_stream(uid)
+    stream = protocol.task_stream(PIPELINE)
     loop = JobLoop(world.services, body)
 
     def lose_stream(calls: int) -> None:
@@ -559,7 +566,7 @@ async def test_stream_lost_after_the_items_configmap_was_deleted_is_explained(wo
     assert not await ticks(loop, 2)
 
     del world.kube.configmaps[(NAMESPACE, "batch-items")]  # tidied up by the user after dispatch
-    await world.js.delete_stream(protocol.task_stream(uid))
+    await world.js.delete_stream(protocol.task_stream(PIPELINE))
     await loop.step()  # must not raise: the loop would back off with nothing in the status
     explained = [c for c in status(body).get("conditions", []) if "batch-items" in c.get("message", "")]
     assert explained, status(body).get("conditions")
@@ -592,7 +599,7 @@ async def test_a_recreation_interrupted_halfway_is_carried_through_and_counted_o
     loop = await running(world, body)
     await world.work(uid, 3)
     await ticks(loop, 2)
-    await world.js.delete_stream(protocol.task_stream(uid))
+    await world.js.delete_stream(protocol.task_stream(PIPELINE))
     world.registry.entries.pop(protocol.registry_key(PIPELINE, uid), None)
     target: Any = world.js if fail_at == "publish" else world.registry
     method = "publish_async" if fail_at == "publish" else "put"

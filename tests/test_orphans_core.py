@@ -13,7 +13,7 @@ GONE = "22222222-2222-4222-8222-222222222222"
 OTHER = "33333333-3333-4333-8333-333333333333"
 
 
-def res(uid: str = GONE, age: float | None = 1000.0, owner: str | None = "ns-a", kind: Kind = Kind.STREAM):
+def res(uid: str = GONE, age: float | None = 1000.0, owner: str | None = "ns-a", kind: Kind = Kind.TASKS):
     return Resource(kind=kind, uid=uid, name=f"{kind}-{uid}", age=age, owner=owner)
 
 

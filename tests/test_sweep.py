@@ -58,14 +58,14 @@ async def present(services: Services, uid: str, pipeline: str = PIPELINE) -> dic
     pattern = f"{services.settings.redis_prefix}:{{{uid}}}:*"
     keys = [k async for k in services.redis.scan_iter(match=pattern)]
     return {
-        "stream": await jetstream.job_stream_exists(services.js, uid),
+        "consumer": await jetstream.job_consumer_exists(services.js, pipeline, uid),
         "registry": registry,
         "redis": bool(keys),
     }
 
 
-ALL = {"stream": True, "registry": True, "redis": True}
-NONE = {"stream": False, "registry": False, "redis": False}
+ALL = {"consumer": True, "registry": True, "redis": True}
+NONE = {"consumer": False, "registry": False, "redis": False}
 
 
 def live_job(kubectl: Kubectl, namespace: str, name: str) -> str:
@@ -218,12 +218,21 @@ async def test_chaos_flush_state_and_delete_stream(
 
     flushed = await asyncio.to_thread(chaos, stack, services, "flush-state", f"{namespace}/victim")
     assert uid in flushed.stdout
-    assert await present(services, uid) == {"stream": True, "registry": True, "redis": False}
+    assert await present(services, uid) == {"consumer": True, "registry": True, "redis": False}
     assert await services.state.counts(uid) is None
 
+    deleted = await asyncio.to_thread(
+        chaos, stack, services, "delete-stream", f"{namespace}/victim", "--consumer-only"
+    )
+    assert protocol.task_consumer(uid) in deleted.stdout
+    assert await present(services, uid) == {"consumer": False, "registry": True, "redis": False}
+    assert await jetstream.pipeline_stream_exists(services.js, PIPELINE)
+
+    await plant(services, PIPELINE, namespace, uid=uid)  # a bare --uid finds the pipeline in NATS
     deleted = await asyncio.to_thread(chaos, stack, services, "delete-stream", "--uid", uid)
-    assert protocol.task_stream(uid) in deleted.stdout
-    assert await present(services, uid) == {"stream": False, "registry": True, "redis": False}
+    assert protocol.task_stream(PIPELINE) in deleted.stdout
+    assert not await jetstream.pipeline_stream_exists(services.js, PIPELINE)
+    assert (await present(services, uid))["consumer"] is False
 
 
 async def test_chaos_list_orphans_is_a_dry_run(stack: StackEnv, namespace: str, services: Services) -> None:

@@ -32,6 +32,7 @@ from conftest import StackEnv
 from mljob import protocol
 from mljob.adapters.jetstream import (
     JobStreamSettings,
+    delete_job_tasks,
     ensure_job_stream,
     ensure_results_stream,
     register_job,
@@ -64,7 +65,7 @@ class ResultSink:
             msg_id = (msg.headers or {}).get(protocol.MSG_ID_HEADER)
             sink.messages.append((protocol.decode_result(msg.data), msg_id))
 
-        await nc.subscribe(protocol.results_subject(uid), cb=on_msg)
+        await nc.subscribe(protocol.results_subject("*", uid), cb=on_msg)
         await nc.flush()
         return sink
 
@@ -143,7 +144,7 @@ def spawn_worker(stack: StackEnv, tmp_path: Path) -> Iterator[SpawnWorker]:
 
 @pytest.fixture
 async def nc(stack: StackEnv) -> AsyncIterator[Client]:
-    conn = await nats.connect(stack.nats_url)
+    conn = await stack.nats()
     yield conn
     await conn.close()
 
@@ -194,16 +195,19 @@ class Jobs:
         await unregister_job(await registry(self.js), entry.pipeline, entry.uid)
 
     async def stream_messages(self, entry: protocol.RegistryEntry) -> int:
-        info = await self.js.stream_info(entry.stream)
-        return int(info.state.messages)
+        """The job's task messages left in its pipeline's stream."""
+        info = await self.js.stream_info(entry.stream, subjects_filter=entry.subject)
+        return int((info.state.subjects or {}).get(entry.subject, 0))
 
     async def cleanup(self) -> None:
         kv = await registry(self.js)
         for entry in self.created:
             for call in (
                 unregister_job(kv, entry.pipeline, entry.uid),
-                self.js.delete_stream(entry.stream),
-                self.js.purge_stream(protocol.RESULTS_STREAM, subject=protocol.results_subject(entry.uid)),
+                delete_job_tasks(self.js, entry.pipeline, entry.uid),
+                self.js.purge_stream(
+                    protocol.RESULTS_STREAM, subject=protocol.results_subject(entry.pipeline, entry.uid)
+                ),
             ):
                 with contextlib.suppress(Exception):
                     await call
@@ -354,7 +358,9 @@ async def test_crash_between_result_and_ack_is_redelivered_and_deduplicated(
     # probe, not a count of stored messages: a collector elsewhere may be consuming the stream.)
     body = sink.latest()["12"].encode()
     probe = await jobs.js.publish(
-        protocol.results_subject(entry.uid), body, headers={protocol.MSG_ID_HEADER: replays[0]}
+        protocol.results_subject(entry.pipeline, entry.uid),
+        body,
+        headers={protocol.MSG_ID_HEADER: replays[0]},
     )
     assert probe.duplicate is True
 
@@ -382,7 +388,7 @@ async def test_oversized_malformed_and_exhausted_tasks_fail_cleanly(
     results = sink.latest()
     assert set(results) == {"bad-1", "big", "flaky", "ok-1", "ok-2", "future-1"}
     assert results["future-1"].outcome is protocol.Outcome.FAILED
-    assert results["future-1"].error == "task refused: unsupported protocol version 99 (this side speaks 1)"
+    assert results["future-1"].error == "task refused: unsupported protocol version 99 (this side speaks 2)"
     assert results["bad-1"].outcome is protocol.Outcome.FAILED
     assert (results["bad-1"].error or "").startswith("malformed task: invalid task")
     assert results["big"].outcome is protocol.Outcome.FAILED
@@ -503,7 +509,7 @@ async def test_result_is_published_before_the_task_is_acked() -> None:
     )
     assert [e[0] for e in events] == ["publish", "ack"]
     _, subject, result, headers = events[0]
-    assert subject == "mljob.results.u1" and headers == {"Nats-Msg-Id": "result:u1:i1"}
+    assert subject == "mljob.results.p.u1" and headers == {"Nats-Msg-Id": "result:u1:i1"}
     assert result.outcome is protocol.Outcome.SUCCEEDED and result.result == {"seen": "i1", "attempt": 2}
     assert result.attempts == 2 and result.worker == "unit"
 
@@ -612,7 +618,7 @@ async def test_task_of_an_unknown_version_is_refused_with_a_failed_result_then_t
         assert [e[0] for e in events] == ["publish", "term"]  # TERM, after the result is durable
         result = _published(events)[0]
         assert (result.job_uid, result.item_id, result.outcome) == ("u1", "i7", protocol.Outcome.FAILED)
-        assert result.error == "task refused: unsupported protocol version 99 (this side speaks 1)"
+        assert result.error == "task refused: unsupported protocol version 99 (this side speaks 2)"
     assert handled == []  # the handler never saw a task it cannot read
 
     events = []  # nothing names the item: TERM without a result
@@ -636,9 +642,10 @@ def test_task_version_is_required_and_checked() -> None:
     del unversioned["version"]
     for body, error in (
         (unversioned, protocol.MalformedMessage),
-        ({**unversioned, "version": "1"}, protocol.MalformedMessage),
-        ({**unversioned, "version": 2}, protocol.UnsupportedVersion),
-        ({"version": 2}, protocol.UnsupportedVersion),  # the version is judged before the shape
+        ({**unversioned, "version": str(protocol.PROTOCOL_VERSION)}, protocol.MalformedMessage),
+        ({**unversioned, "version": 1}, protocol.UnsupportedVersion),  # version 1: per-job streams
+        ({**unversioned, "version": protocol.PROTOCOL_VERSION + 1}, protocol.UnsupportedVersion),
+        ({"version": 1}, protocol.UnsupportedVersion),  # the version is judged before the shape
     ):
         with pytest.raises(error):
             protocol.decode_task(json.dumps(body).encode())

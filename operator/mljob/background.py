@@ -50,7 +50,7 @@ async def start(services: Services) -> Background:
         services.heartbeats[_uid_of(msg.subject)] = time.time()
 
     await services.nc.subscribe(f"{protocol.DRAINED_SUBJECT_PREFIX}.*", cb=on_drained)
-    await services.nc.subscribe(f"{protocol.HEARTBEAT_SUBJECT_PREFIX}.*", cb=on_heartbeat)
+    await services.nc.subscribe(f"{protocol.HEARTBEAT_SUBJECT_PREFIX}.*.*", cb=on_heartbeat)
     stop = background.stop_event
     replicas = services.settings.stream_replicas
     if services.settings.run_collector:

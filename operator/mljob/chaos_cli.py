@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from nats.js.errors import NotFoundError
+
 from mljob import protocol
 from mljob.adapters.kube import Kube
 from mljob.services import Services, assemble
@@ -42,8 +44,15 @@ def add_parser(subparsers: Any) -> None:
     _job_args(flush)
     flush.set_defaults(func=_run, action=flush_state)
 
-    stream = sub.add_parser("delete-stream", help="delete one job's JetStream stream (a NATS restart)")
+    stream = sub.add_parser(
+        "delete-stream",
+        help="delete the task stream of a job's pipeline, as a NATS storage loss does (every job of "
+        "the pipeline loses its tasks and consumer)",
+    )
     _job_args(stream)
+    stream.add_argument(
+        "--consumer-only", action="store_true", help="delete only the job's consumer, keep the stream"
+    )
     stream.set_defaults(func=_run, action=delete_stream)
 
     exhaust = sub.add_parser(
@@ -169,17 +178,35 @@ async def flush_state(args: argparse.Namespace, settings: OperatorSettings) -> i
     return 0
 
 
-async def delete_stream(args: argparse.Namespace, settings: OperatorSettings) -> int:
+async def pipeline_of(services: Services, target: Target) -> str:
+    """The job's pipeline: from the MLJob, else (a bare --uid) from its consumer in NATS."""
     from mljob.adapters import jetstream
 
+    if target.pipeline:
+        return target.pipeline
+    for consumer in await jetstream.list_job_consumers(services.js):
+        if consumer.uid == target.uid:
+            return consumer.pipeline
+    raise ChaosError(f"{target.label} has no consumer on any pipeline's task stream")
+
+
+async def delete_stream(args: argparse.Namespace, settings: OperatorSettings) -> int:
     services = await open_services(settings)
     try:
         target = await resolve(services, args.job, args.uid)
-        stream = protocol.task_stream(target.uid)
-        if await jetstream.delete_job_stream(services.js, target.uid):
-            print(f"deleted stream {stream} (and its consumer) of {target.label}")
-        else:
-            print(f"{target.label} has no stream {stream}")
+        pipeline = await pipeline_of(services, target)
+        stream, consumer = protocol.task_stream(pipeline), protocol.task_consumer(target.uid)
+        try:
+            if args.consumer_only:
+                await services.js.delete_consumer(stream, consumer)
+                print(f"deleted consumer {consumer} of {target.label} on {stream}")
+            else:
+                await services.js.delete_stream(stream)
+                print(f"deleted stream {stream} (every job of pipeline {pipeline} lost its tasks), "
+                      f"{target.label} among them")  # fmt: skip
+        except NotFoundError:
+            missing = f"consumer {consumer}" if args.consumer_only else f"stream {stream}"
+            print(f"{target.label} has no {missing}")
     finally:
         await services.close()
     return 0
@@ -198,7 +225,9 @@ async def exhaust_items(args: argparse.Namespace, settings: OperatorSettings) ->
     services = await open_services(settings)
     try:
         target = await resolve(services, args.job, args.uid)
-        stream, consumer = protocol.task_stream(target.uid), protocol.task_consumer(target.uid)
+        pipeline = await pipeline_of(services, target)
+        subject = protocol.task_subject(pipeline, target.uid)
+        stream, consumer = protocol.task_stream(pipeline), protocol.task_consumer(target.uid)
         try:
             info = await services.js.consumer_info(stream, consumer)
             state = (await services.js.stream_info(stream)).state
@@ -212,6 +241,8 @@ async def exhaust_items(args: argparse.Namespace, settings: OperatorSettings) ->
                 msg = await services.js.get_msg(stream, seq)
             except Exception:
                 continue  # acked (removed) or deleted
+            if msg.subject != subject:
+                continue  # another job's task
             msg_id = str((msg.headers or {}).get(protocol.MSG_ID_HEADER, ""))
             item_id = msg_id.partition(":")[2]
             if item_id in wanted:

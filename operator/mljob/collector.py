@@ -57,6 +57,8 @@ DEAD_LETTER_SOURCE = "collector"
 REFUSAL_LOG_INTERVAL_SECONDS = 10.0
 #: The error prefix of an item failed because Postgres refused its result (scenario E).
 REJECTED_REASON = "ResultRejected"
+#: Jobs whose pipeline is remembered (the cache is emptied when it grows past this).
+PIPELINE_CACHE_SIZE = 100_000
 #: Payload bytes per dead-letter INSERT.
 DEAD_LETTER_STATEMENT_BYTES = 4 * 1024 * 1024
 
@@ -98,6 +100,7 @@ class Collector:
         on_drained: Callable[[str], Awaitable[None]] | None = None,
         stream: str = protocol.RESULTS_STREAM,
         consumer: str = protocol.RESULTS_CONSUMER,
+        subject_prefix: str = protocol.RESULTS_SUBJECT_PREFIX,
         ensure: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.js = js
@@ -109,12 +112,14 @@ class Collector:
         self.on_drained = on_drained
         self.stream = stream
         self.consumer = consumer
+        self.subject_prefix = subject_prefix
         #: recreates the stream and consumer after an outage (None: they are someone else's)
         self.ensure = ensure
         self._outage = Outage(log, "collector")
         self._refused: Counter[str] = Counter()  # refusals by kind, since the last summary line
         self._latest_refusal = ""
         self._refusals_logged_at = -math.inf
+        self._pipelines: dict[str, str] = {}  # job uid -> pipeline (immutable per job)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and process batches until ``stop`` is set; never stops on bad input or outages."""
@@ -195,9 +200,42 @@ class Collector:
             except Exception as err:  # a decoder bug must not wedge the loop either
                 refused.append(_Refusal(msg, "malformed", f"invalid result: {one_line(err)}"))
                 continue
+            where = protocol.parse_results_subject(msg.subject, self.subject_prefix)
+            if where is None or where[1] != result.job_uid:
+                reason = (
+                    f"wrong subject: a result of job {result.job_uid} belongs on "
+                    f"{self.subject_prefix}.<pipeline>.{result.job_uid}, not {msg.subject}"
+                )
+                refused.append(_Refusal(msg, "wrong subject", reason))
+                continue
             valid.append(_Parsed(msg, result))
+        valid = await self._check_pipelines(valid, refused)
         await self._refuse(refused, settled)
         return valid
+
+    async def _check_pipelines(self, parsed: list[_Parsed], refused: list[_Refusal]) -> list[_Parsed]:
+        """Refuse results sent on another pipeline's subject than their job's: a worker credential
+        is scoped to its pipeline's subjects, and this makes that scope hold for results too. A
+        job's pipeline never changes, so it is looked up once per job (a job without a row is
+        left to the ledger, which refuses it as unknown)."""
+        unknown = sorted({p.result.job_uid for p in parsed} - self._pipelines.keys())
+        if unknown:
+            if len(self._pipelines) > PIPELINE_CACHE_SIZE:
+                self._pipelines.clear()
+            self._pipelines.update(await self.store.job_pipelines(unknown))
+        kept: list[_Parsed] = []
+        for p in parsed:
+            expected = self._pipelines.get(p.result.job_uid)
+            where = protocol.parse_results_subject(p.msg.subject, self.subject_prefix)
+            if expected is not None and where is not None and where[0] != expected:
+                reason = (
+                    f"wrong pipeline: job {p.result.job_uid} belongs to pipeline {expected!r}, "
+                    f"the result came on {p.msg.subject}"
+                )
+                refused.append(_Refusal(p.msg, "wrong pipeline", reason))
+                continue
+            kept.append(p)
+        return kept
 
     async def _store(self, parsed: list[_Parsed], settled: set[int]) -> list[_Parsed]:
         """Upsert into Postgres; return the entries to record in Redis, with the stored outcome.

@@ -169,22 +169,27 @@ def postgres_section(
     return lines
 
 
-async def _leftovers(nats_url: str, redis_url: str, prefix: str, uid: str, pipeline: str) -> dict[str, Any]:
+async def _leftovers(redis_url: str, prefix: str, uid: str, pipeline: str) -> dict[str, Any]:
     import nats
     from nats.js.errors import KeyNotFoundError, NotFoundError
     from redis.asyncio import Redis
 
-    from mljob import protocol
+    from mljob import natsconn, protocol
+    from mljob.adapters import jetstream
+    from mljob.settings import NatsSettings
 
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await nats.connect(**natsconn.options(NatsSettings(), name="mljob-demo-report", connect_timeout=5))
     redis = Redis.from_url(redis_url)
     try:
         js = nc.jetstream()
-        found: dict[str, Any] = {"stream": True, "registry": True}
+        found: dict[str, Any] = {"registry": True}
+        found["consumer"] = await jetstream.job_consumer_exists(js, pipeline, uid)
+        subject = protocol.task_subject(pipeline, uid)
         try:
-            await js.stream_info(protocol.task_stream(uid))
+            info = await js.stream_info(protocol.task_stream(pipeline), subjects_filter=subject)
+            found["tasks"] = int((info.state.subjects or {}).get(subject, 0))
         except NotFoundError:
-            found["stream"] = False
+            found["tasks"] = 0
         try:
             kv = await js.key_value(protocol.REGISTRY_BUCKET)
             await kv.get(protocol.registry_key(pipeline, uid))
@@ -201,19 +206,20 @@ def cleanup_section(uid: str, pipeline: str, wait_seconds: float = 30.0) -> tupl
     """Wait (a little) for the operator's cleanup, then say what is left: nothing, we hope."""
     from mljob import protocol
 
-    nats_url = os.environ["MLJOB_NATS_URL"]
     redis_url = os.environ["MLJOB_REDIS_URL"]
     prefix = os.environ.get("MLJOB_REDIS_PREFIX", "mljob")
     deadline = time.monotonic() + wait_seconds
     while True:
-        left = asyncio.run(_leftovers(nats_url, redis_url, prefix, uid, pipeline))
-        clean = not (left["stream"] or left["registry"] or left["redis"])
+        left = asyncio.run(_leftovers(redis_url, prefix, uid, pipeline))
+        clean = not (left["consumer"] or left["tasks"] or left["registry"] or left["redis"])
         if clean or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     lines = [
-        "==> cleanup: the job's NATS stream, registry entry and Redis keys",
-        f"  stream {protocol.task_stream(uid)}: {'STILL THERE' if left['stream'] else 'gone'}",
+        "==> cleanup: the job's NATS consumer and tasks, registry entry and Redis keys",
+        f"  consumer {protocol.task_stream(pipeline)}/{protocol.task_consumer(uid)}: "
+        f"{'STILL THERE' if left['consumer'] else 'gone'}",
+        f"  tasks on {protocol.task_subject(pipeline, uid)}: {left['tasks']}",
         f"  registry {protocol.REGISTRY_BUCKET}/{protocol.registry_key(pipeline, uid)}: "
         f"{'STILL THERE' if left['registry'] else 'gone'}",
         f"  Redis {prefix}:{{{uid}}}:*: {len(left['redis'])} key(s)"

@@ -3,7 +3,7 @@
 Why: after ``max_deliver`` JetStream stops redelivering a task, while Redis still lists its item
 as pending, so without this the job would wait for it forever. JetStream announces the moment
 with a ``MAX_DELIVERIES`` advisory carrying the message's stream sequence, and the message stays
-readable in the job's work-queue stream. The operator keeps those advisories in a stream of its
+readable in the pipeline's work-queue stream. The operator keeps those advisories in a stream of its
 own (``protocol.ADVISORY_STREAM``), so one published while it is down is handled when it is back.
 No decision here depends on consumer counters such as ``num_ack_pending`` (row 3): they differ
 between server versions.
@@ -12,9 +12,10 @@ Per advisory: read the task by sequence -> fail its item through ``ledger.fail_i
 ledger's primary key arbitrates against a real result landing at the same moment: the first
 outcome stands, never both) -> delete the task message -> ack the advisory -> wake the job.
 
-* Advisories of streams that are not job streams, or of other consumers: acked and ignored.
-* The job's stream is gone (job finished or deleted), or the message is gone (the worker's ack
-  made it after all, or this advisory was already handled): acked, nothing to do.
+* Advisories of streams that are not task streams, or of other consumers: acked and ignored.
+* The pipeline's stream is gone, or the message is gone (the worker's ack made it after all,
+  the job was cleaned up, or this advisory was already handled), or the sequence holds another
+  job's task (the stream was recreated since): acked, nothing to do.
 * Malformed advisories, and tasks that name no item: one log line, acked.
 * NATS, Postgres or Redis unavailable: nothing acked, the advisory comes back; the loop backs off
   (0.5 s doubling to 5 s) and resumes by itself. Every step is idempotent, so a replay is harmless.
@@ -63,12 +64,9 @@ class Advisory:
     timestamp: datetime | None
 
     @property
-    def job_uid(self) -> str | None:
-        """The job's uid when this is the workers' consumer of a job stream, else None."""
-        uid = jetstream.job_stream_uid(self.stream)
-        if uid is None or self.consumer != protocol.task_consumer(uid):
-            return None
-        return uid
+    def job(self) -> tuple[str, str] | None:
+        """(pipeline, uid) when this is a job's consumer on a pipeline's task stream, else None."""
+        return jetstream.job_of_consumer(self.stream, self.consumer)
 
 
 def _aware(moment: datetime) -> datetime:
@@ -178,12 +176,13 @@ class ExhaustedDeliveries:
         except MalformedAdvisory as err:
             log.warning("ignoring a malformed max-deliveries advisory: %s", err)
             return None
-        uid = advisory.job_uid
-        if uid is None:
+        job = advisory.job
+        if job is None:
             log.debug("ignoring max-deliveries advisory of %s/%s", advisory.stream, advisory.consumer)
             return None
+        pipeline, uid = job
         try:
-            msg = await jetstream.get_task_message(self.js, uid, advisory.stream_seq)
+            msg = await jetstream.get_task_message(self.js, pipeline, uid, advisory.stream_seq)
         except jetstream.JobStreamMissing:
             log.debug("job %s: stream gone, advisory for seq %d needs nothing", uid, advisory.stream_seq)
             return None
@@ -205,7 +204,7 @@ class ExhaustedDeliveries:
             return None
         with logs.job_context(*job_of(uid, msg.data)):
             await self._fail(uid, item_id, advisory)
-        await jetstream.delete_task_message(self.js, uid, advisory.stream_seq)
+        await jetstream.delete_task_message(self.js, pipeline, advisory.stream_seq)
         if self.on_failed is not None:
             try:
                 self.on_failed(uid)

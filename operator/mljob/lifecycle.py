@@ -107,7 +107,7 @@ class JobLoop:
         self.previous_counts = counts
         plain = observe.snapshot(self.s, view, counts, None, self.watching_since)
         stream = (
-            await observe.stream_view(self.s, view.ref.uid)
+            await observe.stream_view(self.s, view.pipeline, view.ref.uid)
             if reconcile.needs_stream_view(plain, changed)
             else None
         )

@@ -2,7 +2,9 @@
 
 Everything a worker (in any language) and the operator must agree on lives here, and
 docs/protocol.md describes the same contract. Every per-job name carries the MLJob UID, so a
-re-created MLJob with the same name is a different job with different streams and keys.
+re-created MLJob with the same name is a different job with different consumers and keys. Every
+name a worker touches also carries its pipeline, so a NATS credential can be scoped to one
+pipeline (see mljob.nats_permissions).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 #: The only protocol version this code speaks; a message with any other `version` is refused.
-PROTOCOL_VERSION = 1
+#: Version 2: one task stream per pipeline (a consumer per job), results and heartbeats on
+#: subjects that carry the pipeline, so a worker credential can be limited to its pipeline.
+PROTOCOL_VERSION = 2
 
 #: The shared results stream, fed by every worker of every job.
 RESULTS_STREAM = "MLJOB_RESULTS"
@@ -38,29 +42,51 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 MAX_RESULT_BYTES = 256 * 1024
 
 
-def task_stream(uid: str) -> str:
-    """The job's own work-queue stream (stream names allow [A-Za-z0-9_-])."""
-    return f"MLJOB_{uid}"
+#: Prefix of the per-pipeline task streams; never a prefix of a shared stream's name.
+TASK_STREAM_PREFIX = "MLJOB_TASKS_"
+#: Prefix of the per-job durable consumers on a pipeline's task stream.
+TASK_CONSUMER_PREFIX = "workers-"
+TASK_SUBJECT_PREFIX = "mljob.tasks"
+
+
+def task_stream(pipeline: str) -> str:
+    """The pipeline's work-queue stream, shared by its jobs (a pipeline is a DNS label, and
+    stream names allow [A-Za-z0-9_-])."""
+    return f"{TASK_STREAM_PREFIX}{pipeline}"
+
+
+def task_stream_subjects(pipeline: str) -> str:
+    return f"{TASK_SUBJECT_PREFIX}.{pipeline}.*"
 
 
 def task_subject(pipeline: str, uid: str) -> str:
-    return f"mljob.tasks.{pipeline}.{uid}"
+    return f"{TASK_SUBJECT_PREFIX}.{pipeline}.{uid}"
 
 
 def task_consumer(uid: str) -> str:
-    return f"workers-{uid}"
+    """The job's durable pull consumer on its pipeline's stream, filtered to its task subject."""
+    return f"{TASK_CONSUMER_PREFIX}{uid}"
 
 
-def results_subject(uid: str) -> str:
-    return f"{RESULTS_SUBJECT_PREFIX}.{uid}"
+def results_subject(pipeline: str, uid: str) -> str:
+    return f"{RESULTS_SUBJECT_PREFIX}.{pipeline}.{uid}"
+
+
+def parse_results_subject(subject: str, prefix: str = RESULTS_SUBJECT_PREFIX) -> tuple[str, str] | None:
+    """(pipeline, uid) of `<prefix>.<pipeline>.<uid>`; None for any other subject."""
+    head, _, rest = subject.partition(f"{prefix}.")
+    pipeline, _, uid = rest.partition(".")
+    if head or not pipeline or not uid or "." in uid:
+        return None
+    return pipeline, uid
 
 
 def drained_subject(uid: str) -> str:
     return f"{DRAINED_SUBJECT_PREFIX}.{uid}"
 
 
-def heartbeat_subject(uid: str) -> str:
-    return f"{HEARTBEAT_SUBJECT_PREFIX}.{uid}"
+def heartbeat_subject(pipeline: str, uid: str) -> str:
+    return f"{HEARTBEAT_SUBJECT_PREFIX}.{pipeline}.{uid}"
 
 
 def registry_key(pipeline: str, uid: str) -> str:
@@ -112,7 +138,7 @@ class Outcome(StrEnum):
 
 
 class Result(BaseModel):
-    """One result message, published by a worker to `mljob.results.<uid>`."""
+    """One result message, published by a worker to `mljob.results.<pipeline>.<uid>`."""
 
     model_config = ConfigDict(extra="ignore")
     version: int = PROTOCOL_VERSION

@@ -1,4 +1,5 @@
-"""The orphan sweep: remove job streams, registry entries and Redis keys no live MLJob owns.
+"""The orphan sweep: remove job consumers (and their tasks), registry entries and Redis keys no
+live MLJob owns.
 
 Failure-modes row 13: cleanup runs on completion and in the finalizer, but any path that
 skips it (a crash between verdict and cleanup, a finalizer removed by hand, a job deleted
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from mljob import metrics
+from mljob import metrics, protocol
 from mljob.adapters import jetstream
 from mljob.core.orphans import Kind, Resource, decide, is_job_uid, live_uids
 from mljob.services import Services
@@ -62,16 +63,16 @@ def _age(created: datetime | None, now: datetime) -> float | None:
 
 
 async def observe(services: Services) -> Observation:
-    """Every job stream, registry entry and Redis key set, with its age and owner namespace."""
+    """Every job consumer, registry entry and Redis key set, with its age and owner namespace."""
     now = datetime.now(UTC)
-    streams = await jetstream.list_job_streams(services.js)
+    consumers = await jetstream.list_job_consumers(services.js)
     registry = await jetstream.list_registry(services.js, services.registry)
     stored = {uid: job for uid, job in (await services.state.scan_jobs()).items() if is_job_uid(uid)}
     unowned_entries = {r.uid for r in registry if r.entry is None or not r.entry.namespace}
-    wanted = {s.uid for s in streams} | set(stored) | unowned_entries
+    wanted = {c.uid for c in consumers} | set(stored) | unowned_entries
     owners = await services.jobs.namespaces(sorted(u for u in wanted if is_job_uid(u)))
     resources = [
-        Resource(Kind.STREAM, s.uid, s.name, _age(s.created, now), owners.get(s.uid)) for s in streams
+        Resource(Kind.TASKS, c.uid, c.name, _age(c.created, now), owners.get(c.uid)) for c in consumers
     ]
     for r in registry:
         owner = r.entry.namespace if r.entry is not None and r.entry.namespace else owners.get(r.uid)
@@ -95,8 +96,9 @@ async def find_orphans(services: Services) -> tuple[Observation, list[Resource]]
 
 async def delete(services: Services, orphan: Resource, redis_keys: Sequence[str] = ()) -> None:
     """Remove one orphan with the same calls the per-job cleanup uses (all idempotent)."""
-    if orphan.kind is Kind.STREAM:
-        await jetstream.delete_job_stream(services.js, orphan.uid)
+    if orphan.kind is Kind.TASKS:  # named `<stream>/<consumer>`: the job's tasks and consumer
+        pipeline = orphan.name.partition("/")[0].removeprefix(protocol.TASK_STREAM_PREFIX)
+        await jetstream.delete_job_tasks(services.js, pipeline, orphan.uid)
     elif orphan.kind is Kind.REGISTRY:
         pipeline = orphan.name.rpartition(".")[0]
         await jetstream.unregister_job(services.registry, pipeline, orphan.uid)
@@ -137,10 +139,10 @@ async def sweep_orphans(services: Services) -> SweepReport:
     counts = {kind: sum(1 for r in report.removed if r.kind is kind) for kind in Kind}
     log.log(
         logging.INFO if orphans else logging.DEBUG,
-        "orphan sweep: removed %d orphan(s) (%d streams, %d registry entries, %d Redis key sets), "
+        "orphan sweep: removed %d orphan(s) (%d job consumers, %d registry entries, %d Redis key sets), "
         "%d failed, %d resources observed",
         len(report.removed),
-        counts[Kind.STREAM],
+        counts[Kind.TASKS],
         counts[Kind.REGISTRY],
         counts[Kind.REDIS],
         len(report.failed),

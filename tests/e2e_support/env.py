@@ -144,20 +144,23 @@ class E2E:
             client.close()
 
     def nats_leftovers(self, uid: str, pipeline: str) -> dict[str, bool]:
-        """Whether the job's stream and registry entry still exist."""
+        """Whether the job's consumer or any of its tasks, and its registry entry, still exist."""
         from mljob import protocol
+        from mljob.adapters import jetstream
 
         async def check() -> dict[str, bool]:
-            import nats
             from nats.js.errors import KeyNotFoundError, NotFoundError
 
-            nc = await nats.connect(self.stack.nats_url)
+            nc = await self.stack.nats()
             js = nc.jetstream()
-            out = {"stream": True, "registry": True}
+            out = {"consumer": True, "registry": True}
+            subject = protocol.task_subject(pipeline, uid)
             try:
-                await js.stream_info(protocol.task_stream(uid))
+                info = await js.stream_info(protocol.task_stream(pipeline), subjects_filter=subject)
+                tasks = int((info.state.subjects or {}).get(subject, 0))
             except NotFoundError:
-                out["stream"] = False
+                tasks = 0
+            out["consumer"] = tasks > 0 or await jetstream.job_consumer_exists(js, pipeline, uid)
             try:
                 kv = await js.key_value(protocol.REGISTRY_BUCKET)
                 await kv.get(protocol.registry_key(pipeline, uid))
@@ -204,14 +207,16 @@ def apiserver_status_patches(kubectl: Any) -> int:
     return total
 
 
-def stream_state(nats_url: str, stream: str) -> dict[str, int]:
-    async def read() -> dict[str, int]:
-        import nats
+def job_tasks(stack: Any, pipeline: str, uid: str) -> int:
+    """How many task messages of the job its pipeline's stream holds."""
+    from mljob import protocol
 
-        nc = await nats.connect(nats_url)
+    async def read() -> int:
+        nc = await stack.nats()
         try:
-            info = await nc.jetstream().stream_info(stream)
-            return {"messages": info.state.messages, "last_seq": info.state.last_seq}
+            subject = protocol.task_subject(pipeline, uid)
+            info = await nc.jetstream().stream_info(protocol.task_stream(pipeline), subjects_filter=subject)
+            return int((info.state.subjects or {}).get(subject, 0))
         finally:
             await nc.close()
 

@@ -60,6 +60,11 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(want) == len(have)
 
 
+def _for(consumer: _Consumer, message: FakeMessage) -> bool:
+    """Whether the consumer's filter subject selects the message."""
+    return subject_matches(consumer.config.filter_subject or ">", message.subject)
+
+
 def _not_found(what: str) -> NotFoundError:
     return NotFoundError(code=404, description=f"{what} not found", err_code=10059)
 
@@ -115,6 +120,13 @@ class FakeJetStream:
         del self.streams[name]
         return True
 
+    async def purge_stream(self, name: str, seq: int | None = None, subject: str | None = None) -> bool:
+        found = self._stream(name)
+        for seq_, message in list(found.messages.items()):
+            if subject is None or subject_matches(subject, message.subject):
+                del found.messages[seq_]
+        return True
+
     async def add_consumer(
         self, stream: str, config: ConsumerConfig | None = None, timeout: float | None = None, **params: Any
     ) -> ConsumerInfo:
@@ -138,7 +150,7 @@ class FakeJetStream:
         consumer = found.consumers.get(name)
         if consumer is None:
             raise NotFoundError(code=404, description=f"consumer {name} not found", err_code=10014)
-        live = [seq for seq in found.messages if seq in consumer.deliveries]
+        live = [seq for seq, m in found.messages.items() if seq in consumer.deliveries and _for(consumer, m)]
         last = consumer.last_active
         return ConsumerInfo(
             name=name,
@@ -152,7 +164,9 @@ class FakeJetStream:
             ),
             num_ack_pending=len(live),
             num_redelivered=sum(1 for seq in live if consumer.deliveries[seq] > 1),
-            num_pending=sum(1 for seq in found.messages if seq not in consumer.deliveries),
+            num_pending=sum(
+                1 for seq, m in found.messages.items() if seq not in consumer.deliveries and _for(consumer, m)
+            ),
             num_waiting=0,
         )
 
@@ -201,7 +215,9 @@ class FakeJetStream:
         """Deliver up to `batch` messages never delivered before, oldest first."""
         found = self._stream(stream)
         state = found.consumers[consumer]
-        fresh = [m for seq, m in sorted(found.messages.items()) if seq not in state.deliveries][:batch]
+        fresh = [
+            m for seq, m in sorted(found.messages.items()) if seq not in state.deliveries and _for(state, m)
+        ][:batch]
         for message in fresh:
             state.deliveries[message.seq] = 1
         if fresh:
@@ -213,12 +229,16 @@ class FakeJetStream:
         if found is not None:
             found.messages.pop(seq, None)
 
-    def task_ids(self, stream: str) -> list[str]:
-        """The item ids of the tasks a stream holds (delivered or not)."""
+    def task_ids(self, stream: str, subject: str = ">") -> list[str]:
+        """The item ids of the tasks a stream holds on `subject` (delivered or not)."""
         found = self.streams.get(stream)
         if found is None:
             return []
-        return [protocol.decode_task(m.data).item_id for _, m in sorted(found.messages.items())]
+        return [
+            protocol.decode_task(m.data).item_id
+            for _, m in sorted(found.messages.items())
+            if subject_matches(subject, m.subject)
+        ]
 
 
 class FakeKeyValue:

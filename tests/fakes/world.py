@@ -52,10 +52,11 @@ class FakeWorld:
 
     def pull(self, uid: str, count: int) -> list[Pulled]:
         """A worker takes up to `count` undelivered tasks of the job (and may never answer)."""
-        stream = protocol.task_stream(uid)
-        if stream not in self.js.streams:
+        consumer = protocol.task_consumer(uid)
+        stream = next((name for name, s in self.js.streams.items() if consumer in s.consumers), None)
+        if stream is None:
             return []
-        messages = self.js.fetch(stream, protocol.task_consumer(uid), count)
+        messages = self.js.fetch(stream, consumer, count)
         return [Pulled(stream, m.seq, protocol.decode_task(m.data)) for m in messages]
 
     async def answer(self, pulled: Sequence[Pulled], failed: frozenset[str] = frozenset()) -> None:

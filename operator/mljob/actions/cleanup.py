@@ -16,14 +16,17 @@ log = logging.getLogger(__name__)
 
 
 async def cleanup_job(services: Services, uid: str, pipeline: str) -> None:
-    """The stream and its consumer, the registry entry, the Redis keys. Safe to repeat."""
+    """The registry entry, the job's tasks and consumer, the Redis keys. Safe to repeat.
+
+    Without a pipeline (a spec that never validated) nothing was ever created in NATS.
+    """
     if pipeline:
         await jetstream.unregister_job(services.registry, pipeline, uid)
-    await jetstream.delete_job_stream(services.js, uid)
+        await jetstream.delete_job_tasks(services.js, pipeline, uid)
     await services.state.delete(uid)
     services.heartbeats.pop(uid, None)
     metrics.CLEANUPS.inc()
-    log.debug("cleaned up job %s (%s)", uid, protocol.task_stream(uid))
+    log.debug("cleaned up job %s (consumer %s)", uid, protocol.task_consumer(uid))
 
 
 async def mirror_terminal_to_postgres(services: Services, view: JobView) -> None:

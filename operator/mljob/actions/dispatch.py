@@ -71,11 +71,12 @@ async def dispatch(services: Services, view: JobView) -> None:
     # The ledger knows every item, then Redis; both before any task can be published (row 9).
     await services.results.register_items(view.ref.uid, ids)
     await ensure_state(services, view.ref.uid, ids)
-    existed = await jetstream.job_stream_exists(services.js, view.ref.uid)
+    existed = await jetstream.job_consumer_exists(services.js, spec.pipeline, view.ref.uid)
     entry = await ensure_stream_and_registry(services, target)
     cursor = int(view.status.get("dispatchCursor", 0))
     if (not existed and cursor > 0) or recreation_in_progress(view):
-        # The stream vanished mid-dispatch with the tasks published so far (row 11).
+        # The stream or the job's consumer vanished mid-dispatch, maybe with the tasks published
+        # so far (row 11).
         await begin_recreation(services, view)
         republished = await republish_unresolved(services, target, entry.subject, items[:cursor])
         await end_recreation(services, view, republished)

@@ -14,12 +14,13 @@ from mljob.jobview import JobView, parse_time
 from mljob.services import Services
 
 
-async def stream_view(services: Services, uid: str) -> reconcile.StreamView:
-    """The job's consumer counters; which of stream and consumer exist when one is missing."""
+async def stream_view(services: Services, pipeline: str, uid: str) -> reconcile.StreamView:
+    """The job's consumer counters; whether its pipeline's stream exists when the consumer is
+    missing."""
     try:
-        info = await services.js.consumer_info(protocol.task_stream(uid), protocol.task_consumer(uid))
+        info = await services.js.consumer_info(protocol.task_stream(pipeline), protocol.task_consumer(uid))
     except NotFoundError:
-        exists = await jetstream.job_stream_exists(services.js, uid)
+        exists = await jetstream.pipeline_stream_exists(services.js, pipeline)
         return reconcile.StreamView(stream_exists=exists, consumer_exists=False)
     last = info.delivered.last_active if info.delivered is not None else None
     return reconcile.StreamView(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -16,7 +17,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -41,23 +42,14 @@ class JobStreamSettings:
 
 
 async def ensure_job_stream(js: JetStreamContext, settings: JobStreamSettings) -> protocol.RegistryEntry:
-    """Create (idempotently) the job's work-queue stream and its durable pull consumer."""
-    stream = protocol.task_stream(settings.uid)
+    """Create (idempotently) the pipeline's work-queue stream and the job's durable pull consumer.
+
+    The stream is shared by the pipeline's jobs; each job's consumer is filtered to the job's own
+    subject, so the consumers never overlap (a work-queue stream requires that).
+    """
+    stream = await ensure_pipeline_stream(js, settings.pipeline, settings.replicas)
     subject = protocol.task_subject(settings.pipeline, settings.uid)
     consumer = protocol.task_consumer(settings.uid)
-    config = StreamConfig(
-        name=stream,
-        subjects=[subject],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        num_replicas=settings.replicas,
-        duplicate_window=DUPLICATE_WINDOW_SECONDS,
-        discard=DiscardPolicy.OLD,
-    )
-    try:
-        await js.stream_info(stream)
-    except NotFoundError:
-        await js.add_stream(config)
     await js.add_consumer(
         stream,
         ConsumerConfig(
@@ -81,17 +73,55 @@ async def ensure_job_stream(js: JetStreamContext, settings: JobStreamSettings) -
     )
 
 
-async def delete_job_stream(js: JetStreamContext, uid: str) -> bool:
-    """Delete the job's stream (and with it its consumer). True when something was deleted."""
+async def ensure_pipeline_stream(js: JetStreamContext, pipeline: str, replicas: int = 1) -> str:
+    """The pipeline's task stream, created when missing (never reconfigured); returns its name."""
+    stream = protocol.task_stream(pipeline)
+    config = StreamConfig(
+        name=stream,
+        subjects=[protocol.task_stream_subjects(pipeline)],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        discard=DiscardPolicy.OLD,
+    )
     try:
-        return bool(await js.delete_stream(protocol.task_stream(uid)))
+        await js.stream_info(stream)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:  # another job of the pipeline created it meanwhile
+            await js.stream_info(stream)
+    return stream
+
+
+async def delete_job_tasks(js: JetStreamContext, pipeline: str, uid: str) -> bool:
+    """Purge the job's tasks from its pipeline's stream, then delete its consumer. True when
+    something was there. The consumer goes last: it marks a job whose tasks may be left, so an
+    interrupted cleanup is found again (by the job's loop or the orphan sweep)."""
+    stream = protocol.task_stream(pipeline)
+    try:
+        purged = await js.purge_stream(stream, subject=protocol.task_subject(pipeline, uid))
     except NotFoundError:
         return False
-
-
-async def job_stream_exists(js: JetStreamContext, uid: str) -> bool:
     try:
-        await js.stream_info(protocol.task_stream(uid))
+        deleted = await js.delete_consumer(stream, protocol.task_consumer(uid))
+    except NotFoundError:
+        deleted = False
+    return bool(purged and deleted)
+
+
+async def job_consumer_exists(js: JetStreamContext, pipeline: str, uid: str) -> bool:
+    try:
+        await js.consumer_info(protocol.task_stream(pipeline), protocol.task_consumer(uid))
+    except NotFoundError:
+        return False
+    return True
+
+
+async def pipeline_stream_exists(js: JetStreamContext, pipeline: str) -> bool:
+    try:
+        await js.stream_info(protocol.task_stream(pipeline))
     except NotFoundError:
         return False
     return True
@@ -157,7 +187,7 @@ STREAM_NOT_FOUND_CODE = 10059
 
 
 class JobStreamMissing(LookupError):
-    """The job's stream is gone (job finished or deleted): nothing is left to resolve in it."""
+    """The job's task stream is gone (NATS lost it): nothing is left to resolve in it."""
 
 
 async def ensure_advisory_stream(js: JetStreamContext, replicas: int = 1) -> None:
@@ -188,61 +218,86 @@ async def ensure_advisory_stream(js: JetStreamContext, replicas: int = 1) -> Non
     )
 
 
-async def get_task_message(js: JetStreamContext, uid: str, seq: int) -> RawStreamMsg | None:
-    """The job's task message at `seq`; None when it is gone (acked or deleted).
+async def get_task_message(js: JetStreamContext, pipeline: str, uid: str, seq: int) -> RawStreamMsg | None:
+    """The job's task message at `seq` of its pipeline's stream; None when it is gone (acked or
+    deleted) or when that sequence holds another job's task (the stream was recreated since).
 
-    Raises JobStreamMissing when the job's stream itself is gone.
+    Raises JobStreamMissing when the pipeline's stream itself is gone.
     """
+    stream = protocol.task_stream(pipeline)
     try:
-        return await js.get_msg(protocol.task_stream(uid), seq)
+        msg = await js.get_msg(stream, seq)
     except NotFoundError as err:
         if err.err_code == STREAM_NOT_FOUND_CODE:
-            raise JobStreamMissing(protocol.task_stream(uid)) from err
+            raise JobStreamMissing(stream) from err
         return None
+    return msg if msg.subject == protocol.task_subject(pipeline, uid) else None
 
 
-async def delete_task_message(js: JetStreamContext, uid: str, seq: int) -> bool:
-    """Delete the job's task message at `seq`; False when it (or the stream) was already gone."""
+async def delete_task_message(js: JetStreamContext, pipeline: str, seq: int) -> bool:
+    """Delete the task message at `seq`; False when it (or the stream) was already gone."""
     try:
-        return bool(await js.delete_msg(protocol.task_stream(uid), seq))
+        return bool(await js.delete_msg(protocol.task_stream(pipeline), seq))
     except NotFoundError:
         return False
 
 
 @dataclass(frozen=True)
-class JobStreamInfo:
-    """A job stream as the orphan sweep sees it."""
+class JobConsumerInfo:
+    """A job's consumer on its pipeline's stream, as the orphan sweep sees it."""
 
     uid: str
-    name: str
+    pipeline: str
     created: datetime | None
 
+    @property
+    def name(self) -> str:
+        """`<stream>/<consumer>`: what a human reads in a log line (it carries the UID)."""
+        return f"{protocol.task_stream(self.pipeline)}/{protocol.task_consumer(self.uid)}"
 
-def job_stream_uid(stream_name: str) -> str | None:
-    """The UID in a job stream's name; None for any other stream (MLJOB_RESULTS, advisories...).
 
-    Only ``MLJOB_<uuid>`` qualifies: shared streams share the prefix and must never be swept.
+def job_of_consumer(stream_name: str, consumer_name: str) -> tuple[str, str] | None:
+    """(pipeline, uid) when this is a job's consumer on a pipeline's task stream, else None.
+
+    Only ``workers-<uuid>`` on ``MLJOB_TASKS_<pipeline>`` qualifies: shared streams (MLJOB_RESULTS,
+    advisories) and foreign consumers are never a job's.
     """
-    prefix = protocol.task_stream("")
-    if not stream_name.startswith(prefix):
+    if not stream_name.startswith(protocol.TASK_STREAM_PREFIX):
         return None
-    uid = stream_name[len(prefix) :]
-    return uid if is_job_uid(uid) else None
+    pipeline = stream_name[len(protocol.TASK_STREAM_PREFIX) :]
+    if not consumer_name.startswith(protocol.TASK_CONSUMER_PREFIX):
+        return None
+    uid = consumer_name[len(protocol.TASK_CONSUMER_PREFIX) :]
+    return (pipeline, uid) if pipeline and is_job_uid(uid) else None
 
 
-async def list_job_streams(js: JetStreamContext) -> list[JobStreamInfo]:
-    """Every job stream on the server (paged: the server returns at most 256 per request)."""
-    found: list[JobStreamInfo] = []
-    offset = 0
+async def _pages(fetch: Any) -> list[Any]:
+    """Every entry of a paged JetStream listing (the server returns at most 256 per request)."""
+    found: list[Any] = []
     while True:
-        page = await js.streams_info(offset)
+        page = await fetch(len(found))
         if not page:
             return found
-        offset += len(page)
-        for info in page:
-            uid = job_stream_uid(info.config.name or "")
-            if uid is not None:
-                found.append(JobStreamInfo(uid=uid, name=str(info.config.name), created=info.created))
+        found.extend(page)
+
+
+async def list_job_consumers(js: JetStreamContext) -> list[JobConsumerInfo]:
+    """Every job consumer on every pipeline's task stream."""
+    streams = await _pages(js.streams_info)
+    found: list[JobConsumerInfo] = []
+    for info in streams:
+        name = str(info.config.name or "")
+        if not name.startswith(protocol.TASK_STREAM_PREFIX):
+            continue
+        try:
+            consumers = await _pages(lambda offset, name=name: js.consumers_info(name, offset))
+        except NotFoundError:
+            continue  # deleted since the listing
+        for consumer in consumers:
+            job = job_of_consumer(name, str(consumer.name or ""))
+            if job is not None:
+                found.append(JobConsumerInfo(uid=job[1], pipeline=job[0], created=consumer.created))
+    return found
 
 
 @dataclass(frozen=True)

@@ -279,6 +279,14 @@ class ResultsStore:
         async with self.pool.connection() as conn:
             await conn.execute(_DEAD_LETTER, (_no_nul(source), _no_nul(subject), payload, _no_nul(reason)))
 
+    async def job_pipelines(self, uids: Sequence[str]) -> dict[str, str]:
+        """uid -> pipeline of those jobs the ledger has a row for."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT uid, pipeline FROM mljob_jobs WHERE uid = ANY(%s)", (list(uids),)
+            )
+            return {uid: pipeline for uid, pipeline in await cur.fetchall()}
+
     async def item_outcomes(self, uid: str) -> dict[str, str]:
         """item_id -> 'succeeded' | 'failed' for every recorded item (to rebuild Redis state)."""
         async with self.pool.connection() as conn:

@@ -1,6 +1,6 @@
 """Which per-job resources are orphans: a pure decision, no I/O (failure-modes row 13).
 
-A job stream, registry entry or set of Redis keys is an orphan when no live, non-terminal
+A job consumer, registry entry or set of Redis keys is an orphan when no live, non-terminal
 MLJob has its UID. The caller must observe the resources FIRST and list the MLJobs AFTER:
 a resource can only exist once its job exists, so every job whose resource was observed is
 in the (later) listing unless it is gone or terminal. A job created meanwhile has no observed
@@ -35,7 +35,7 @@ def is_job_uid(text: str) -> bool:
 
 
 class Kind(StrEnum):
-    STREAM = "stream"
+    TASKS = "tasks"  # a job's consumer and its task messages on its pipeline's stream
     REGISTRY = "registry"
     REDIS = "redis"
 
@@ -52,7 +52,7 @@ class Verdict(StrEnum):
 class Resource:
     """One observed per-job resource.
 
-    ``name`` is what identifies it to a human and to the deleter: the stream name, the registry
+    ``name`` is what identifies it to a human and to the deleter: `<stream>/<consumer>`, the registry
     key (``<pipeline>.<uid>``) or the Redis key pattern. ``age`` is in seconds; None when the
     store cannot tell.
     """

@@ -81,9 +81,7 @@ class TaskRunner:
     async def process(self, job: JobBinding, msg: Msg) -> None:
         """Run one task; on cancellation (worker stopping) NAK it unless it was already settled."""
         settled = False
-        heartbeat = asyncio.create_task(
-            _heartbeat(msg, max(job.ack_wait / 3, 0.5), job.entry.uid, self.announce)
-        )
+        heartbeat = asyncio.create_task(_heartbeat(msg, max(job.ack_wait / 3, 0.5), job.entry, self.announce))
         try:
             settled = await self._process(job, msg)
         except asyncio.CancelledError:
@@ -107,7 +105,7 @@ class TaskRunner:
         body, problem = outcome.encode_bounded(result)
         if problem:
             log.warning("item %s of job %s: %s; sending a failed result", item_id, uid, problem)
-        subject = protocol.results_subject(uid)
+        subject = protocol.results_subject(job.entry.pipeline, uid)
         headers = {protocol.MSG_ID_HEADER: protocol.result_msg_id(uid, item_id)}
         published = await outcome.publish_with_retry(
             lambda: self.publish(subject, body, headers),
@@ -206,7 +204,9 @@ def delivery_count(msg: Msg) -> int:
         return 1
 
 
-async def _heartbeat(msg: Msg, interval: float, uid: str, announce: Announcer | None) -> None:
+async def _heartbeat(
+    msg: Msg, interval: float, entry: protocol.RegistryEntry, announce: Announcer | None
+) -> None:
     """Tell NATS the task is still being worked on, so ack_wait does not expire under a live
     handler, and tell the operator the job is alive, so a long task is not taken for a stall."""
     while True:
@@ -214,7 +214,7 @@ async def _heartbeat(msg: Msg, interval: float, uid: str, announce: Announcer | 
         try:
             await msg.in_progress()
             if announce is not None:
-                await announce(protocol.heartbeat_subject(uid))
+                await announce(protocol.heartbeat_subject(entry.pipeline, entry.uid))
         except Exception as err:
             log.debug("in-progress heartbeat failed: %s", err)
 
