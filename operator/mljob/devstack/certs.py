@@ -1,5 +1,6 @@
-"""Certificates for the local kube-apiserver: a CA, a serving cert, an admin client cert and
-the service-account signing key. Generated in Python so no openssl/cfssl is needed."""
+"""Certificates for the local stack: the kube-apiserver's CA, serving cert, admin client cert and
+service-account signing key, and NATS's own CA and serving cert. Generated in Python so no
+openssl/cfssl is needed."""
 
 from __future__ import annotations
 
@@ -140,4 +141,41 @@ def generate(directory: Path) -> ClusterCerts:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
+    return certs
+
+
+@dataclass(frozen=True)
+class ServingCerts:
+    """A CA (what clients trust) and the server certificate and key it signed."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+def generate_serving(directory: Path, common_name: str) -> ServingCerts:
+    """Write a CA of its own and a serving cert for 127.0.0.1/localhost (NATS's `tls://` URLs).
+
+    A CA separate from the apiserver's, because NATS starts before the apiserver's PKI exists
+    and a client trusting NATS has no reason to trust the apiserver.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name(f"{common_name}-ca")
+    ca = _issue(ca_name, ca_key, ca_name, ca_key, is_ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue(
+        _name(common_name),
+        key,
+        ca_name,
+        ca_key,
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH],
+        sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    certs = ServingCerts(
+        ca_cert=directory / "ca.crt", cert=directory / "server.crt", key=directory / "server.key"
+    )
+    _write_cert(certs.ca_cert, ca)
+    _write_cert(certs.cert, cert)
+    _write_key(certs.key, key)
     return certs

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mljob.devstack import certs as certgen
-from mljob.devstack import tools
+from mljob.devstack import nats_config, tools
 
 STATE_FILE = "stack.json"
 
@@ -51,6 +52,9 @@ class Stack:
         return self.directory / STATE_FILE
 
     def save(self) -> None:
+        """Owner-only: the env holds the NATS passwords."""
+        self.state_path.touch(mode=0o600)
+        self.state_path.chmod(0o600)
         self.state_path.write_text(
             json.dumps({"directory": str(self.directory), "pids": self.pids, "env": self.env}, indent=2)
         )
@@ -61,7 +65,7 @@ class Stack:
         return cls(directory=Path(data["directory"]), pids=data["pids"], env=data["env"])
 
     def export_lines(self) -> str:
-        return "\n".join(f"export {key}={value}" for key, value in sorted(self.env.items()))
+        return "\n".join(f"export {key}={shlex.quote(value)}" for key, value in sorted(self.env.items()))
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, name: str, cmd: list[str], user: str | None = None) -> None:
@@ -173,29 +177,17 @@ class Stack:
         self.env["MLJOB_KUBE_SERVER"] = server
 
     def start_nats(self, port: int | None = None, monitor: int | None = None) -> None:
-        """JetStream keeps its file store in the stack directory, so a restart keeps the streams."""
+        """TLS, three identities (nats_config); JetStream keeps its file store in the stack
+        directory and the config keeps its passwords and certificates, so a restart keeps both."""
         binary = tools.ensure("nats-server")
         port, monitor = port or free_port(), monitor or free_port()
-        cmd = [
-            str(binary),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-m",
-            str(monitor),
-            "-js",
-            "-sd",
-            str(self.directory / "jetstream"),
-            "-n",
-            "mljob-local",
-        ]
-        self._spawn("nats-server", cmd)
+        config = nats_config.write(self.directory / "nats", port, monitor, self.directory / "jetstream")
+        self._spawn("nats-server", config.command(binary))
         self._wait(
             "nats-server",
             lambda: b"ok" in _http_get(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"),
         )
-        self.env["MLJOB_NATS_URL"] = f"nats://127.0.0.1:{port}"
+        self.env.update(config.env())
         self.env["MLJOB_NATS_MONITOR_URL"] = f"http://127.0.0.1:{monitor}"
 
     def start_redis(self, port: int | None = None) -> None:
