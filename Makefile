@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: help deps venv tools lint typecheck unit test demo stack-up stack-down crd clean
+.PHONY: help deps venv tools lint typecheck unit test demo bench stack-up stack-down crd clean
 
 help:
 	@echo "make test   - install what is missing, start the local stack, run ruff, mypy and every test"
@@ -43,6 +43,11 @@ crd: venv
 
 demo: deps venv tools
 	@scripts/demo
+
+# Baselines (later mljob too) on one local stack, one markdown table each; e.g. BENCH_ARGS="--items 2000".
+bench: deps venv tools
+	@$(BIN)/python -c 'import celery, psutil' 2>/dev/null || $(BIN)/pip install -q -e '.[operator,devstack,dev,bench]'
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
 stack-up: deps venv tools
 	$(BIN)/mljob dev stack up

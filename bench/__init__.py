@@ -1,0 +1,1 @@
+"""Benchmarks of mljob against baselines written without it; run each as `python -m bench.<name>`."""
