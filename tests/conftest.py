@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from redis.asyncio import Redis
 
+from e2e_support.harness import ROLE_VARS, connect_nats, nats_identity
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import ResultsStore, make_pool
 from mljob.db.migrate import apply_migrations
@@ -29,13 +30,14 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = ROOT / "crds"
 SERVICE_VARS = ("KUBECONFIG", "MLJOB_NATS_URL", "MLJOB_REDIS_URL", "MLJOB_POSTGRES_DSN")
-#: The stack's NATS settings besides the URL: the default (operator) identity and the CA.
-NATS_VARS = ("MLJOB_NATS_USER", "MLJOB_NATS_PASSWORD", "MLJOB_NATS_TLS_CA_FILE")
-#: The other identities the stack's NATS knows, by role: (user variable, password variable).
-ROLE_VARS = {
-    "collector": ("MLJOB_DEV_NATS_COLLECTOR_USER", "MLJOB_DEV_NATS_COLLECTOR_PASSWORD"),
-    "worker": ("MLJOB_DEV_NATS_WORKER_USER", "MLJOB_DEV_NATS_WORKER_PASSWORD"),
-}
+#: The stack's NATS settings besides the URL: the default (operator) identity, the CA, the
+#: other roles' identities.
+NATS_VARS = (
+    "MLJOB_NATS_USER",
+    "MLJOB_NATS_PASSWORD",
+    "MLJOB_NATS_TLS_CA_FILE",
+    *(v for pair in ROLE_VARS.values() for v in pair),
+)
 
 
 @dataclass(frozen=True)
@@ -49,39 +51,25 @@ class StackEnv:
     #: NATS_VARS and the ROLE_VARS, as the stack exported them
     nats_vars: dict[str, str] = field(default_factory=dict)
 
-    def as_env(self) -> dict[str, str]:
+    def as_env(self, role: str = "operator") -> dict[str, str]:
+        """The environment of a process of `role` (operator, collector or worker): the stack's
+        addresses and that role's NATS identity."""
         return {
             **os.environ,
             "KUBECONFIG": self.kubeconfig,
-            "MLJOB_NATS_URL": self.nats_url,
             "MLJOB_REDIS_URL": self.redis_url,
             "MLJOB_POSTGRES_DSN": self.postgres_dsn,
             **self.nats_vars,
+            **self.nats_identity(role),
         }
 
     def nats_identity(self, role: str = "operator") -> dict[str, str]:
         """The MLJOB_NATS_* variables a process of `role` runs with (operator, collector, worker)."""
-        env = {"MLJOB_NATS_URL": self.nats_url}
-        env.update({k: self.nats_vars[k] for k in NATS_VARS if k in self.nats_vars})
-        if role != "operator" and ROLE_VARS[role][0] in self.nats_vars:
-            user, password = ROLE_VARS[role]
-            env["MLJOB_NATS_USER"] = self.nats_vars[user]
-            env["MLJOB_NATS_PASSWORD"] = self.nats_vars[password]
-        return env
+        return nats_identity({"MLJOB_NATS_URL": self.nats_url, **self.nats_vars}, role)
 
     async def nats(self, role: str = "operator", **options: Any) -> NATS:
         """A NATS connection of `role`, with the stack's credentials and CA."""
-        import nats
-
-        from mljob import natsconn
-        from mljob.settings import NatsSettings
-
-        settings = NatsSettings.model_validate(
-            {k.removeprefix("MLJOB_").lower(): v for k, v in self.nats_identity(role).items()}
-        )
-        kwargs = natsconn.options(settings, name=f"test-{role}")
-        kwargs.update(options)
-        return await nats.connect(**kwargs)
+        return await connect_nats({"MLJOB_NATS_URL": self.nats_url, **self.nats_vars}, role, **options)
 
 
 @pytest.fixture(scope="session")
@@ -102,9 +90,7 @@ def stack() -> Iterator[StackEnv]:
         redis_url=env["MLJOB_REDIS_URL"],
         postgres_dsn=env["MLJOB_POSTGRES_DSN"],
         directory=env["MLJOB_STACK_DIR"],
-        nats_vars={
-            k: env[k] for k in (*NATS_VARS, *(v for pair in ROLE_VARS.values() for v in pair)) if env.get(k)
-        },
+        nats_vars={k: env[k] for k in NATS_VARS if env.get(k)},
     )
     if owned is not None:
         owned.stop()

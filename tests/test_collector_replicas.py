@@ -14,30 +14,30 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.js.errors import NotFoundError
 
 from conftest import StackEnv
-from e2e_support.harness import Proc, child_env, mljob_cmd, wait_for
+from e2e_support.harness import Proc, child_env, connect_nats, mljob_cmd, nats_identity, wait_for
 from mljob import protocol
 from mljob.devstack.stack import Stack
 
 
 @pytest.fixture(scope="module")
-def private_nats() -> Iterator[str]:
+def private_nats() -> Iterator[dict[str, str]]:
+    """A NATS of this module's own: its environment (URL, CA, identities)."""
     directory = Path(tempfile.mkdtemp(prefix="mljob-replicas-"))
     stack = Stack(directory=directory)
     try:
         stack.start_nats()
-        yield stack.env["MLJOB_NATS_URL"]
+        yield dict(stack.env)
     finally:
         stack.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def _results_stream_replicas(url: str) -> int | None:
-    nc = await nats.connect(url)
+async def _results_stream_replicas(nats_env: dict[str, str]) -> int | None:
+    nc = await connect_nats(nats_env)
     try:
         info = await nc.jetstream().stream_info(protocol.RESULTS_STREAM)
         return int(info.config.num_replicas or 1)
@@ -47,14 +47,15 @@ async def _results_stream_replicas(url: str) -> int | None:
         await nc.close()
 
 
-def results_stream_replicas(url: str) -> int | None:
-    return asyncio.run(_results_stream_replicas(url))
+def results_stream_replicas(nats_env: dict[str, str]) -> int | None:
+    return asyncio.run(_results_stream_replicas(nats_env))
 
 
-def run_collector(stack: StackEnv, nats_url: str, pg_schema: str, replicas: str, tmp_path: Path) -> Proc:
+def run_collector(
+    stack: StackEnv, nats_env: dict[str, str], pg_schema: str, replicas: str, tmp_path: Path
+) -> Proc:
     env = child_env(
-        stack.as_env(),
-        MLJOB_NATS_URL=nats_url,
+        {**stack.as_env("collector"), **nats_identity(nats_env, "collector")},
         MLJOB_STREAM_REPLICAS=replicas,
         MLJOB_POSTGRES_SCHEMA=pg_schema,
     )
@@ -62,7 +63,7 @@ def run_collector(stack: StackEnv, nats_url: str, pg_schema: str, replicas: str,
 
 
 def test_collector_first_uses_configured_replicas(
-    stack: StackEnv, private_nats: str, pg_schema: str, tmp_path: Path
+    stack: StackEnv, private_nats: dict[str, str], pg_schema: str, tmp_path: Path
 ) -> None:
     refused = run_collector(stack, private_nats, pg_schema, "3", tmp_path)
     try:

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from conftest import ROOT
+from e2e_support.harness import connect_nats
 from mljob.devstack.stack import Stack
 
 
@@ -57,29 +58,31 @@ def pids(directory: Path) -> dict[str, int]:
     return Stack.load(directory).pids
 
 
-async def _publish_and_read(url: str, stream: str, publish: bool) -> int:
-    import nats
-    from nats.js.api import StorageType, StreamConfig
+async def _publish_and_read(env: dict[str, str], pipeline: str, publish: bool) -> int:
+    """Publish one task into a pipeline's stream (as the operator identity may), or count them."""
+    from mljob import protocol
+    from mljob.adapters import jetstream
 
-    nc = await nats.connect(url)
+    nc = await connect_nats(env)
     try:
         js = nc.jetstream()
         if publish:
-            await js.add_stream(StreamConfig(name=stream, subjects=[f"{stream}.>"], storage=StorageType.FILE))
-            await js.publish(f"{stream}.x", b"kept")
-        return int((await js.stream_info(stream)).state.messages)
+            await jetstream.ensure_pipeline_stream(js, pipeline)
+            await js.publish(protocol.task_subject(pipeline, "kept"), b"kept")
+        return int((await js.stream_info(protocol.task_stream(pipeline))).state.messages)
     finally:
         await nc.close()
 
 
 def test_nats_keeps_its_jetstream_file_store_and_port(private_stack: Stack) -> None:
     url = private_stack.env["MLJOB_NATS_URL"]
-    assert asyncio.run(_publish_and_read(url, "KEPT", publish=True)) == 1
+    assert asyncio.run(_publish_and_read(dict(private_stack.env), "kept", publish=True)) == 1
     before = pids(private_stack.directory)["nats-server"]
     restart(private_stack, "nats")
     assert pids(private_stack.directory)["nats-server"] != before
     assert Stack.load(private_stack.directory).env["MLJOB_NATS_URL"] == url
-    assert asyncio.run(_publish_and_read(url, "KEPT", publish=False)) == 1
+    # The same credentials and CA still work: the restarted server kept its config and certificate.
+    assert asyncio.run(_publish_and_read(dict(Stack.load(private_stack.directory).env), "kept", False)) == 1
 
 
 def test_postgres_keeps_its_data_and_port(private_stack: Stack) -> None:

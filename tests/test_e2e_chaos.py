@@ -22,7 +22,7 @@ import pytest
 import redis as redis_sync
 
 from e2e_support.env import E2E
-from e2e_support.harness import Proc, mljob_cmd, wait_for
+from e2e_support.harness import mljob_cmd, wait_for
 from e2e_support.invariants import assert_job_invariants
 
 # --- servers of the shared stack --------------------------------------------------------------
@@ -140,8 +140,7 @@ def test_external_collector_killed_mid_flight_and_restarted_ends_with_exact_coun
     e2e.operator.stop()
     e2e.start_operator("--no-collector")
     try:
-        collector = Proc("collector", mljob_cmd("collector"), e2e.env, e2e.log_dir)
-        e2e.procs.append(collector)
+        collector = e2e.start_collector()
         items = [f"ec-{i:04d}" for i in range(1500)]
         uid = e2e.apply("coll-killed", "coll-killed", items)
         e2e.start_worker("coll-killed", "slow", "--concurrency", "8", MLJOB_TEST_SLEEP="0.02")
@@ -149,7 +148,7 @@ def test_external_collector_killed_mid_flight_and_restarted_ends_with_exact_coun
         collector.stop(signal.SIGKILL)
         assert at_kill < 1500, "the job finished before the collector was killed"
         time.sleep(2)  # results pile up with no collector at all
-        e2e.procs.append(Proc("collector", mljob_cmd("collector"), e2e.env, e2e.log_dir))
+        e2e.start_collector()
         status = e2e.wait_terminal("coll-killed", timeout=90)
         got, want = _exact(status, 1500)
         assert got == want, e2e.logs()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from e2e_support.env import E2E
-from e2e_support.harness import Proc, mljob_cmd
 
 
 def test_two_external_collectors_share_the_results_exactly_once(e2e: E2E) -> None:
@@ -11,7 +10,7 @@ def test_two_external_collectors_share_the_results_exactly_once(e2e: E2E) -> Non
     e2e.operator.stop()
     operator = e2e.start_operator("--no-collector")
     for _ in range(2):
-        e2e.procs.append(Proc("collector", mljob_cmd("collector"), e2e.env, e2e.log_dir))
+        e2e.start_collector()
     items = [f"rc-{i:04d}" for i in range(1500)]
     uid = e2e.apply("replicated", "replicas", items)
     for _ in range(2):

@@ -14,7 +14,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from e2e_support.env import E2E
-from e2e_support.harness import Proc, mljob_cmd, wait_for
+from e2e_support.harness import Proc, wait_for
 
 ITEMS = [f"m-{i:04d}" for i in range(200)]  # tenth_fail fails the ids ending in 7: 20 of them
 FAILED = sum(1 for i in range(200) if i % 10 == 7)
@@ -148,10 +148,7 @@ def test_the_collector_process_serves_its_own_metrics(
     operator.stop()
     e2e.start_operator("--no-collector", MLJOB_METRICS_PORT=str(ports["metrics"]))
     port = ports["collector"]
-    collector = Proc(
-        "collector", mljob_cmd("collector"), {**e2e.env, "MLJOB_METRICS_PORT": str(port)}, e2e.log_dir
-    )
-    e2e.procs.append(collector)
+    e2e.start_collector(MLJOB_METRICS_PORT=str(port))
     wait_for(lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 60, what="the collector's readyz")
     items = [f"c-{i:03d}" for i in range(50)]
     e2e.apply("metrics-collected", "collected", items)

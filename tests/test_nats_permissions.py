@@ -290,7 +290,12 @@ async def test_a_worker_can_watch_pull_ack_and_publish(world: World, worker: Ide
     await again.term()
     await puller.close()
     await worker.clean()
-    settled = await world.operator.js.consumer_info(stream, consumer)
+    # TERM is fire-and-forget: the server settles it a moment later.
+    for _ in range(50):
+        settled = await world.operator.js.consumer_info(stream, consumer)
+        if (settled.num_pending, settled.num_ack_pending) == (0, 0):
+            break
+        await asyncio.sleep(0.1)
     assert (settled.num_pending, settled.num_ack_pending) == (0, 0)
     await world.operator.nc.flush()
     assert protocol.heartbeat_subject(PIPELINE, uid) in heartbeats

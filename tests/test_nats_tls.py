@@ -120,12 +120,6 @@ async def test_without_the_ca_the_certificate_is_refused(tls_stack: Stack) -> No
     assert any(isinstance(err, ssl.SSLCertVerificationError) for err in errors)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nats-py 2.16 hangs in Client._close() (StreamWriter.wait_closed) after a failed TLS "
-    "handshake when reconnecting is allowed, so natsconn.connect never returns nor reports the "
-    "cause; natsconn should make its first attempt with allow_reconnect=False",
-)
 async def test_natsconn_reports_an_untrusted_certificate(tls_stack: Stack) -> None:
     stop = asyncio.Event()
     causes: list[str] = []

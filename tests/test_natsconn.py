@@ -17,7 +17,9 @@ pytestmark = pytest.mark.unit
 log = logging.getLogger("test.natsconn")
 
 
-def test_credentials_and_tls_are_passed_through() -> None:
+def test_credentials_and_tls_are_passed_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("MLJOB_NATS_CREDS_FILE", "MLJOB_NATS_USER", "MLJOB_NATS_PASSWORD", "MLJOB_NATS_TLS_CA_FILE"):
+        monkeypatch.delenv(var, raising=False)  # the test stack's, when `make test` exported them
     certifi = pytest.importorskip("certifi")
     settings = WorkerSettings(
         pipeline="p",

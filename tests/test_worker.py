@@ -121,7 +121,7 @@ def spawn_worker(stack: StackEnv, tmp_path: Path) -> Iterator[SpawnWorker]:
     def spawn(
         pipeline: str, handler: str, *args: str, name: str = "w1", env: dict[str, str] | None = None
     ) -> WorkerProc:
-        child_env = stack.as_env()
+        child_env = stack.as_env("worker")
         child_env.pop(CRASH_AFTER_RESULT_ENV, None)
         child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(TESTS_DIR), child_env.get("PYTHONPATH")) if p

@@ -192,15 +192,17 @@ def options(
     connect_timeout: float = 3.0,
     reconnect_time_wait: float = 1.0,
 ) -> dict[str, Any]:
-    """Keyword arguments of `nats.connect` for one attempt: two tries, then NoServersError.
+    """Keyword arguments of `nats.connect` for one attempt, which raises its own cause.
 
-    `connect` lets a connection that made it reconnect forever; `-1` here would make nats-py
-    retry the first connection forever, silently and deaf to a stop request.
+    Reconnecting is off for the first connection: nats-py would retry it silently (forever with
+    `-1`, deaf to a stop request), and after a failed TLS handshake it hangs closing the socket
+    instead of reporting a certificate it cannot verify. `connect` turns reconnecting on, for
+    good, once a connection made it.
     """
     kwargs: dict[str, Any] = {
         "servers": [settings.nats_url],
         "name": name,
-        "allow_reconnect": True,
+        "allow_reconnect": False,
         "max_reconnect_attempts": 1,
         "reconnect_time_wait": reconnect_time_wait,
         "connect_timeout": connect_timeout,
@@ -273,7 +275,8 @@ async def connect(
                 await nc.close()
             raise
         callbacks.connected = True
-        nc.options["max_reconnect_attempts"] = -1  # read by nats-py on each disconnect
+        nc.options["allow_reconnect"] = True  # both read by nats-py on each disconnect
+        nc.options["max_reconnect_attempts"] = -1
         return nc
 
     return await retry(attempt, report, stop=stop, initial=initial_delay, maximum=max_delay)

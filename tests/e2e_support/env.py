@@ -31,12 +31,23 @@ class E2E:
     # ------------------------------------------------------------------ processes
     @property
     def env(self) -> dict[str, str]:
+        """The operator's environment (and the dev tools', e.g. `mljob chaos`)."""
+        return self.env_of("operator")
+
+    def env_of(self, role: str) -> dict[str, str]:
+        """The environment of a process of `role`, with that role's NATS identity."""
         return child_env(
-            self.stack.as_env(),
+            self.stack.as_env(role),
             MLJOB_POSTGRES_SCHEMA=self.schema,
             MLJOB_REDIS_PREFIX=self.prefix,
             MLJOB_RECONCILE_INTERVAL="1",
         )
+
+    def start_collector(self, name: str = "collector", **env: str) -> Proc:
+        """An external `mljob collector`, on the collector's NATS identity."""
+        proc = Proc(name, mljob_cmd("collector"), {**self.env_of("collector"), **env}, self.log_dir)
+        self.procs.append(proc)
+        return proc
 
     def start_operator(self, *extra: str, **env: str) -> Proc:
         proc = Proc(
@@ -55,7 +66,7 @@ class E2E:
             mljob_cmd(
                 "worker", "--pipeline", pipeline, "--handler", f"e2e_support.handlers:{handler}", *extra
             ),
-            {**self.env, **env},
+            {**self.env_of("worker"), **env},
             self.log_dir,
         )
         self.procs.append(proc)

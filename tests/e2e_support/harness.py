@@ -51,6 +51,40 @@ class Proc:
         return "\n".join(text.splitlines()[-lines:])
 
 
+#: A stack's other NATS identities, by role: (user variable, password variable).
+ROLE_VARS = {
+    "collector": ("MLJOB_DEV_NATS_COLLECTOR_USER", "MLJOB_DEV_NATS_COLLECTOR_PASSWORD"),
+    "worker": ("MLJOB_DEV_NATS_WORKER_USER", "MLJOB_DEV_NATS_WORKER_PASSWORD"),
+}
+
+
+def nats_identity(env: dict[str, str], role: str = "operator") -> dict[str, str]:
+    """The MLJOB_NATS_* variables a process of `role` runs with, from a stack's environment
+    (whose own MLJOB_NATS_USER/PASSWORD are the operator's)."""
+    keys = ("MLJOB_NATS_URL", "MLJOB_NATS_USER", "MLJOB_NATS_PASSWORD", "MLJOB_NATS_TLS_CA_FILE")
+    out = {k: env[k] for k in keys if env.get(k)}
+    if role != "operator":
+        user, password = ROLE_VARS[role]
+        if env.get(user):
+            out["MLJOB_NATS_USER"], out["MLJOB_NATS_PASSWORD"] = env[user], env[password]
+    return out
+
+
+async def connect_nats(env: dict[str, str], role: str = "operator", **options: Any) -> Any:
+    """A NATS connection as `role`, with the credentials and CA of the stack `env` describes."""
+    import nats
+
+    from mljob import natsconn
+    from mljob.settings import NatsSettings
+
+    settings = NatsSettings.model_validate(
+        {k.removeprefix("MLJOB_").lower(): v for k, v in nats_identity(env, role).items()}
+    )
+    kwargs = natsconn.options(settings, name=f"test-{role}")
+    kwargs.update(options)
+    return await nats.connect(**kwargs)
+
+
 def mljob_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "mljob.cli", *args]
 

@@ -72,5 +72,5 @@ def assert_job_invariants(
     assert len(terminal) == 1, f"expected one terminal transition, got {audit}"
     assert not [t for t in audit if t[0] in TERMINAL], f"a transition out of a terminal phase: {audit}"
     assert e2e.redis_keys(uid) == [], "Redis keys left behind"
-    assert e2e.nats_leftovers(uid, pipeline) == {"stream": False, "registry": False}, "NATS leftovers"
+    assert e2e.nats_leftovers(uid, pipeline) == {"consumer": False, "registry": False}, "NATS leftovers"
     return rows
