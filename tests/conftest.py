@@ -67,8 +67,9 @@ class StackEnv:
         """The MLJOB_NATS_* variables a process of `role` runs with (operator, collector, worker)."""
         return nats_identity({"MLJOB_NATS_URL": self.nats_url, **self.nats_vars}, role)
 
-    async def nats(self, role: str = "operator", **options: Any) -> NATS:
-        """A NATS connection of `role`, with the stack's credentials and CA."""
+    async def nats(self, role: str = "admin", **options: Any) -> NATS:
+        """A NATS connection of `role` (default: the stack's admin, for a test's own setup and
+        inspection), with the stack's credentials and CA."""
         return await connect_nats({"MLJOB_NATS_URL": self.nats_url, **self.nats_vars}, role, **options)
 
 

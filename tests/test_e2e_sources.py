@@ -109,5 +109,5 @@ def test_url_manifest_with_a_wrong_checksum_is_refused(e2e: E2E, manifest_server
     assert status["phase"] == "Failed"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InvalidItems" and "checksum mismatch" in failed["message"]
-    assert e2e.nats_leftovers(uid, "urls")["stream"] is False, "nothing may be dispatched"
+    assert e2e.nats_leftovers(uid, "urls")["consumer"] is False, "nothing may be dispatched"
     wait_for(lambda: e2e.job_row(uid) is not None, 10, what="the job row")

@@ -55,6 +55,8 @@ class Proc:
 ROLE_VARS = {
     "collector": ("MLJOB_DEV_NATS_COLLECTOR_USER", "MLJOB_DEV_NATS_COLLECTOR_PASSWORD"),
     "worker": ("MLJOB_DEV_NATS_WORKER_USER", "MLJOB_DEV_NATS_WORKER_PASSWORD"),
+    # every right: for a test's own setup and inspection, never for a process under test
+    "admin": ("MLJOB_DEV_NATS_ADMIN_USER", "MLJOB_DEV_NATS_ADMIN_PASSWORD"),
 }
 
 
@@ -70,7 +72,7 @@ def nats_identity(env: dict[str, str], role: str = "operator") -> dict[str, str]
     return out
 
 
-async def connect_nats(env: dict[str, str], role: str = "operator", **options: Any) -> Any:
+async def connect_nats(env: dict[str, str], role: str = "admin", **options: Any) -> Any:
     """A NATS connection as `role`, with the credentials and CA of the stack `env` describes."""
     import nats
 

@@ -25,12 +25,17 @@ ACCOUNT = "MLJOB"
 OPERATOR_USER = "mljob-operator"
 COLLECTOR_USER = "mljob-collector"
 WORKER_USER = "mljob-worker"
+#: Everything, for tests and hand inspection only (setting up private streams, reading results):
+#: never the identity of a process under test.
+ADMIN_USER = "mljob-dev-admin"
+ADMIN = nats_permissions.Permissions(publish_allow=(">",), publish_deny=(), subscribe_allow=(">",))
 
 #: The stack's identities: user name -> permissions (the worker serves every pipeline).
 STACK_USERS: Mapping[str, nats_permissions.Permissions] = {
     OPERATOR_USER: nats_permissions.operator(),
     COLLECTOR_USER: nats_permissions.collector(),
     WORKER_USER: nats_permissions.worker(),
+    ADMIN_USER: ADMIN,
 }
 
 
@@ -62,6 +67,14 @@ class NatsConfig:
             "MLJOB_DEV_NATS_COLLECTOR_PASSWORD": self.passwords[COLLECTOR_USER],
             "MLJOB_DEV_NATS_WORKER_USER": WORKER_USER,
             "MLJOB_DEV_NATS_WORKER_PASSWORD": self.passwords[WORKER_USER],
+            **(
+                {
+                    "MLJOB_DEV_NATS_ADMIN_USER": ADMIN_USER,
+                    "MLJOB_DEV_NATS_ADMIN_PASSWORD": self.passwords[ADMIN_USER],
+                }
+                if ADMIN_USER in self.passwords
+                else {}
+            ),
         }
 
 
