@@ -1,0 +1,142 @@
+"""Top-N tables of py-spy profiles (`--format raw`: one collapsed stack and its sample count a line).
+
+    python -m bench.profiling PROFILE.txt [...] [--top 15]
+
+For each profile: the share of samples by thread kind (the event loop's thread against the
+threads `asyncio.to_thread` and handlers run in), by package (the file a sample's innermost
+frame is in), and the functions with the largest self and total (inclusive) shares. py-spy leaves
+idle threads out, so 100 % is the time the process was busy, not the wall clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .common import markdown_table
+
+#: Frames of the interpreter's and asyncio's own scaffolding: never a useful "total" entry.
+SCAFFOLDING = (
+    "<module>",
+    "_run_module_as_main",
+    "_run_code",
+    "run (asyncio/runners.py)",
+    "run_until_complete (asyncio/base_events.py)",
+    "run_forever (asyncio/base_events.py)",
+    "_run_once (asyncio/base_events.py)",
+    "_run (asyncio/events.py)",
+    "_bootstrap (threading.py)",
+    "_bootstrap_inner (threading.py)",
+    "run (threading.py)",
+    "main (mljob/cli.py)",
+    "run (mljob/operator_cli.py)",
+    "main (mljob/operator_cli.py)",
+    "_cmd_worker (mljob/worker/cli.py)",
+    "run_worker (mljob/worker/worker.py)",
+    "main (mljob/worker/worker.py)",
+)
+
+
+@dataclass
+class Profile:
+    """Collapsed stacks (outermost frame first) and their sample counts."""
+
+    stacks: list[tuple[list[str], int]]
+
+    @classmethod
+    def read(cls, path: Path) -> Profile:
+        stacks = []
+        for line in path.read_text(errors="replace").splitlines():
+            text, _, count = line.rpartition(" ")
+            if text and count.isdigit():
+                stacks.append(([f.strip() for f in text.split(";") if f.strip()], int(count)))
+        return cls(stacks)
+
+    @property
+    def samples(self) -> int:
+        return sum(n for _, n in self.stacks)
+
+    def self_shares(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for frames, n in self.stacks:
+            if frames:
+                out[frames[-1]] += n
+        return out
+
+    def total_shares(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for frames, n in self.stacks:
+            for frame in set(frames):
+                out[frame] += n
+        return out
+
+    def package_shares(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for frames, n in self.stacks:
+            if frames:
+                out[package(frames[-1])] += n
+        return out
+
+    def thread_shares(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for frames, n in self.stacks:
+            threaded = any(f.startswith("_bootstrap (threading.py)") for f in frames[:2])
+            out["other threads (to_thread, handlers)" if threaded else "main thread (event loop)"] += n
+        return out
+
+
+def package(frame: str) -> str:
+    """The package of a frame `function (pkg/module.py)`: its first path part, or the module of a
+    standard-library file (`ssl.py` -> ssl)."""
+    where = frame.rpartition("(")[2].rstrip(")")
+    if not where or "." not in where:
+        return frame  # a native frame, or py-spy's own marker
+    first = where.split("/", 1)[0]
+    return first.removesuffix(".py")
+
+
+def _pct(n: int, total: int) -> str:
+    return f"{100 * n / total:.1f}" if total else "-"
+
+
+def tables(profile: Profile, top: int = 15) -> str:
+    """The profile's tables as markdown."""
+    total = profile.samples
+    if not total:
+        return "(no samples: the process was idle, or py-spy could not read it)"
+    threads = [[name, _pct(n, total)] for name, n in profile.thread_shares().most_common()]
+    packages = [[name, _pct(n, total)] for name, n in profile.package_shares().most_common(top)]
+    selfs = profile.self_shares()
+    totals = profile.total_shares()
+    by_self = [[f"`{f}`", _pct(n, total), _pct(totals[f], total)] for f, n in selfs.most_common(top)]
+    inclusive = [(f, n) for f, n in totals.most_common() if not f.startswith(SCAFFOLDING)][:top]
+    by_total = [[f"`{f}`", _pct(selfs.get(f, 0), total), _pct(n, total)] for f, n in inclusive]
+    return "\n\n".join(
+        [
+            f"{total:,} samples (busy time only).",
+            markdown_table(["thread", "% of samples"], threads),
+            markdown_table(["package (innermost frame)", "% of samples"], packages),
+            f"Top {top} functions by self time:",
+            markdown_table(["function", "self %", "total %"], by_self),
+            f"Top {top} functions by total (inclusive) time, leaving out the event loop's own frames:",
+            markdown_table(["function", "self %", "total %"], by_total),
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("profiles", nargs="+", type=Path, help="py-spy raw files (record --format raw)")
+    p.add_argument("--top", type=int, default=15, help="rows per function table (default 15)")
+    args = p.parse_args(argv)
+    for path in args.profiles:
+        print(f"#### {path.name}\n\n{tables(Profile.read(path), args.top)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
