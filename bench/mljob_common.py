@@ -319,19 +319,13 @@ class Session:
         self.workers.extend(started)
         return started
 
-    def start_supervised_workers(self, pipeline: str, handler: str, count: int) -> Proc:
+    def start_supervised_workers(self, pipeline: str, handler: str, count: int, worker_logs: Path) -> Proc:
         """`count` workers kept alive by mljob's demo supervisor (a dead one is started again),
-        all on the stack's worker identity; returns the supervisor."""
+        all on the stack's worker identity, their logs in `worker_logs`; returns the supervisor."""
         state = self.log_dir / f"{self.label}-supervisor.json"
         cmd = [sys.executable, "-m", "mljob.demo_supervise", "--workers", str(count)]
-        cmd += [
-            "--log-dir",
-            str(self.log_dir),
-            "--state",
-            str(state),
-            "--",
-            *self.worker_cmd(pipeline, handler),
-        ]
+        cmd += ["--log-dir", str(worker_logs), "--state", str(state)]
+        cmd += ["--", *self.worker_cmd(pipeline, handler)]
         supervisor = Proc(f"{self.label}-supervisor", cmd, self.env("worker"), self.log_dir)
         self.workers.append(supervisor)
         return supervisor
