@@ -369,6 +369,11 @@ def report(runs: Sequence[Latencies]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = common.parser(__doc__.splitlines()[0], default_items=20, workers="2")
+    for action in p._actions:  # here --items counts the items of each small job
+        if action.dest == "items":
+            action.help = "items per small MLJob (default 20)"
+        if action.dest == "repeat":
+            action.help = "runs per worker count; their samples are pooled (all Running: the first run's)"
     p.add_argument("--jobs", type=int, default=50, help="small MLJobs applied at once (default 50)")
     p.add_argument("--crash-jobs", type=int, default=3, help="one-item MLJobs whose item crashes its worker")
     p.add_argument(
@@ -383,7 +388,17 @@ def main(argv: list[str] | None = None) -> int:
     with common.local_stack(args) as stack:
         description = common.machine(stack)
         mljob_common.install_crds(stack)
-        runs = [measure(stack, args, k, logs) for k in args.workers]
+        runs = []
+        for k in args.workers:
+            pooled = measure(stack, args, k, logs)
+            for _ in range(max(1, args.repeat) - 1):  # repeats pool their samples
+                more = measure(stack, args, k, logs)
+                for name in ("to_status", "to_row", "turnaround", "crash_to_row", "crash_logged"):
+                    getattr(pooled, name).extend(getattr(more, name))
+                pooled.crash_deliveries.extend(more.crash_deliveries)
+                pooled.worker_crashes += more.worker_crashes
+                pooled.notes.extend(more.notes)
+            runs.append(pooled)
     title = "### Latencies of mljob: last result → terminal status, crashing item → failed row"
     print("\n\n".join([description, title, report(runs)]))
     if args.json_path:

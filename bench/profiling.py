@@ -19,25 +19,17 @@ from pathlib import Path
 
 from .common import markdown_table
 
-#: Frames of the interpreter's and asyncio's own scaffolding: never a useful "total" entry.
-SCAFFOLDING = (
-    "<module>",
-    "_run_module_as_main",
-    "_run_code",
-    "run (asyncio/runners.py)",
-    "run_until_complete (asyncio/base_events.py)",
-    "run_forever (asyncio/base_events.py)",
-    "_run_once (asyncio/base_events.py)",
-    "_run (asyncio/events.py)",
-    "_bootstrap (threading.py)",
-    "_bootstrap_inner (threading.py)",
-    "run (threading.py)",
-    "main (mljob/cli.py)",
-    "run (mljob/operator_cli.py)",
-    "main (mljob/operator_cli.py)",
-    "_cmd_worker (mljob/worker/cli.py)",
-    "run_worker (mljob/worker/worker.py)",
-    "main (mljob/worker/worker.py)",
+#: Packages whose frames are the event loop's and the threads' own machinery (never a useful
+#: "total" entry: every stack of their thread passes through them).
+MACHINERY = frozenset({"asyncio", "threading", "concurrent", "runpy", "<frozen runpy>", "selectors"})
+#: The processes' entry points: on every stack of the main thread.
+ENTRY_POINTS = frozenset(
+    {
+        "main (mljob/cli.py)",
+        "run (mljob/operator_cli.py)",
+        "_cmd_worker (mljob/worker/cli.py)",
+        "run_worker (mljob/worker/worker.py)",
+    }
 )
 
 
@@ -74,6 +66,22 @@ class Profile:
                 out[frame] += n
         return out
 
+    def innermost_of_chains(self) -> set[str]:
+        """Of frames found on exactly the same stacks (a chain of wrappers calling one another,
+        e.g. kopf's handler invocation), the innermost one only."""
+        stacks_of: dict[str, set[int]] = {}
+        depth: dict[str, int] = {}
+        for index, (frames, _) in enumerate(self.stacks):
+            for level, frame in enumerate(frames):
+                stacks_of.setdefault(frame, set()).add(index)
+                depth[frame] = max(depth.get(frame, 0), level)
+        deepest: dict[frozenset[int], str] = {}
+        for frame, where in stacks_of.items():
+            key = frozenset(where)
+            if key not in deepest or depth[frame] > depth[deepest[key]]:
+                deepest[key] = frame
+        return set(deepest.values())
+
     def package_shares(self) -> Counter[str]:
         out: Counter[str] = Counter()
         for frames, n in self.stacks:
@@ -84,7 +92,7 @@ class Profile:
     def thread_shares(self) -> Counter[str]:
         out: Counter[str] = Counter()
         for frames, n in self.stacks:
-            threaded = any(f.startswith("_bootstrap (threading.py)") for f in frames[:2])
+            threaded = any(f.endswith("_bootstrap (threading.py)") for f in frames[:2])
             out["other threads (to_thread, handlers)" if threaded else "main thread (event loop)"] += n
         return out
 
@@ -92,11 +100,10 @@ class Profile:
 def package(frame: str) -> str:
     """The package of a frame `function (pkg/module.py)`: its first path part, or the module of a
     standard-library file (`ssl.py` -> ssl)."""
-    where = frame.rpartition("(")[2].rstrip(")")
-    if not where or "." not in where:
+    where = frame.rpartition(" (")[2].rstrip(")")
+    if not where:
         return frame  # a native frame, or py-spy's own marker
-    first = where.split("/", 1)[0]
-    return first.removesuffix(".py")
+    return where.split("/", 1)[0].removesuffix(".py")
 
 
 def _pct(n: int, total: int) -> str:
@@ -113,7 +120,15 @@ def tables(profile: Profile, top: int = 15) -> str:
     selfs = profile.self_shares()
     totals = profile.total_shares()
     by_self = [[f"`{f}`", _pct(n, total), _pct(totals[f], total)] for f, n in selfs.most_common(top)]
-    inclusive = [(f, n) for f, n in totals.most_common() if not f.startswith(SCAFFOLDING)][:top]
+    shown = profile.innermost_of_chains()
+    inclusive = [
+        (f, n)
+        for f, n in totals.most_common()
+        if f in shown
+        and package(f) not in MACHINERY
+        and not f.startswith("<module>")
+        and f not in ENTRY_POINTS
+    ][:top]
     by_total = [[f"`{f}`", _pct(selfs.get(f, 0), total), _pct(n, total)] for f, n in inclusive]
     return "\n\n".join(
         [
@@ -122,7 +137,8 @@ def tables(profile: Profile, top: int = 15) -> str:
             markdown_table(["package (innermost frame)", "% of samples"], packages),
             f"Top {top} functions by self time:",
             markdown_table(["function", "self %", "total %"], by_self),
-            f"Top {top} functions by total (inclusive) time, leaving out the event loop's own frames:",
+            f"Top {top} functions by total (inclusive) time, without asyncio's and threading's own frames "
+            "(of a chain of wrappers on exactly the same stacks, the innermost only):",
             markdown_table(["function", "self %", "total %"], by_total),
         ]
     )

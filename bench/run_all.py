@@ -2,8 +2,9 @@
 
     python -m bench.run_all [--items N] [--workers 1,2,4] [--repeat R] [--json FILE]
 
-Flags are passed on to each benchmark (`--workers` only to those that have workers); without
-`--items` each uses its own default (the full-size figures of docs/benchmarks.md).
+Flags are passed on to each benchmark (`--workers` only to those that have workers, `--items`
+not to mljob_latency, sized by its own jobs and items per job); without `--items` each uses its
+own default (the full-size figures of docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ BENCHMARKS: list[tuple[str, bool]] = [
     ("bench.baseline_dispatch", False),
     ("bench.baseline_raw", True),
     ("bench.baseline_celery", True),
+    ("bench.mljob_dispatch", False),
+    ("bench.mljob_e2e", True),
+    ("bench.mljob_latency", False),
 ]
+#: Benchmarks sized by their own flags (jobs, items per job): --items is not passed on to them.
+OWN_SIZE = {"bench.mljob_latency"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         for module, has_workers in chosen:
             cmd = [sys.executable, "-m", module]
             for flag, value in (
-                ("--items", args.items),
+                ("--items", None if module in OWN_SIZE else args.items),
                 ("--repeat", args.repeat),
                 ("--json", args.json_path),
             ):
