@@ -160,6 +160,29 @@ def apply(stack: common.BenchStack, namespace: str, docs: Sequence[Mapping[str, 
     kubectl(stack, "-n", namespace, "apply", "--server-side", "-f", "-", stdin=manifest)
 
 
+def apiserver_requests(stack: common.BenchStack) -> dict[str, int]:
+    """Requests the apiserver served so far, by "VERB resource[/subresource]" (its own metrics),
+    for MLJobs, Events and ConfigMaps; watches and lists left out (the benchmark's watch)."""
+    out: dict[str, int] = {}
+    for line in kubectl(stack, "get", "--raw", "/metrics").stdout.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(
+            part.split("=", 1)
+            for part in line[line.index("{") + 1 : line.rindex("}")].replace('"', "").split(",")
+        )
+        verb, resource = labels.get("verb", ""), labels.get("resource", "")
+        if resource not in ("mljobs", "events", "configmaps") or verb in ("WATCH", "LIST"):
+            continue
+        key = f"{verb} {resource}" + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+        out[key] = out.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def requests_between(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in sorted(after.items()) if n - before.get(k, 0) > 0}
+
+
 # ---------------------------------------------------------------------- the watch
 @dataclass
 class JobTimes:
@@ -170,6 +193,8 @@ class JobTimes:
     uid: str = ""
     created: tuple[float, float] | None = None
     dispatched: tuple[float, float] | None = None
+    #: the first status with a dispatch cursor above 0 (the first chunk published): its times and cursor
+    first_chunk: tuple[float, float, int] | None = None
     terminal: tuple[float, float] | None = None
     status: dict[str, Any] = field(default_factory=dict)
 
@@ -244,6 +269,8 @@ class JobWatch:
             total = int(status.get("total") or 0)
             cursor = int(status.get("dispatchCursor") or 0)
             phase = status.get("phase")
+            if times.first_chunk is None and cursor > 0:
+                times.first_chunk = (*now, cursor)
             if times.dispatched is None and total > 0 and cursor >= total and phase in {"Running", *TERMINAL}:
                 times.dispatched = now
             if times.terminal is None and phase in TERMINAL:
@@ -420,6 +447,22 @@ def log_dir(args: Any, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------- profiling
+#: Profiles written by this process: group (e.g. "e2e-2w-workers") -> its raw files.
+PROFILES: dict[str, list[Path]] = {}
+
+
+def profile_report() -> list[str]:
+    """The tables of every profile group this process wrote, the files of a group merged."""
+    from .profiling import Profile, tables
+
+    out = []
+    for group, paths in PROFILES.items():
+        merged = Profile.merge([Profile.read(p) for p in paths if p.exists()])
+        runs = f"{len(paths)} profiles merged" if len(paths) > 1 else "one profile"
+        out.append(f"#### Profile: {group} ({runs})\n\n{tables(merged)}")
+    return out
+
+
 class Profiler:
     """py-spy attached to a running process until `stop`, writing collapsed stacks (`--format raw`,
     without line numbers, idle threads left out: where the CPU time went).
@@ -428,9 +471,13 @@ class Profiler:
     default) slowed the operator's dispatch down threefold on a 2-core machine and counted its
     idle executor threads as busy; the price is an occasional torn stack."""
 
-    def __init__(self, pid: int, output: Path, rate: int = 200) -> None:
+    def __init__(self, pid: int, directory: Path, group: str, rate: int = 200) -> None:
         exe = Path(sys.executable).parent / "py-spy"
         binary = str(exe) if exe.exists() else "py-spy"
+        directory.mkdir(parents=True, exist_ok=True)
+        files = PROFILES.setdefault(group, [])
+        output = directory / f"{group}-{len(files) + 1:02d}.txt"
+        files.append(output)
         self.output = output
         self._log_path = output.with_suffix(".log")
         self._log = open(self._log_path, "wb")  # noqa: SIM115 - closed in stop()

@@ -23,10 +23,16 @@ import uuid
 from pathlib import Path
 
 from . import baseline_dispatch, common, mljob_common
-from .profiling import Profile, tables
 
 PIPELINE = "bench-mljob-dispatch"
 MLJOB = "mljob: apply → Running"
+
+
+#: mljob runs of this process: (seconds to the first chunk's cursor, items in it, seconds after
+#: it, items of the job)
+SPLITS: list[tuple[float, int, float, int]] = []
+#: mljob runs of this process: apiserver requests from apply to Running (watches and lists left out)
+REQUESTS: list[dict[str, int]] = []
 
 
 def measure(stack: common.BenchStack, args: argparse.Namespace, logs: Path) -> common.Run:
@@ -40,7 +46,8 @@ def measure(stack: common.BenchStack, args: argparse.Namespace, logs: Path) -> c
             meter = common.meter(stack, {"operator": [operator.pid]})
             profiler = None
             if args.profile:
-                profiler = mljob_common.Profiler(operator.pid, Path(args.profile) / "dispatch-operator.txt")
+                profiler = mljob_common.Profiler(operator.pid, Path(args.profile), "dispatch-operator")
+            requests = mljob_common.apiserver_requests(stack)
             meter.start()
             mljob_common.apply(stack, run.namespace, [mljob_common.mljob(name, PIPELINE, config_maps=maps)])
             try:
@@ -51,15 +58,46 @@ def measure(stack: common.BenchStack, args: argparse.Namespace, logs: Path) -> c
             cpu = meter.stop()
             if profiler is not None:
                 profiler.stop()
+            REQUESTS.append(mljob_common.requests_between(requests, mljob_common.apiserver_requests(stack)))
         if int(job.status.get("total") or 0) != args.items:
             raise common.BenchError(f"the MLJob shows total {job.status.get('total')}, not {args.items}")
         assert job.created is not None and job.dispatched is not None
+        if job.first_chunk is not None:
+            first = job.first_chunk[1] - job.created[1]
+            SPLITS.append((first, job.first_chunk[2], job.dispatched[1] - job.first_chunk[1], args.items))
     return common.Run(
         benchmark="dispatch",
         system=MLJOB,
         items=args.items,
         seconds=job.dispatched[1] - job.created[1],
         cpu=cpu,
+    )
+
+
+def splits() -> str:
+    """Where mljob's dispatch time went: until the first chunk's cursor was written (kopf, the items
+    read from the ConfigMaps, Postgres and Redis registration, stream, consumer, registry, the
+    first chunk), and after it (the remaining chunks, each with its status write)."""
+    rows = [
+        [
+            str(i),
+            f"{first:.2f}",
+            f"{cursor:,}",
+            f"{rest:.2f}",
+            f"{(total - cursor) / rest:,.0f}" if rest > 0 else "-",
+        ]
+        for i, (first, cursor, rest, total) in enumerate(SPLITS, 1)
+    ]
+    headers = ["mljob run", "created → first chunk s", "first chunk items", "after it s", "items/s after it"]
+    asked = sorted({k for r in REQUESTS for k in r})
+    counts = common.markdown_table(
+        ["mljob run", *asked],
+        [[str(i), *(str(r.get(k, 0)) for k in asked)] for i, r in enumerate(REQUESTS, 1)],
+    )
+    return (
+        common.markdown_table(headers, rows)
+        + "\n\napiserver requests from apply to Running (the apply included; watches, lists left out):\n\n"
+        + counts
     )
 
 
@@ -104,16 +142,16 @@ def main(argv: list[str] | None = None) -> int:
                 runs[mode].append(asyncio.run(baseline_dispatch.measure(stack, mode, args.items)))
             runs[MLJOB].append(measure(stack, args, logs))
         shown = {mode: common.median_run(r) for mode, r in runs.items()}
-    title = f"Dispatch, mljob against the baselines: {args.items:,} tasks, one run each, same stack"
-    text = [description, common.report(title, list(shown.values()), args.json_path), ratios(shown)]
+    runs_each = "one run each" if args.repeat <= 1 else f"median of {args.repeat} runs each"
+    title = f"Dispatch, mljob against the baselines: {args.items:,} tasks, {runs_each}, same stack"
+    text = [description, common.report(title, list(shown.values()), args.json_path), ratios(shown), splits()]
     text.append(
         "mljob's clock: from the watch seeing the MLJob created to it seeing `Running` with "
         "`dispatchCursor == total`; `operator` includes the operator's idle in-process collector."
     )
     if args.profile:
         text.append("(profiled run: py-spy was attached to the operator; these figures are slower)")
-        profile = Path(args.profile) / "dispatch-operator.txt"
-        text.append(f"#### Profile: the operator during dispatch\n\n{tables(Profile.read(profile))}")
+        text.extend(mljob_common.profile_report())
     print("\n\n".join(text))
     print(f"logs: {logs}", file=sys.stderr)
     return 0

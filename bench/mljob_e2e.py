@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import baseline_celery, baseline_raw, common, mljob_common
-from .profiling import Profile, tables
 
 PIPELINE = "bench-mljob-e2e"
 HANDLER = "bench.handlers:noop"
@@ -56,11 +55,8 @@ def measure(stack: common.BenchStack, args: argparse.Namespace, workers: int, lo
             profilers = []
             if args.profile:
                 out = Path(args.profile)
-                profilers.append(mljob_common.Profiler(operator.pid, out / f"e2e-{workers}w-operator.txt"))
-                profilers.extend(
-                    mljob_common.Profiler(p.pid, out / f"e2e-{workers}w-worker-{i}.txt")
-                    for i, p in enumerate(procs)
-                )
+                profilers.append(mljob_common.Profiler(operator.pid, out, f"e2e-{workers}w-operator"))
+                profilers.extend(mljob_common.Profiler(p.pid, out, f"e2e-{workers}w-workers") for p in procs)
             meter.start()
             mljob_common.apply(stack, run.namespace, [mljob_common.mljob(name, PIPELINE, config_maps=maps)])
             try:
@@ -159,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, runs in measured.items():
         middle = common.median_run([m.run for m in runs])
         shown[key] = next(m for m in runs if m.run is middle)
-    title = f"End to end, mljob against the baselines: {args.items:,} items, no-op handler, same stack"
+    runs_each = "one run each" if args.repeat <= 1 else f"median of {args.repeat} runs each"
+    title = f"End to end, mljob against the baselines: {args.items:,} items, no-op handler, {runs_each}"
     text = [description, common.report(title, [m.run for m in shown.values()], args.json_path)]
     if not args.no_baselines:
         text.append(ratios(shown, args.workers))
@@ -187,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         text.append(
             "(profiled run: py-spy was attached to the operator and the workers; these figures are slower)"
         )
-        for path in sorted(Path(args.profile).glob("e2e-*w-*.txt")):
-            text.append(f"#### Profile: {path.stem}\n\n{tables(Profile.read(path))}")
+        text.extend(mljob_common.profile_report())
     print("\n\n".join(text))
     print(f"logs: {logs}", file=sys.stderr)
     return 0

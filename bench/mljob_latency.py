@@ -20,7 +20,10 @@ stack's worker identity):
    original system's cutoff-based detection: an item idle for 10 minutes, checked every 15
    minutes, is found 10 to 25 minutes after it stopped.
 
-    python -m bench.mljob_latency --jobs 50 --items 20 --workers 2 --crash-jobs 3
+    python -m bench.mljob_latency --jobs 50 --items 20 --workers 2 --crash-jobs 3 [--profile DIR]
+
+`--profile DIR` attaches py-spy to the operator while the J small jobs run (many MLJobs at once)
+and prints its top functions.
 """
 
 from __future__ import annotations
@@ -134,6 +137,8 @@ class Latencies:
     crash_logged: list[float] = field(default_factory=list)
     crash_deliveries: list[int] = field(default_factory=list)
     worker_crashes: int = 0
+    #: apiserver requests while the J jobs ran ("VERB resource[/subresource]" -> count)
+    requests: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -145,10 +150,22 @@ def small_jobs(
         mljob_common.mljob(name, PIPELINE, items=[f"{name}-item-{j:03d}" for j in range(args.items)])
         for name in names
     ]
+    profiler = None
+    if args.profile:
+        assert run.operator is not None
+        group = f"latency-{out.workers}w-operator"
+        profiler = mljob_common.Profiler(run.operator.pid, Path(args.profile), group)
+    requests = mljob_common.apiserver_requests(run.stack)
     began = time.monotonic()
     mljob_common.apply(run.stack, run.namespace, docs)
     timeout = common.stage_timeout(args.jobs * args.items, floor=300)
-    jobs = watch.wait(names, "terminal", timeout)
+    try:
+        jobs = watch.wait(names, "terminal", timeout)
+    finally:
+        if profiler is not None:
+            profiler.stop()
+    time.sleep(1.0)  # the Events and Postgres writes that follow a terminal status
+    out.requests = mljob_common.requests_between(requests, mljob_common.apiserver_requests(run.stack))
     watch.wait(names, "dispatched", 10)
     created = [j.created[1] for j in jobs if j.created]
     running = [j.dispatched[1] for j in jobs if j.dispatched]
@@ -325,6 +342,14 @@ def report(runs: Sequence[Latencies]) -> str:
                 running,
             )
         )
+    for r in runs:
+        if r.requests and r.jobs:
+            rows = [[k, f"{n:,}", f"{n / r.jobs:.1f}"] for k, n in r.requests.items()]
+            text.append(
+                f"apiserver requests while the {r.jobs} MLJobs ran ({r.workers}w; the `kubectl apply` "
+                "included, watches and lists left out):"
+            )
+            text.append(common.markdown_table(["request", "count", "per MLJob"], rows))
     crash_rows = []
     for r in runs:
         if not (r.crash_to_row or r.crash_logged):
@@ -377,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=50, help="small MLJobs applied at once (default 50)")
     p.add_argument("--crash-jobs", type=int, default=3, help="one-item MLJobs whose item crashes its worker")
     p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="profile the operator with py-spy while the small jobs run; raw profiles go to DIR",
+    )
+    p.add_argument(
         "--log-dir", help="where the operator's and workers' logs go (default: a new temporary directory)"
     )
     return p
@@ -385,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs = mljob_common.log_dir(args, "bench-mljob-latency")
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     with common.local_stack(args) as stack:
         description = common.machine(stack)
         mljob_common.install_crds(stack)
@@ -400,7 +432,11 @@ def main(argv: list[str] | None = None) -> int:
                 pooled.notes.extend(more.notes)
             runs.append(pooled)
     title = "### Latencies of mljob: last result → terminal status, crashing item → failed row"
-    print("\n\n".join([description, title, report(runs)]))
+    text = [description, title, report(runs)]
+    if args.profile:
+        text.append("(profiled run: py-spy was attached to the operator while the small jobs ran)")
+        text.extend(mljob_common.profile_report())
+    print("\n\n".join(text))
     if args.json_path:
         with open(args.json_path, "a") as out:
             for r in runs:

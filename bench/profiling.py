@@ -48,6 +48,11 @@ class Profile:
                 stacks.append(([f.strip() for f in text.split(";") if f.strip()], int(count)))
         return cls(stacks)
 
+    @classmethod
+    def merge(cls, profiles: Sequence[Profile]) -> Profile:
+        """One profile of several (e.g. of several runs, or of each worker process)."""
+        return cls([stack for profile in profiles for stack in profile.stacks])
+
     @property
     def samples(self) -> int:
         return sum(n for _, n in self.stacks)
@@ -130,6 +135,12 @@ def tables(profile: Profile, top: int = 15) -> str:
         and f not in ENTRY_POINTS
     ][:top]
     by_total = [[f"`{f}`", _pct(selfs.get(f, 0), total), _pct(n, total)] for f, n in inclusive]
+    ours = [
+        (f, n)
+        for f, n in totals.most_common()
+        if package(f) == "mljob" and f not in ENTRY_POINTS and not f.startswith("<module>")
+    ][:top]
+    by_ours = [[f"`{f}`", _pct(selfs.get(f, 0), total), _pct(n, total)] for f, n in ours]
     return "\n\n".join(
         [
             f"{total:,} samples (busy time only).",
@@ -140,6 +151,8 @@ def tables(profile: Profile, top: int = 15) -> str:
             f"Top {top} functions by total (inclusive) time, without asyncio's and threading's own frames "
             "(of a chain of wrappers on exactly the same stacks, the innermost only):",
             markdown_table(["function", "self %", "total %"], by_total),
+            f"Top {top} of mljob's own functions by total (inclusive) time:",
+            markdown_table(["function", "self %", "total %"], by_ours),
         ]
     )
 
@@ -148,7 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("profiles", nargs="+", type=Path, help="py-spy raw files (record --format raw)")
     p.add_argument("--top", type=int, default=15, help="rows per function table (default 15)")
+    p.add_argument("--merge", action="store_true", help="one set of tables of all the files together")
     args = p.parse_args(argv)
+    if args.merge:
+        merged = Profile.merge([Profile.read(path) for path in args.profiles])
+        print(f"#### {len(args.profiles)} profiles merged\n\n{tables(merged, args.top)}\n")
+        return 0
     for path in args.profiles:
         print(f"#### {path.name}\n\n{tables(Profile.read(path), args.top)}\n")
     return 0
