@@ -402,7 +402,10 @@ class Session:
             proc.stop()
         if self.operator is not None:
             self.operator.stop()
+            # The stack runs no controller manager, so a deleted namespace keeps its objects: the
+            # item ConfigMaps (the big ones) go first; the namespace stays Terminating, empty.
             with contextlib.suppress(common.BenchError, subprocess.TimeoutExpired):
+                kubectl(self.stack, "-n", self.namespace, "delete", "configmaps", "--all", "--wait=false")
                 kubectl(self.stack, "delete", "namespace", self.namespace, "--wait=false")
         self._drop_schema()
 

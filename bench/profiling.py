@@ -33,6 +33,31 @@ ENTRY_POINTS = frozenset(
 )
 
 
+#: What the samples of an mljob process were doing: a name and the frame prefixes (or, ending in
+#: "/", package paths) a stack passes through. A stack may pass through several.
+THROUGH: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Kubernetes client calls (kubernetes, urllib3)", ("(kubernetes/", "(urllib3/")),
+    ("Postgres (psycopg)", ("(psycopg/", "(psycopg_pool/")),
+    ("Redis (redis-py)", ("(redis/",)),
+    ("NATS client: writing (Client._flusher)", ("Client._flusher (nats/",)),
+    ("NATS client: reading (Client._read_loop)", ("Client._read_loop (nats/",)),
+    ("js.publish and its PubAck (a worker: each result)", ("JetStreamContext.publish (nats/",)),
+    ("ack_sync (worker)", ("Msg.ack_sync (nats/",)),
+    ("publish_async (dispatch)", ("JetStreamContext.publish_async (nats/",)),
+    ("starting a thread (a worker: one per handler call)", ("Thread.start (threading",)),
+    (
+        "a thread per handler call: waking the loop (call_soon_threadsafe)",
+        ("BaseSelectorEventLoop._write_to_self",),
+    ),
+    ("collector (Collector.process)", ("Collector.process (mljob/",)),
+    ("dispatch action (mljob/actions/dispatch.py)", ("dispatch (mljob/actions/dispatch.py)",)),
+    ("job loops (JobLoop.run)", ("JobLoop.run (mljob/",)),
+    ("kopf (innermost frame in kopf)", ()),
+    ("pydantic (innermost frame in pydantic)", ()),
+    ("epoll wait (the loop found nothing to do)", ("EpollSelector.select (selectors",)),
+)
+
+
 @dataclass
 class Profile:
     """Collapsed stacks (outermost frame first) and their sample counts."""
@@ -87,6 +112,22 @@ class Profile:
                 deepest[key] = frame
         return set(deepest.values())
 
+    def through_shares(self) -> list[tuple[str, int]]:
+        """Samples per THROUGH entry (an empty prefix list: innermost frame in that package)."""
+        out = []
+        for name, prefixes in THROUGH:
+            if prefixes:
+                n = sum(
+                    c
+                    for frames, c in self.stacks
+                    if any(f.startswith(prefixes) or _in(f, prefixes) for f in frames)
+                )
+            else:
+                pkg = name.split(" ", 1)[0]
+                n = sum(c for frames, c in self.stacks if frames and package(frames[-1]) == pkg)
+            out.append((name, n))
+        return out
+
     def package_shares(self) -> Counter[str]:
         out: Counter[str] = Counter()
         for frames, n in self.stacks:
@@ -100,6 +141,11 @@ class Profile:
             threaded = any(f.endswith("_bootstrap (threading.py)") for f in frames[:2])
             out["other threads (to_thread, handlers)" if threaded else "main thread (event loop)"] += n
         return out
+
+
+def _in(frame: str, markers: tuple[str, ...]) -> bool:
+    """Whether `frame` lies in one of the `(package/` markers."""
+    return any(m.startswith("(") and m in frame for m in markers)
 
 
 def package(frame: str) -> str:
@@ -121,6 +167,7 @@ def tables(profile: Profile, top: int = 15) -> str:
     if not total:
         return "(no samples: the process was idle, or py-spy could not read it)"
     threads = [[name, _pct(n, total)] for name, n in profile.thread_shares().most_common()]
+    through = [[name, _pct(n, total)] for name, n in profile.through_shares() if n]
     packages = [[name, _pct(n, total)] for name, n in profile.package_shares().most_common(top)]
     selfs = profile.self_shares()
     totals = profile.total_shares()
@@ -145,6 +192,8 @@ def tables(profile: Profile, top: int = 15) -> str:
         [
             f"{total:,} samples (busy time only).",
             markdown_table(["thread", "% of samples"], threads),
+            "Samples whose stack passes through ... (a stack may pass through several):",
+            markdown_table(["what", "% of samples"], through),
             markdown_table(["package (innermost frame)", "% of samples"], packages),
             f"Top {top} functions by self time:",
             markdown_table(["function", "self %", "total %"], by_self),
