@@ -46,7 +46,7 @@ THROUGH: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("publish_async (dispatch)", ("JetStreamContext.publish_async (nats/",)),
     ("starting a thread (a worker: one per handler call)", ("Thread.start (threading",)),
     (
-        "a thread per handler call: waking the loop (call_soon_threadsafe)",
+        "waking the loop from another thread (a handler call or to_thread ending)",
         ("BaseSelectorEventLoop._write_to_self",),
     ),
     ("collector (Collector.process)", ("Collector.process (mljob/",)),
