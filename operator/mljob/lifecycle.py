@@ -67,7 +67,9 @@ class JobLoop:
                 woken.cancel()
         finally:
             stop.cancel()
-            if stopped.is_set(kopf.DaemonStoppingReason.RESOURCE_DELETED):
+            # kopf's `stopped` is read-only: is_set() takes no reason; the reason is a Flag.
+            reason = stopped.reason
+            if reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in reason:
                 await self._cleanup_after_deletion()
 
     async def _cleanup_after_deletion(self) -> None:
