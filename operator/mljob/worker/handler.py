@@ -8,6 +8,7 @@ import contextvars
 import importlib
 import inspect
 import os
+import queue
 import sys
 import threading
 from collections.abc import Callable
@@ -54,12 +55,7 @@ def is_async_handler(handler: Handler) -> bool:
 
 
 async def call_handler(handler: Handler, ctx: TaskContext) -> Any:
-    """Run the handler: async ones on the loop, plain ones in a thread of their own.
-
-    Plain handlers run in a daemon thread rather than `asyncio.to_thread`: the default executor's
-    threads are joined at interpreter exit, so a handler stuck in a long call would hold a
-    stopping worker well past its grace period. An abandoned daemon thread does not.
-    """
+    """Run the handler: async ones on the loop, plain ones on a daemon thread (see _DaemonThreads)."""
     if is_async_handler(handler):
         result = await handler(ctx)
     else:
@@ -67,6 +63,50 @@ async def call_handler(handler: Handler, ctx: TaskContext) -> Any:
     if inspect.isawaitable(result):
         result = await result
     return result
+
+
+class _DaemonThreads:
+    """Daemon threads for plain handlers, reused while they stay busy.
+
+    Daemon threads rather than `asyncio.to_thread`: the default executor's threads are joined at
+    interpreter exit, so a handler stuck in a long call would hold a stopping worker well past
+    its grace period; an abandoned daemon thread does not. Reused rather than one per call:
+    starting a thread per task was a quarter of a no-op worker's CPU. A call finds an idle thread
+    or starts a new one, so a handler that never returns costs its thread, never a later task's
+    turn; a thread idle for `idle_seconds` ends.
+    """
+
+    def __init__(self, idle_seconds: float = 30.0) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # idle threads not yet promised a call
+        self._idle_seconds = idle_seconds
+
+    def submit(self, call: Callable[[], None]) -> None:
+        with self._lock:  # a promised call is queued before the lock is released
+            if self._idle > 0:
+                self._idle -= 1
+                self._calls.put(call)
+                return
+        threading.Thread(target=self._serve, args=(call,), name="mljob-handler", daemon=True).start()
+
+    def _serve(self, call: Callable[[], None]) -> None:
+        while True:
+            call()
+            with self._lock:
+                self._idle += 1
+            while True:
+                try:
+                    call = self._calls.get(timeout=self._idle_seconds)
+                    break
+                except queue.Empty:
+                    with self._lock:
+                        if self._calls.empty():  # nothing promised to an idle thread: end
+                            self._idle -= 1
+                            return
+
+
+_THREADS = _DaemonThreads()
 
 
 async def _run_in_daemon_thread(handler: Handler, ctx: TaskContext) -> Any:
@@ -94,5 +134,5 @@ async def _run_in_daemon_thread(handler: Handler, ctx: TaskContext) -> Any:
         with contextlib.suppress(RuntimeError):  # a closed loop: the worker has gone
             loop.call_soon_threadsafe(settle, value, error)
 
-    threading.Thread(target=target, name=f"mljob-handler-{ctx.item_id}", daemon=True).start()
+    _THREADS.submit(target)
     return await future
