@@ -193,6 +193,44 @@ async def test_replay_within_one_call_and_last_item(state: JobState) -> None:
     assert await state.failed_ids(uid) == {"a"}  # the first outcome stands
 
 
+async def test_a_batch_of_several_jobs_answers_each_entry_in_its_order(state: JobState) -> None:
+    one, two, gone = new_uid(), new_uid(), new_uid()
+    await state.initialize(one, ["a", "b"])
+    await state.initialize(two, ["a", "x", "y"])
+    out = await state.record(
+        [
+            (one, "a", False),
+            (two, "x", True),
+            (gone, "a", False),
+            (one, "a", True),  # a replay, after another job's entry
+            (two, "a", False),
+            (one, "b", False),
+        ],
+        now=9.0,
+    )
+    assert [(o.uid, o.item_id, o.status, o.pending_left) for o in out] == [
+        (one, "a", RecordStatus.NEW, 1),
+        (two, "x", RecordStatus.NEW, 2),
+        (gone, "a", RecordStatus.NO_STATE, None),
+        (one, "a", RecordStatus.DUPLICATE, 1),
+        (two, "a", RecordStatus.NEW, 1),
+        (one, "b", RecordStatus.NEW, 0),
+    ]
+    assert (await state.failed_ids(one), await state.failed_ids(two)) == (set(), {"x"})
+    for uid in (one, two):
+        counts = await state.counts(uid)
+        assert counts is not None and counts.last_activity == 9.0
+
+
+async def test_record_survives_a_flushed_script_cache(state: JobState, redis: Redis) -> None:
+    uid = new_uid()
+    await state.initialize(uid, ["a", "b"])
+    await redis.script_flush()  # a Redis restart or SCRIPT FLUSH forgets the loaded script
+    out = await state.record([(uid, "a", False), (uid, "b", True)], now=3.0)
+    assert [(o.status, o.pending_left) for o in out] == [(RecordStatus.NEW, 1), (RecordStatus.NEW, 0)]
+    assert await state.failed_ids(uid) == {"b"}
+
+
 async def test_activity_never_goes_backwards(state: JobState) -> None:
     uid = new_uid()
     await state.initialize(uid, ["a", "b"])
