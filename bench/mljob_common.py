@@ -385,6 +385,42 @@ class Session:
             raise common.BenchError(f"{err}\n{self.operator.log_tail() if self.operator else ''}") from err
         self.delete_jobs(name)
 
+    def timed_job(
+        self,
+        watch: JobWatch,
+        name: str,
+        pipeline: str,
+        items: int,
+        state: str,
+        roles: Mapping[str, Sequence[int]],
+        profile: str | None,
+    ) -> tuple[JobTimes, dict[str, float], dict[str, int]]:
+        """One MLJob of `items` items from ConfigMaps, applied and waited for until `state`, under
+        the CPU meter of `roles` (and py-spy on each of their processes with `profile`, a
+        directory). The ConfigMaps are applied first, before the clock runs. Returns the job's
+        times, the CPU seconds and the apiserver requests from apply to `state`."""
+        maps, docs = configmaps(name, items)
+        apply(self.stack, self.namespace, docs)
+        meter = common.meter(self.stack, roles)
+        profilers = [
+            Profiler(pid, Path(profile), f"{self.label}-{role}")
+            for role, pids in roles.items()
+            for pid in pids
+            if profile
+        ]
+        requests = apiserver_requests(self.stack)
+        meter.start()
+        apply(self.stack, self.namespace, [mljob(name, pipeline, config_maps=maps)])
+        try:
+            job = watch.wait([name], state, common.stage_timeout(items))[0]
+        except common.BenchError:
+            self.check_alive()
+            raise
+        cpu = meter.stop()
+        for profiler in profilers:
+            profiler.stop()
+        return job, cpu, requests_between(requests, apiserver_requests(self.stack))
+
     def delete_jobs(self, *names: str) -> None:
         """Delete MLJobs (all of the namespace without names) and wait until they are gone."""
         targets = list(names) if names else ["--all"]

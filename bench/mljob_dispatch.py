@@ -41,24 +41,10 @@ def measure(stack: common.BenchStack, args: argparse.Namespace, logs: Path) -> c
         operator = run.start_operator()
         with mljob_common.JobWatch(stack, run.namespace) as watch:
             run.warm_up(watch, PIPELINE, "dispatched")
-            maps, docs = mljob_common.configmaps(name, args.items)
-            mljob_common.apply(stack, run.namespace, docs)  # the input exists before the clock runs
-            meter = common.meter(stack, {"operator": [operator.pid]})
-            profiler = None
-            if args.profile:
-                profiler = mljob_common.Profiler(operator.pid, Path(args.profile), "dispatch-operator")
-            requests = mljob_common.apiserver_requests(stack)
-            meter.start()
-            mljob_common.apply(stack, run.namespace, [mljob_common.mljob(name, PIPELINE, config_maps=maps)])
-            try:
-                job = watch.wait([name], "dispatched", common.stage_timeout(args.items))[0]
-            except common.BenchError:
-                run.check_alive()
-                raise
-            cpu = meter.stop()
-            if profiler is not None:
-                profiler.stop()
-            REQUESTS.append(mljob_common.requests_between(requests, mljob_common.apiserver_requests(stack)))
+            job, cpu, requests = run.timed_job(
+                watch, name, PIPELINE, args.items, "dispatched", {"operator": [operator.pid]}, args.profile
+            )
+            REQUESTS.append(requests)
         if int(job.status.get("total") or 0) != args.items:
             raise common.BenchError(f"the MLJob shows total {job.status.get('total')}, not {args.items}")
         assert job.created is not None and job.dispatched is not None

@@ -43,30 +43,14 @@ class Measured:
 
 def measure(stack: common.BenchStack, args: argparse.Namespace, workers: int, logs: Path) -> Measured:
     name = f"e2e-{uuid.uuid4().hex[:6]}"
-    with mljob_common.session(stack, logs, f"e2e{workers}w") as run:
+    with mljob_common.session(stack, logs, f"e2e-{workers}w") as run:
         operator = run.start_operator()
         procs = run.start_workers(PIPELINE, HANDLER, workers)
         with mljob_common.JobWatch(stack, run.namespace) as watch:
             run.wait_serving(procs)
             run.warm_up(watch, PIPELINE, "terminal")  # the whole path works before the clock runs
-            maps, docs = mljob_common.configmaps(name, args.items)
-            mljob_common.apply(stack, run.namespace, docs)  # the input exists before the clock runs
-            meter = common.meter(stack, {"operator": [operator.pid], "workers": [p.pid for p in procs]})
-            profilers = []
-            if args.profile:
-                out = Path(args.profile)
-                profilers.append(mljob_common.Profiler(operator.pid, out, f"e2e-{workers}w-operator"))
-                profilers.extend(mljob_common.Profiler(p.pid, out, f"e2e-{workers}w-workers") for p in procs)
-            meter.start()
-            mljob_common.apply(stack, run.namespace, [mljob_common.mljob(name, PIPELINE, config_maps=maps)])
-            try:
-                job = watch.wait([name], "terminal", common.stage_timeout(args.items))[0]
-            except common.BenchError:
-                run.check_alive()
-                raise
-            cpu = meter.stop()
-            for profiler in profilers:
-                profiler.stop()
+            roles = {"operator": [operator.pid], "workers": [p.pid for p in procs]}
+            job, cpu, _ = run.timed_job(watch, name, PIPELINE, args.items, "terminal", roles, args.profile)
         if job.phase != "Succeeded" or int(job.status.get("processed") or 0) != args.items:
             raise common.BenchError(f"the MLJob ended {job.phase}: {job.status}")
         with run.pg() as pg:

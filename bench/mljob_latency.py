@@ -278,40 +278,27 @@ def _s(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _spread(label: str, samples: Sequence[float], goal: str = "-", digits: int = 3) -> list[str]:
+    """One table row: how many samples, their p50, p95 and max."""
+    return [
+        label,
+        str(len(samples)),
+        _s(percentile(samples, 50), digits),
+        _s(percentile(samples, 95), digits),
+        _s(max(samples, default=None), digits),
+        goal,
+    ]
+
+
 def report(runs: Sequence[Latencies]) -> str:
     text = []
     rows = []
     for r in runs:
         rows.append(
-            [
-                f"last result stored → MLJob shows Succeeded ({r.workers}w)",
-                str(len(r.to_status)),
-                _s(percentile(r.to_status, 50)),
-                _s(percentile(r.to_status, 95)),
-                _s(max(r.to_status, default=None)),
-                "p95 ≤ 2 s",
-            ]
+            _spread(f"last result stored → MLJob shows Succeeded ({r.workers}w)", r.to_status, "p95 ≤ 2 s")
         )
-        rows.append(
-            [
-                f"last result stored → terminal row in Postgres ({r.workers}w)",
-                str(len(r.to_row)),
-                _s(percentile(r.to_row, 50)),
-                _s(percentile(r.to_row, 95)),
-                _s(max(r.to_row, default=None)),
-                "-",
-            ]
-        )
-        rows.append(
-            [
-                f"MLJob created → Succeeded, whole job ({r.workers}w)",
-                str(len(r.turnaround)),
-                _s(percentile(r.turnaround, 50), 2),
-                _s(percentile(r.turnaround, 95), 2),
-                _s(max(r.turnaround, default=None), 2),
-                "-",
-            ]
-        )
+        rows.append(_spread(f"last result stored → terminal row in Postgres ({r.workers}w)", r.to_row))
+        rows.append(_spread(f"MLJob created → Succeeded, whole job ({r.workers}w)", r.turnaround, digits=2))
     if any(r.jobs for r in runs):
         first = runs[0]
         text.append(
