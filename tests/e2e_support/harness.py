@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mljob.devstack import nats_config
+
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"Succeeded", "Failed", "Cancelled"}
 
@@ -51,25 +53,13 @@ class Proc:
         return "\n".join(text.splitlines()[-lines:])
 
 
-#: A stack's other NATS identities, by role: (user variable, password variable).
+#: A stack's other NATS identities' variables (the admin, with every right, is for a test's own
+#: setup and inspection, never for a process under test).
 ROLE_VARS = {
-    "collector": ("MLJOB_DEV_NATS_COLLECTOR_USER", "MLJOB_DEV_NATS_COLLECTOR_PASSWORD"),
-    "worker": ("MLJOB_DEV_NATS_WORKER_USER", "MLJOB_DEV_NATS_WORKER_PASSWORD"),
-    # every right: for a test's own setup and inspection, never for a process under test
-    "admin": ("MLJOB_DEV_NATS_ADMIN_USER", "MLJOB_DEV_NATS_ADMIN_PASSWORD"),
+    role: (f"{prefix}_USER", f"{prefix}_PASSWORD") for role, (_, prefix) in nats_config.ROLE_VARIABLES.items()
 }
-
-
-def nats_identity(env: dict[str, str], role: str = "operator") -> dict[str, str]:
-    """The MLJOB_NATS_* variables a process of `role` runs with, from a stack's environment
-    (whose own MLJOB_NATS_USER/PASSWORD are the operator's)."""
-    keys = ("MLJOB_NATS_URL", "MLJOB_NATS_USER", "MLJOB_NATS_PASSWORD", "MLJOB_NATS_TLS_CA_FILE")
-    out = {k: env[k] for k in keys if env.get(k)}
-    if role != "operator":
-        user, password = ROLE_VARS[role]
-        if env.get(user):
-            out["MLJOB_NATS_USER"], out["MLJOB_NATS_PASSWORD"] = env[user], env[password]
-    return out
+#: The MLJOB_NATS_* variables a process of a role runs with, from a stack's environment.
+nats_identity = nats_config.role_env
 
 
 async def connect_nats(env: dict[str, str], role: str = "admin", **options: Any) -> Any:

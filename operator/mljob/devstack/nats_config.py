@@ -57,25 +57,42 @@ class NatsConfig:
 
     def env(self) -> dict[str, str]:
         """The stack's exports: the operator is the default identity (operator and dev tools);
-        the collector's and the worker's are there for running those with their own rights."""
-        return {
+        the other roles' are there for running those with their own rights (see `role_env`)."""
+        exports = {
             "MLJOB_NATS_URL": self.url,
             "MLJOB_NATS_TLS_CA_FILE": str(self.ca_cert),
             "MLJOB_NATS_USER": OPERATOR_USER,
             "MLJOB_NATS_PASSWORD": self.passwords[OPERATOR_USER],
-            "MLJOB_DEV_NATS_COLLECTOR_USER": COLLECTOR_USER,
-            "MLJOB_DEV_NATS_COLLECTOR_PASSWORD": self.passwords[COLLECTOR_USER],
-            "MLJOB_DEV_NATS_WORKER_USER": WORKER_USER,
-            "MLJOB_DEV_NATS_WORKER_PASSWORD": self.passwords[WORKER_USER],
-            **(
-                {
-                    "MLJOB_DEV_NATS_ADMIN_USER": ADMIN_USER,
-                    "MLJOB_DEV_NATS_ADMIN_PASSWORD": self.passwords[ADMIN_USER],
-                }
-                if ADMIN_USER in self.passwords
-                else {}
-            ),
         }
+        for user, prefix in ROLE_VARIABLES.values():
+            if user in self.passwords:
+                exports[f"{prefix}_USER"] = user
+                exports[f"{prefix}_PASSWORD"] = self.passwords[user]
+        return exports
+
+
+#: Each other role's identity, by role: its user, and the prefix of the variables the stack
+#: exports it in (`<prefix>_USER`, `<prefix>_PASSWORD`); the operator's is MLJOB_NATS_USER itself.
+ROLE_VARIABLES = {
+    "collector": (COLLECTOR_USER, "MLJOB_DEV_NATS_COLLECTOR"),
+    "worker": (WORKER_USER, "MLJOB_DEV_NATS_WORKER"),
+    "admin": (ADMIN_USER, "MLJOB_DEV_NATS_ADMIN"),
+}
+#: The NATS settings a stack exports for its default (operator) identity.
+NATS_VARIABLES = ("MLJOB_NATS_URL", "MLJOB_NATS_USER", "MLJOB_NATS_PASSWORD", "MLJOB_NATS_TLS_CA_FILE")
+
+
+def role_env(env: Mapping[str, str], role: str = "operator") -> dict[str, str]:
+    """The MLJOB_NATS_* variables a process of `role` runs with, from a stack's exports `env`:
+    the operator's as exported, another role's user and password in their place. A stack
+    without that identity (or without authentication) leaves the default one."""
+    out = {k: env[k] for k in NATS_VARIABLES if env.get(k)}
+    if role != "operator":
+        prefix = ROLE_VARIABLES[role][1]
+        if env.get(f"{prefix}_USER"):
+            out["MLJOB_NATS_USER"] = env[f"{prefix}_USER"]
+            out["MLJOB_NATS_PASSWORD"] = env.get(f"{prefix}_PASSWORD", "")
+    return out
 
 
 def _private(path: Path, text: str) -> None:
