@@ -35,6 +35,7 @@ from mljob.adapters.jetstream import (
     delete_job_tasks,
     ensure_job_stream,
     ensure_results_stream,
+    job_task_count,
     register_job,
     registry,
     unregister_job,
@@ -196,8 +197,7 @@ class Jobs:
 
     async def stream_messages(self, entry: protocol.RegistryEntry) -> int:
         """The job's task messages left in its pipeline's stream."""
-        info = await self.js.stream_info(entry.stream, subjects_filter=entry.subject)
-        return int((info.state.subjects or {}).get(entry.subject, 0))
+        return await job_task_count(self.js, entry.pipeline, entry.uid)
 
     async def cleanup(self) -> None:
         kv = await registry(self.js)

@@ -67,6 +67,7 @@ DEAD_LETTER_STATEMENT_BYTES = 4 * 1024 * 1024
 class _Parsed:
     msg: Msg
     result: protocol.Result
+    pipeline: str  # the one its subject names
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ class Collector:
                 )
                 refused.append(_Refusal(msg, "wrong subject", reason))
                 continue
-            valid.append(_Parsed(msg, result))
+            valid.append(_Parsed(msg, result, where[0]))
         valid = await self._check_pipelines(valid, refused)
         await self._refuse(refused, settled)
         return valid
@@ -226,8 +227,7 @@ class Collector:
         kept: list[_Parsed] = []
         for p in parsed:
             expected = self._pipelines.get(p.result.job_uid)
-            where = protocol.parse_results_subject(p.msg.subject, self.subject_prefix)
-            if expected is not None and where is not None and where[0] != expected:
+            if expected is not None and p.pipeline != expected:
                 reason = (
                     f"wrong pipeline: job {p.result.job_uid} belongs to pipeline {expected!r}, "
                     f"the result came on {p.msg.subject}"

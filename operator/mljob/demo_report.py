@@ -184,12 +184,7 @@ async def _leftovers(redis_url: str, prefix: str, uid: str, pipeline: str) -> di
         js = nc.jetstream()
         found: dict[str, Any] = {"registry": True}
         found["consumer"] = await jetstream.job_consumer_exists(js, pipeline, uid)
-        subject = protocol.task_subject(pipeline, uid)
-        try:
-            info = await js.stream_info(protocol.task_stream(pipeline), subjects_filter=subject)
-            found["tasks"] = int((info.state.subjects or {}).get(subject, 0))
-        except NotFoundError:
-            found["tasks"] = 0
+        found["tasks"] = await jetstream.job_task_count(js, pipeline, uid)
         try:
             kv = await js.key_value(protocol.REGISTRY_BUCKET)
             await kv.get(protocol.registry_key(pipeline, uid))

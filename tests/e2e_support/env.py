@@ -165,12 +165,7 @@ class E2E:
             nc = await self.stack.nats()
             js = nc.jetstream()
             out = {"consumer": True, "registry": True}
-            subject = protocol.task_subject(pipeline, uid)
-            try:
-                info = await js.stream_info(protocol.task_stream(pipeline), subjects_filter=subject)
-                tasks = int((info.state.subjects or {}).get(subject, 0))
-            except NotFoundError:
-                tasks = 0
+            tasks = await jetstream.job_task_count(js, pipeline, uid)
             out["consumer"] = tasks > 0 or await jetstream.job_consumer_exists(js, pipeline, uid)
             try:
                 kv = await js.key_value(protocol.REGISTRY_BUCKET)
@@ -220,14 +215,12 @@ def apiserver_status_patches(kubectl: Any) -> int:
 
 def job_tasks(stack: Any, pipeline: str, uid: str) -> int:
     """How many task messages of the job its pipeline's stream holds."""
-    from mljob import protocol
+    from mljob.adapters import jetstream
 
     async def read() -> int:
         nc = await stack.nats()
         try:
-            subject = protocol.task_subject(pipeline, uid)
-            info = await nc.jetstream().stream_info(protocol.task_stream(pipeline), subjects_filter=subject)
-            return int((info.state.subjects or {}).get(subject, 0))
+            return await jetstream.job_task_count(nc.jetstream(), pipeline, uid)
         finally:
             await nc.close()
 

@@ -96,8 +96,8 @@ async def ensure_pipeline_stream(js: JetStreamContext, pipeline: str, replicas: 
 
 
 async def delete_job_tasks(js: JetStreamContext, pipeline: str, uid: str) -> bool:
-    """Purge the job's tasks from its pipeline's stream, then delete its consumer. True when
-    something was there. The consumer goes last: it marks a job whose tasks may be left, so an
+    """Purge the job's tasks from its pipeline's stream, then delete its consumer. True when the
+    consumer was there. The consumer goes last: it marks a job whose tasks may be left, so an
     interrupted cleanup is found again (by the job's loop or the orphan sweep)."""
     stream = protocol.task_stream(pipeline)
     try:
@@ -109,6 +109,16 @@ async def delete_job_tasks(js: JetStreamContext, pipeline: str, uid: str) -> boo
     except NotFoundError:
         deleted = False
     return bool(purged and deleted)
+
+
+async def job_task_count(js: JetStreamContext, pipeline: str, uid: str) -> int:
+    """How many of the job's tasks its pipeline's stream holds (0 when the stream is gone)."""
+    subject = protocol.task_subject(pipeline, uid)
+    try:
+        info = await js.stream_info(protocol.task_stream(pipeline), subjects_filter=subject)
+    except NotFoundError:
+        return 0
+    return int((info.state.subjects or {}).get(subject, 0))
 
 
 async def job_consumer_exists(js: JetStreamContext, pipeline: str, uid: str) -> bool:
