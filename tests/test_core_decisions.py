@@ -291,9 +291,9 @@ def test_configmap_lines_and_json_lines() -> None:
 def test_manifest_checksum() -> None:
     body = b"a\nb\n"
     good = hashlib.sha256(body).hexdigest()
-    assert [i["id"] for i in items.from_manifest(body, "http://h/m", good)] == ["a", "b"]
+    assert [i["id"] for i in items.from_manifest([body], "http://h/m", good)] == ["a", "b"]
     with pytest.raises(items.ItemSourceError, match="checksum mismatch"):
-        items.from_manifest(body, "http://h/m", "0" * 64)
+        items.from_manifest([body], "http://h/m", "0" * 64)
 
 
 @pytest.mark.parametrize(

@@ -34,9 +34,16 @@ class DispatchTarget:
     spec: MLJobSpec
 
 
-def _fetch(url: str) -> bytes:
+#: Bytes per read of a URL manifest: its body is parsed as it arrives, a block at a time.
+MANIFEST_READ_BLOCK = 1 << 16
+
+
+def _read_manifest(url: str, sha256: str | None) -> list[item_rules.Item]:
+    """Fetch and parse a URL manifest in one pass (run in a thread: a million lines take seconds
+    of parsing, which the event loop must not wait for)."""
     with urllib.request.urlopen(url, timeout=30) as resp:
-        return bytes(resp.read())
+        blocks = iter(lambda: resp.read(MANIFEST_READ_BLOCK), b"")
+        return item_rules.check_unique(item_rules.from_manifest(blocks, url, sha256))
 
 
 async def load_items(
@@ -59,10 +66,11 @@ async def load_items(
         return item_rules.check_unique(item_rules.from_configmaps(found))
     assert source.url is not None
     try:
-        body = await asyncio.to_thread(_fetch, source.url)
+        return await asyncio.to_thread(_read_manifest, source.url, source.sha256)
+    except item_rules.ItemSourceError:
+        raise
     except Exception as err:
         raise item_rules.ItemSourceError(f"manifest {source.url}: cannot be read ({err})") from err
-    return item_rules.check_unique(item_rules.from_manifest(body, source.url, source.sha256))
 
 
 def task_bodies(target: DispatchTarget, batch: list[item_rules.Item]) -> list[tuple[str, bytes]]:

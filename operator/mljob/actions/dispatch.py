@@ -26,7 +26,7 @@ from mljob.actions.state import ensure_state
 from mljob.adapters import jetstream
 from mljob.api.models import Phase
 from mljob.core import reconcile
-from mljob.core.items import ItemSourceError
+from mljob.core.items import ItemIds, ItemSourceError
 from mljob.dispatch import (
     DispatchTarget,
     SourceNotReady,
@@ -67,7 +67,7 @@ async def dispatch(services: Services, view: JobView) -> None:
         await _mark_dispatching(services, view, len(items), spec.pipeline)
     elif view.has_condition("ItemsSourceReady", "False"):
         await view.set_conditions(("ItemsSourceReady", "True", "ItemsLoaded", f"{len(items)} items loaded"))
-    ids = [item["id"] for item in items]
+    ids = ItemIds(items)  # read through: no second list of the ids
     # The ledger knows every item, then Redis; both before any task can be published (row 9).
     await services.results.register_items(view.ref.uid, ids)
     await ensure_state(services, view.ref.uid, ids)

@@ -1,15 +1,18 @@
 """Parse and validate a job's items, whatever their source (inline, ConfigMaps, URL manifest).
 
 Pure: the adapters fetch bytes, this module turns them into items or a clear error that names
-the item or source at fault, so a bad list fails the job before anything is dispatched.
+the item or source at fault, so a bad list fails the job before anything is dispatched. A URL
+manifest is parsed as its body streams in (`from_manifest` over blocks of bytes): the operator
+holds the items once, never the body, its text or its lines besides.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, overload
 
 from mljob.api.models import MAX_ITEM_ID_LENGTH
 
@@ -25,7 +28,8 @@ def normalise(raw: object, where: str) -> Item:
     if isinstance(raw, str):
         item: Item = {"id": raw}
     elif isinstance(raw, Mapping):
-        item = dict(raw)
+        # Keys interned: a million items share one "id" and one of each other key, not a copy each.
+        item = {sys.intern(k) if isinstance(k, str) else k: v for k, v in raw.items()}
         if not isinstance(item.get("id"), str):
             raise ItemSourceError(f"{where}: an item object needs a string `id`")
     elif isinstance(raw, int | float) and not isinstance(raw, bool):
@@ -41,22 +45,29 @@ def normalise(raw: object, where: str) -> Item:
     return item
 
 
+def parse_line(line: str, source: str, number: int) -> Item | None:
+    """The item of line `number` of `source`: an id, or a JSON object with an `id`; None for a
+    blank line or a `#` comment."""
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    if stripped.startswith("{"):
+        try:
+            raw: object = json.loads(stripped)
+        except json.JSONDecodeError as err:
+            raise ItemSourceError(f"{source} line {number}: invalid JSON ({err.msg})") from err
+    else:
+        raw = stripped
+    return normalise(raw, f"{source} line {number}")
+
+
 def parse_lines(text: str, source: str) -> list[Item]:
     """One id per line, or JSON lines with an `id`; blank lines and `#` comments are skipped."""
     items: list[Item] = []
     for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        where = f"{source} line {number}"
-        if stripped.startswith("{"):
-            try:
-                raw: object = json.loads(stripped)
-            except json.JSONDecodeError as err:
-                raise ItemSourceError(f"{where}: invalid JSON ({err.msg})") from err
-        else:
-            raw = stripped
-        items.append(normalise(raw, where))
+        item = parse_line(line, source, number)
+        if item is not None:
+            items.append(item)
     return items
 
 
@@ -73,29 +84,113 @@ def from_configmaps(configmaps: Sequence[tuple[str, Mapping[str, str]]]) -> list
     return items
 
 
-def from_manifest(body: bytes, url: str, sha256: str | None) -> list[Item]:
-    if sha256 is not None:
-        actual = hashlib.sha256(body).hexdigest()
-        if actual != sha256:
+def byte_lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of a body read in blocks of any size, each without its `\\n`: a line may span
+    blocks, and only the line being assembled is held."""
+    partial: list[bytes] = []
+    for block in blocks:
+        lines = block.split(b"\n")
+        if len(lines) == 1:
+            partial.append(block)
+            continue
+        if partial:
+            partial.append(lines[0])
+            lines[0] = b"".join(partial)
+        last = lines.pop()
+        partial = [last] if last else []
+        yield from lines
+    tail = b"".join(partial)
+    if tail:
+        yield tail
+
+
+def text_lines(blocks: Iterable[bytes], source: str) -> Iterator[tuple[int, str]]:
+    """Numbered text lines of a UTF-8 body read in blocks, numbered as `str.splitlines` numbers
+    the whole text (a lone `\\r` ends a line too); each line is decoded on its own, and one that is
+    not UTF-8 is named."""
+    number = 0
+    for raw in byte_lines(blocks):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
             raise ItemSourceError(
-                f"manifest {url}: checksum mismatch, expected sha256 {sha256}, got {actual}"
-            )
+                f"{source} line {number + 1}: not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from err
+        for line in text.splitlines() or [""]:
+            number += 1
+            yield number, line
+
+
+def _hashed(blocks: Iterable[bytes], update: Callable[[bytes], None]) -> Iterator[bytes]:
+    for block in blocks:
+        update(block)
+        yield block
+
+
+def from_manifest(blocks: Iterable[bytes], url: str, sha256: str | None) -> list[Item]:
+    """The items of a URL manifest whose body arrives as `blocks` (pieces of any size), in one
+    pass: hashed as the blocks come, parsed line by line into one list; the body is never held
+    whole. A checksum mismatch is reported rather than an error in a line (the body is read to
+    its end for it): such a body is not the manifest the job names."""
+    source = f"manifest {url}"
+    digest = hashlib.sha256()
+    body = _hashed(blocks, digest.update)
+    items: list[Item] = []
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ItemSourceError(f"manifest {url}: not UTF-8 text") from err
-    return parse_lines(text, f"manifest {url}")
+        for number, line in text_lines(body, source):
+            item = parse_line(line, source, number)
+            if item is not None:
+                items.append(item)
+    except ItemSourceError:
+        if sha256 is not None:
+            for _ in body:  # the rest of the body, for its checksum
+                pass
+            _check_sha256(digest.hexdigest(), sha256, url)
+        raise
+    if sha256 is not None:
+        _check_sha256(digest.hexdigest(), sha256, url)
+    return items
 
 
-def check_unique(items: Iterable[Item]) -> list[Item]:
-    """Refuse duplicate ids: one id is one task, one result row, one Redis member."""
-    seen: dict[str, int] = {}
-    result = []
-    for index, item in enumerate(items):
-        first = seen.setdefault(item["id"], index)
-        if first != index:
-            raise ItemSourceError(f"duplicate item id {item['id']!r} (items {first} and {index})")
-        result.append(item)
-    if not result:
+def _check_sha256(actual: str, expected: str, url: str) -> None:
+    if actual != expected:
+        raise ItemSourceError(f"manifest {url}: checksum mismatch, expected sha256 {expected}, got {actual}")
+
+
+def check_unique(items: list[Item]) -> list[Item]:
+    """Refuse duplicate ids (one id is one task, one result row, one Redis member) and an empty
+    list; returns `items` itself, checked with a set of the ids and no copy of the list."""
+    if len({item["id"] for item in items}) != len(items):
+        seen: dict[str, int] = {}
+        for index, item in enumerate(items):
+            first = seen.setdefault(item["id"], index)
+            if first != index:
+                raise ItemSourceError(f"duplicate item id {item['id']!r} (items {first} and {index})")
+    if not items:
         raise ItemSourceError("the job has no items")
-    return result
+    return items
+
+
+class ItemIds(Sequence[str]):
+    """The ids of a list of items, read through: a sequence of a million ids without a second
+    list of a million references."""
+
+    def __init__(self, items: Sequence[Item]) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [item["id"] for item in self._items[index]]
+        return str(self._items[index]["id"])
+
+    def __iter__(self) -> Iterator[str]:
+        return (item["id"] for item in self._items)
