@@ -73,16 +73,26 @@ def test_missing_configmap_waits_with_a_condition_then_proceeds(e2e: E2E) -> Non
     assert e2e.wait_terminal("later", timeout=60)["phase"] == "Succeeded"
 
 
+#: Items of the served manifest: JSON lines and plain ids, CRLF line ends, a comment, non-ASCII
+#: ids; about 150 KiB, so the operator reads it in several blocks, lines split between them.
+URL_ITEMS = 3000
+
+
 @pytest.fixture
 def manifest_server() -> Iterator[tuple[str, bytes]]:
-    body = "".join(f"{json.dumps({'id': f'url-{i:03d}', 'page': i})}\n" for i in range(150)).encode()
+    lines = ["# generated manifest"]
+    for i in range(URL_ITEMS):
+        item = {"id": f"url-{i:04d}-é", "page": i, "note": "☃" * 10}
+        lines.append(json.dumps(item, ensure_ascii=False) if i % 2 else f"url-{i:04d}-é")
+    body = "\r\n".join(lines).encode()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            for start in range(0, len(body), 999):  # sent in pieces, split mid-character too
+                self.wfile.write(body[start : start + 999])
 
         def log_message(self, *args: object) -> None:
             pass
@@ -96,10 +106,17 @@ def manifest_server() -> Iterator[tuple[str, bytes]]:
 
 def test_url_manifest_with_checksum(e2e: E2E, manifest_server: tuple[str, bytes]) -> None:
     url, body = manifest_server
-    e2e.apply("from-url", "urls", itemsFrom={"url": url, "sha256": hashlib.sha256(body).hexdigest()})
-    e2e.start_worker("urls", "quick")
-    status = e2e.wait_terminal("from-url", timeout=60)
-    assert (status["phase"], status["processed"]) == ("Succeeded", 150)
+    uid = e2e.apply("from-url", "urls", itemsFrom={"url": url, "sha256": hashlib.sha256(body).hexdigest()})
+    e2e.start_worker("urls", "quick", "--concurrency", "16", "--batch", "64")
+    status = e2e.wait_terminal("from-url", timeout=120)
+    assert (status["phase"], status["total"], status["processed"], status["failed"]) == (
+        "Succeeded",
+        URL_ITEMS,
+        URL_ITEMS,
+        0,
+    )
+    rows = e2e.result_rows(uid)
+    assert len(rows) == URL_ITEMS and rows[f"url-{URL_ITEMS - 1:04d}-é"] == "succeeded"
 
 
 def test_url_manifest_with_a_wrong_checksum_is_refused(e2e: E2E, manifest_server: tuple[str, bytes]) -> None:
