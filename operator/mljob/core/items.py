@@ -12,6 +12,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import pairwise
 from typing import Any, overload
 
 from mljob.api.models import MAX_ITEM_ID_LENGTH
@@ -159,15 +160,18 @@ def _check_sha256(actual: str, expected: str, url: str) -> None:
 
 def check_unique(items: list[Item]) -> list[Item]:
     """Refuse duplicate ids (one id is one task, one result row, one Redis member) and an empty
-    list; returns `items` itself, checked with a set of the ids and no copy of the list."""
-    if len({item["id"] for item in items}) != len(items):
+    list; returns `items` itself. Checked on the ids sorted: a list of references, 8 bytes an item
+    at its peak where a set of them takes about 50, and no copy of the items."""
+    if not items:
+        raise ItemSourceError("the job has no items")
+    ordered = sorted(ItemIds(items))
+    if any(a == b for a, b in pairwise(ordered)):
+        del ordered
         seen: dict[str, int] = {}
         for index, item in enumerate(items):
             first = seen.setdefault(item["id"], index)
             if first != index:
                 raise ItemSourceError(f"duplicate item id {item['id']!r} (items {first} and {index})")
-    if not items:
-        raise ItemSourceError("the job has no items")
     return items
 
 
