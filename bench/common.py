@@ -326,8 +326,8 @@ def parser(description: str, default_items: int, workers: str | None = "1,2,4") 
     if workers is not None:
         p.add_argument(
             "--workers",
-            type=_int_list,
-            default=_int_list(workers),
+            type=int_list,
+            default=int_list(workers),
             help=f"worker process counts, comma-separated; one run each (default {workers})",
         )
     p.add_argument("--repeat", type=int, default=1, help="runs per configuration; the median is shown")
@@ -337,7 +337,7 @@ def parser(description: str, default_items: int, workers: str | None = "1,2,4") 
     return p
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError as err:

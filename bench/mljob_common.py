@@ -421,10 +421,14 @@ class Session:
             profiler.stop()
         return job, cpu, requests_between(requests, apiserver_requests(self.stack))
 
-    def delete_jobs(self, *names: str) -> None:
+    def delete_jobs(self, *names: str, timeout: float = 300.0) -> None:
         """Delete MLJobs (all of the namespace without names) and wait until they are gone."""
         targets = list(names) if names else ["--all"]
-        kubectl(self.stack, "-n", self.namespace, "delete", PLURAL, *targets, "--wait", "--timeout=300s")
+        kubectl(
+            self.stack,
+            *("-n", self.namespace, "delete", PLURAL, *targets, "--wait", f"--timeout={timeout:.0f}s"),
+            timeout=timeout + 60,
+        )
 
     def close(self) -> None:
         for profiler in self.profilers:

@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from conftest import StackEnv
+from mljob.adapters import redis_state
 from mljob.adapters.redis_state import STAGING_TTL_SECONDS, JobState, RecordStatus
 from mljob.core.counts import Completeness, completeness
 
@@ -303,4 +304,21 @@ async def test_works_with_bytes_responses(stack: StackEnv, prefix: str) -> None:
         assert await state.pending_ids(uid) == {"b"}
         assert await state.failed_ids(uid) == {"a"}
     finally:
+        await client.aclose()
+
+
+async def test_many_callers_at_once_wait_for_a_connection_instead_of_failing(stack: StackEnv) -> None:
+    """A thousand job loops ticking together: redis-py's default pool raised MaxConnectionsError
+    past 100 calls at once; the operator's pool makes the 101st wait for a free connection."""
+    client = redis_state.connect(stack.redis_url, max_connections=4)
+    state = JobState(client, prefix=f"t{uuid.uuid4().hex[:8]}")
+    uid = new_uid()
+    try:
+        await state.initialize(uid, ["a", "b"])
+        counts = await asyncio.gather(*(state.counts(uid) for _ in range(300)))
+        assert {(c.total, c.pending) for c in counts if c is not None} == {(2, 2)}
+        assert len(counts) == 300
+        assert len(client.connection_pool._in_use_connections) == 0
+    finally:
+        await state.delete(uid)
         await client.aclose()

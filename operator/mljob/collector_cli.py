@@ -97,8 +97,8 @@ async def serve(settings: CollectorSettings) -> None:
 async def collect(settings: CollectorSettings, readiness: Readiness) -> None:
     """Connect to everything (retrying), then run the collector until SIGTERM/SIGINT."""
     import psycopg
-    from redis.asyncio import Redis
 
+    from mljob.adapters import redis_state
     from mljob.adapters.jetstream import ensure_results_stream
     from mljob.adapters.redis_state import JobState
     from mljob.adapters.results_store import ResultsStore, make_pool
@@ -136,7 +136,9 @@ async def collect(settings: CollectorSettings, readiness: Readiness) -> None:
     )
     if nc is None:
         return
-    redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    redis = redis_state.connect(
+        settings.redis_url, settings.redis_max_connections, socket_timeout=5, socket_connect_timeout=5
+    )
     pool = make_pool(
         settings.postgres_dsn, settings.postgres_schema, min_size=1, max_size=4, name="collector"
     )

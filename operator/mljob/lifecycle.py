@@ -1,9 +1,10 @@
 """The per-job reconcile loop: observe, decide (mljob.core.reconcile), act (mljob.actions).
 
 One loop runs per MLJob (a kopf daemon). An idle tick is one Redis round trip, plus one NATS
-round trip when the job's counts did not move, and no write. The collector, the exhausted-
-deliveries watcher and workers' heartbeats wake or feed the loop, so the terminal status lands
-within about a second of the last outcome.
+round trip when the job's counts did not move, and no write; a job that stays quiet is looked at
+less and less often (`reconcile.next_tick`, up to `MLJOB_IDLE_RECONCILE_INTERVAL`). The
+collector, the exhausted-deliveries watcher and workers' heartbeats wake or feed the loop, so
+the terminal status lands within about a second of the last outcome.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class JobLoop:
         self.previous_counts: ItemCounts | None = None
         self.cleaned = False
         self.last_error: str | None = None
+        #: consecutive ticks that found the running job as it was, and the latest snapshot
+        self.quiet_ticks = 0
+        self.snapshot: reconcile.Snapshot | None = None
 
     async def run(self, stopped: Any, wake: asyncio.Event) -> None:
         """Tick until kopf stops the daemon. A finished job's loop sleeps until its TTL (or until
@@ -55,6 +59,10 @@ class JobLoop:
                 try:
                     if await self.step():
                         sleep = self._until_ttl()
+                    elif self.snapshot is not None:
+                        sleep = reconcile.next_tick(
+                            self.snapshot, self.quiet_ticks, interval, self.s.settings.idle_reconcile_interval
+                        )
                     self.last_error, backoff = None, interval
                 except asyncio.CancelledError:
                     raise
@@ -64,6 +72,8 @@ class JobLoop:
                     sleep = backoff
                 woken = asyncio.ensure_future(wake.wait())
                 await asyncio.wait({woken, stop}, timeout=sleep, return_when=asyncio.FIRST_COMPLETED)
+                if woken.done():
+                    self.quiet_ticks = 0  # a result or an exhausted item: look closely again
                 woken.cancel()
         finally:
             stop.cancel()
@@ -115,6 +125,8 @@ class JobLoop:
         )
         snapshot = observe.snapshot(self.s, view, counts, stream, self.watching_since)
         plan = reconcile.decide(snapshot)
+        self.snapshot = snapshot
+        self.quiet_ticks = self.quiet_ticks + 1 if reconcile.is_quiet(plan, changed) else 0
         with metrics.reconcile_timer(plan.action, started):
             done = await self.act(plan, counts)
         metrics.JOBS.track(view.ref.uid, view.phase, view.pipeline, counts)

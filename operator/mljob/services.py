@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from mljob import natsconn
-from mljob.adapters import jetstream
+from mljob.adapters import jetstream, redis_state
 from mljob.adapters.jobs_store import JobsStore
 from mljob.adapters.kube import Kube, load_config
 from mljob.adapters.redis_state import JobState
@@ -63,6 +63,7 @@ class Services:
                 await closing
             except Exception as err:
                 log.warning("error while closing: %s", err)
+        self.kube.close()
 
 
 async def connect(settings: OperatorSettings) -> Services:
@@ -82,7 +83,9 @@ async def connect(settings: OperatorSettings) -> Services:
         "the NATS advisory stream", lambda: jetstream.ensure_advisory_stream(js, settings.stream_replicas)
     )
 
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, health_check_interval=30)
+    redis = redis_state.connect(
+        settings.redis_url, settings.redis_max_connections, socket_connect_timeout=3, health_check_interval=30
+    )
     await with_retry(f"Redis at {natsconn.redact(settings.redis_url)}", redis.ping)
 
     async def open_and_migrate() -> AsyncConnectionPool:
@@ -98,7 +101,8 @@ async def connect(settings: OperatorSettings) -> Services:
         return pool
 
     pool = await with_retry("Postgres", open_and_migrate)
-    return assemble(settings, nc, registry, redis, pool, Kube(load_config()))
+    kube = Kube(load_config(settings.kube_threads), settings.kube_threads)
+    return assemble(settings, nc, registry, redis, pool, kube)
 
 
 def assemble(

@@ -93,6 +93,12 @@ class CollectorSettings(NatsSettings):
     stream_replicas: int = _var(
         "STREAM_REPLICAS", 1, "JetStream replicas of streams and the registry (results stream too)", ge=1
     )
+    redis_max_connections: int = _var(
+        "REDIS_MAX_CONNECTIONS",
+        32,
+        "Redis connections per process; a call waits for a free one rather than failing",
+        ge=1,
+    )
     collector_batch: int = _var(
         "COLLECTOR_BATCH", 256, "results per fetch of the collector (`--batch`)", flag="--batch", ge=1
     )
@@ -126,6 +132,16 @@ class OperatorSettings(CollectorSettings):
 
     reconcile_interval: float = _var(
         "RECONCILE_INTERVAL", 5.0, "seconds between reconcile ticks of a job", gt=0
+    )
+    idle_reconcile_interval: float = _var(
+        "IDLE_RECONCILE_INTERVAL",
+        60.0,
+        "longest sleep of a quiet job's loop: from `MLJOB_RECONCILE_INTERVAL` it doubles each tick "
+        "nothing moves (results wake the loop at once)",
+        gt=0,
+    )
+    kube_threads: int = _var(
+        "KUBE_THREADS", 16, "Kubernetes API calls in flight at once (threads of the blocking client)", ge=1
     )
     dispatch_chunk: int = _var(
         "DISPATCH_CHUNK", 1000, "tasks per published chunk (the cursor moves per chunk)", ge=1

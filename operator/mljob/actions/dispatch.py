@@ -63,7 +63,11 @@ async def dispatch(services: Services, view: JobView) -> None:
     except ItemSourceError as err:
         await fail_early(services, view, "InvalidItems", str(err))
         return
-    if view.phase in (None, Phase.PENDING):
+    # A job whose tasks fit one chunk goes straight to Running in one status write after
+    # publishing (a restart before it publishes again, deduplicated): with a thousand MLJobs
+    # starting at once, every write per job counts.
+    one_write = view.phase in (None, Phase.PENDING) and len(items) <= services.settings.dispatch_chunk
+    if view.phase in (None, Phase.PENDING) and not one_write:
         await _mark_dispatching(services, view, len(items), spec.pipeline)
     elif view.has_condition("ItemsSourceReady", "False"):
         await view.set_conditions(("ItemsSourceReady", "True", "ItemsLoaded", f"{len(items)} items loaded"))
@@ -81,16 +85,20 @@ async def dispatch(services: Services, view: JobView) -> None:
         republished = await republish_unresolved(services, target, entry.subject, items[:cursor])
         await end_recreation(services, view, republished)
     await jetstream.register_job(services.registry, entry)
-    if await _publish_from_cursor(services, view, target, entry.subject, items):
-        await _mark_running(services, view, len(items))
+    if await _publish_from_cursor(services, view, target, entry.subject, items, write_cursor=not one_write):
+        await _mark_running(services, view, len(items), spec.pipeline, first_write=one_write)
 
 
-async def _mark_dispatching(services: Services, view: JobView, total: int, pipeline: str) -> None:
-    fields: dict[str, Any] = {
-        "phase": Phase.DISPATCHING.value,
+def _started_fields(view: JobView, phase: Phase, total: int, published: int) -> dict[str, Any]:
+    """The status of a job whose dispatch begins (Dispatching) or that went straight to Running."""
+    dispatched = ("Dispatched", "False", "Dispatching", f"publishing {total} tasks")
+    if published == total:
+        dispatched = ("Dispatched", "True", "AllTasksPublished", f"{total} tasks published")
+    return {
+        "phase": phase.value,
         "total": total,
-        "dispatched": 0,
-        "dispatchCursor": 0,
+        "dispatched": published,
+        "dispatchCursor": published,
         "processed": 0,
         "failed": 0,
         "pending": total,
@@ -98,17 +106,24 @@ async def _mark_dispatching(services: Services, view: JobView, total: int, pipel
         "startTime": view.status.get("startTime") or now_iso(),
         "observedGeneration": view.generation,
         "conditions": view.conditions_with(
-            ("ItemsSourceReady", "True", "ItemsLoaded", f"{total} items loaded"),
-            ("Dispatched", "False", "Dispatching", f"publishing {total} tasks"),
+            ("ItemsSourceReady", "True", "ItemsLoaded", f"{total} items loaded"), dispatched
         ),
     }
-    await view.write(fields)
+
+
+async def _mark_dispatching(services: Services, view: JobView, total: int, pipeline: str) -> None:
+    await view.write(_started_fields(view, Phase.DISPATCHING, total, 0))
     await services.jobs.set_phase(view.ref.uid, Phase.DISPATCHING, services.settings.actor)
     await services.kube.event(view.ref, "Dispatching", f"publishing {total} tasks to pipeline {pipeline}")
 
 
 async def _publish_from_cursor(
-    services: Services, view: JobView, target: DispatchTarget, subject: str, items: list[Any]
+    services: Services,
+    view: JobView,
+    target: DispatchTarget,
+    subject: str,
+    items: list[Any],
+    write_cursor: bool = True,
 ) -> bool:
     """Publish the items not yet covered by the cursor; False when cancelled meanwhile."""
     cursor = int(view.status.get("dispatchCursor", 0))
@@ -119,21 +134,28 @@ async def _publish_from_cursor(
         await publish_chunk(services.js, subject, task_bodies(target, chunk))
         metrics.TASKS_DISPATCHED.inc(len(chunk))
         cursor += len(chunk)
-        await view.write({"dispatchCursor": cursor, "dispatched": cursor})
+        if write_cursor:
+            await view.write({"dispatchCursor": cursor, "dispatched": cursor})
     return True
 
 
-async def _mark_running(services: Services, view: JobView, total: int) -> None:
-    await view.write(
-        {
-            "phase": Phase.RUNNING.value,
-            "conditions": view.conditions_with(
-                ("Dispatched", "True", "AllTasksPublished", f"{total} tasks published")
-            ),
-        }
-    )
+async def _mark_running(
+    services: Services, view: JobView, total: int, pipeline: str, first_write: bool = False
+) -> None:
+    """Running once every task is published; `first_write`: the job's whole status at once."""
+    if first_write:
+        await view.write(_started_fields(view, Phase.RUNNING, total, total))
+    else:
+        await view.write(
+            {
+                "phase": Phase.RUNNING.value,
+                "conditions": view.conditions_with(
+                    ("Dispatched", "True", "AllTasksPublished", f"{total} tasks published")
+                ),
+            }
+        )
     await services.jobs.set_phase(view.ref.uid, Phase.RUNNING, services.settings.actor)
-    await services.kube.event(view.ref, "Running", f"all {total} tasks published")
+    await services.kube.event(view.ref, "Running", f"all {total} tasks published to pipeline {pipeline}")
 
 
 async def fail_early(services: Services, view: JobView, reason: str, message: str) -> None:

@@ -1,17 +1,21 @@
 """Kubernetes access: MLJob status writes (merge and guarded JSON patches), ConfigMaps, Events.
 
-The official client is synchronous; every call runs in a worker thread so the operator's
-event loop never blocks on the API server.
+The official client is synchronous; every call runs in a thread of the adapter's own pool (as
+many threads as connections to the API server) so the operator's event loop never blocks on
+it, and a thousand MLJobs starting at once are not served by asyncio's few default threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -21,13 +25,19 @@ from mljob.api.models import GROUP, KIND, PLURAL, VERSION
 log = logging.getLogger(__name__)
 
 
-def load_config() -> client.ApiClient:
-    """In-cluster config when running in a pod, else KUBECONFIG / ~/.kube/config."""
+T = TypeVar("T")
+
+
+def load_config(connections: int = 16) -> client.ApiClient:
+    """In-cluster config when running in a pod, else KUBECONFIG / ~/.kube/config; a connection
+    pool of `connections` (one per thread of the Kube adapter)."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = connections
+    return client.ApiClient(configuration)
 
 
 class GuardFailed(Exception):
@@ -42,14 +52,23 @@ class JobRef:
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, threads: int = 16) -> None:
         self.api = api
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """One blocking client call, in the adapter's threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            body: dict[str, Any] = await asyncio.to_thread(
+            body: dict[str, Any] = await self._call(
                 self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
             )
         except ApiException as err:
@@ -79,11 +98,11 @@ class Kube:
             if token:
                 kwargs["_continue"] = token
             if namespace is None:
-                body = await asyncio.to_thread(
+                body = await self._call(
                     self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, **kwargs
                 )
             else:
-                body = await asyncio.to_thread(
+                body = await self._call(
                     self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, **kwargs
                 )
             items.extend(body.get("items") or [])
@@ -93,7 +112,7 @@ class Kube:
 
     async def patch_status(self, job: JobRef, fields: dict[str, Any]) -> None:
         """Merge-patch some status fields (progress, cursor, conditions)."""
-        await asyncio.to_thread(
+        await self._call(
             self.custom.patch_namespaced_custom_object_status,
             GROUP,
             VERSION,
@@ -112,7 +131,7 @@ class Kube:
             ops.append({"op": "test", "path": "/status/phase", "value": expected_phase})
         ops += [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()]
         try:
-            await asyncio.to_thread(self._json_patch_status, job, ops)
+            await self._call(self._json_patch_status, job, ops)
         except ApiException as err:
             if err.status in (409, 422):
                 raise GuardFailed(_reason(err)) from err
@@ -135,7 +154,7 @@ class Kube:
         """Delete the MLJob, only if it is still the same object (UID precondition); gone is fine."""
         options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=job.uid))
         try:
-            await asyncio.to_thread(
+            await self._call(
                 self.custom.delete_namespaced_custom_object,
                 GROUP,
                 VERSION,
@@ -150,7 +169,7 @@ class Kube:
 
     async def configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
-            cm = await asyncio.to_thread(self.core.read_namespaced_config_map, name, namespace)
+            cm = await self._call(self.core.read_namespaced_config_map, name, namespace)
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -178,7 +197,7 @@ class Kube:
             source=client.V1EventSource(component="mljob-operator"),
         )
         try:
-            await asyncio.to_thread(self.core.create_namespaced_event, job.namespace, body)
+            await self._call(self.core.create_namespaced_event, job.namespace, body)
         except Exception as err:  # an Event is never worth failing an action for
             why = err.reason if isinstance(err, ApiException) else f"{type(err).__name__}: {err}"
             log.warning("could not post event %s for %s/%s: %s", reason, job.namespace, job.name, why)

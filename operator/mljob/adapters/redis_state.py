@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import NoScriptError
 
 from mljob.core.counts import ItemCounts
 
-__all__ = ["JobKeys", "JobState", "RecordOutcome", "RecordStatus", "StoredJob"]
+__all__ = ["JobKeys", "JobState", "RecordOutcome", "RecordStatus", "StoredJob", "connect"]
 
 #: A staging set of an interrupted ``initialize`` disappears by itself after this long.
 STAGING_TTL_SECONDS = 3600
@@ -43,6 +43,22 @@ STAGING_TTL_SECONDS = 3600
 RECORD_PIPELINE_SIZE = 1000
 #: SADD commands (of ``chunk`` ids each) sent per pipeline round trip in ``initialize``.
 CHUNKS_PER_ROUND_TRIP = 10
+
+#: How long a call waits for a free connection of the pool before it fails.
+POOL_WAIT_SECONDS = 20.0
+
+
+def connect(url: str, max_connections: int, **options: Any) -> Redis:
+    """The one way a process opens Redis: callers wait for a free connection of a bounded pool.
+
+    redis-py's default pool raises MaxConnectionsError past 100 calls at once; a thousand job
+    loops ticking together, or deleting a thousand MLJobs, got there.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS, **options
+    )
+    return Redis.from_pool(pool)
+
 
 # KEYS: total, pending, failed, activity (one job's). ARGV: now (unix seconds), then per item its
 # id and "1" when failed. Returns {-1} when the job has no state, else per item {status,

@@ -231,3 +231,24 @@ def needs_stream_view(s: Snapshot, counts_changed: bool) -> bool:
     if s.phase is not Phase.RUNNING or s.counts is None or s.counts.pending == 0:
         return False
     return not counts_changed
+
+
+def next_tick(s: Snapshot, quiet_ticks: int, base: float, ceiling: float) -> float:
+    """Seconds until the loop looks at the job again (results and exhausted items wake it sooner).
+
+    A job whose counts move is looked at every `base` seconds; a quiet one less and less often,
+    doubling per quiet tick up to `ceiling`, so ten thousand idle MLJobs cost the operator little.
+    The checks keep their resolution: never longer than a quarter of the stall timeout, and the
+    deadline is looked at when it passes.
+    """
+    sleep = min(max(base, ceiling), base * (1 << min(quiet_ticks, 30)))
+    sleep = min(sleep, max(base, s.stall_timeout_seconds / 4))
+    if s.active_deadline_seconds is not None and s.start_time is not None:
+        left = s.start_time + s.active_deadline_seconds - s.now
+        sleep = min(sleep, max(base, left))
+    return sleep
+
+
+def is_quiet(plan: Plan, counts_changed: bool) -> bool:
+    """A tick that found a running job as it was: nothing to do but look again later."""
+    return plan.action in (Action.PROGRESS, Action.WAIT_FOR_WORKERS) and not counts_changed

@@ -1,0 +1,83 @@
+"""What keeps a thousand MLJobs cheap: a small job reaches Running in one status write, and a
+quiet job's loop looks at it less and less often until something moves.
+
+Over the in-memory fakes (tests/fakes); the same behaviour against the real servers is in
+test_e2e_idle.py, and its cost is measured by bench/mljob_many.py.
+"""
+# The fixtures clock and world are imported from test_job_loop, and pytest finds a fixture by the
+# module attribute's name, so the test parameters must shadow those imports:
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import kopf
+import pytest
+
+from fakes import FakeWorld
+from mljob.api.models import Phase
+from mljob.lifecycle import JobLoop
+from test_job_loop import clock, new_job, running, status, uid_of, world  # noqa: F401
+from test_job_loop_run import kopf_stop_flag
+
+pytestmark = pytest.mark.unit
+
+
+async def test_a_job_that_fits_one_chunk_goes_to_running_in_one_write(world: FakeWorld) -> None:
+    body = new_job(world, world.services.settings.dispatch_chunk)  # 4 items: exactly one chunk
+    uid = uid_of(body)
+    assert not await JobLoop(world.services, body).step()
+    writes = [w for w in world.kube.writes if w.uid == uid]
+    assert len(writes) == 1, "one status write from nothing to Running"
+    shown = status(body)
+    assert (shown["phase"], shown["total"], shown["dispatchCursor"], shown["pending"]) == ("Running", 4, 4, 4)
+    assert {c["type"]: c["status"] for c in shown["conditions"]} == {
+        "ItemsSourceReady": "True",
+        "Dispatched": "True",
+    }
+    assert shown["startTime"] and shown["observedGeneration"] == 1
+    assert [e.reason for e in world.kube.events_of(uid)] == ["Running"]
+    assert world.jobs.records[uid].phase == Phase.RUNNING
+
+
+async def test_a_job_of_several_chunks_still_shows_dispatching_and_its_cursor(world: FakeWorld) -> None:
+    body = new_job(world, 10)  # 3 chunks of 4
+    uid = uid_of(body)
+    assert not await JobLoop(world.services, body).step()
+    assert world.kube.phases_of(uid) == ["Dispatching", "Running"]
+    cursors = [w.after.get("dispatchCursor") for w in world.kube.writes if w.uid == uid]
+    assert [c for c in cursors if c][:3] == [4, 8, 10]
+
+
+async def test_a_quiet_job_is_looked_at_less_often_until_woken(world: FakeWorld) -> None:
+    world.services.settings.reconcile_interval = 0.01
+    world.services.settings.idle_reconcile_interval = 0.16
+    body = new_job(world, 10)
+    loop = await running(world, body)
+    steps: list[float] = []
+    step = loop.step
+
+    async def counted() -> bool:
+        steps.append(asyncio.get_running_loop().time())
+        return await step()
+
+    loop.step = counted  # type: ignore[method-assign]
+    setter, stopped = kopf_stop_flag()
+    wake = asyncio.Event()
+    task = asyncio.create_task(loop.run(stopped, wake))
+    await asyncio.sleep(1.0)
+    # Every 0.01 s that is about 100 ticks; doubling to 0.16 s: 0.01+0.02+0.04+0.08, then 0.16.
+    quiet = len(steps)
+    assert 4 <= quiet <= 12, steps
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
+    assert max(gaps) >= 0.15 and gaps[-1] < 0.3, gaps
+
+    await world.work(uid_of(body), 3)  # results arrive, and the collector wakes the loop
+    wake.set()
+    await asyncio.sleep(0.05)
+    assert len(steps) >= quiet + 2, "woken, the loop looks again at once and then at the short interval"
+    setter.set(reason=kopf.DaemonStoppingReason.OPERATOR_EXITING)
+    await asyncio.wait_for(task, 5)
+    assert status(body)["processed"] == 3
