@@ -265,3 +265,18 @@ async def test_a_job_created_during_the_sweep_is_never_taken_for_an_orphan(
 
     assert report.skipped is None and created
     assert await present(services, created[0]) == ALL
+
+
+async def test_only_redis_keys_no_live_job_owns_are_asked_their_age(
+    kubectl: Kubectl, namespace: str, services: Services
+) -> None:
+    """With ten thousand live jobs, one OBJECT IDLETIME per key per sweep was most of an idle
+    operator's Redis traffic: the age decides only for keys no live MLJob owns."""
+    live = live_job(kubectl, namespace, "aged-live")
+    await plant(services, PIPELINE, namespace, uid=live)
+    orphan = await plant(services, PIPELINE, namespace)
+    seen, orphans = await find_orphans(services)
+    ages = {r.uid: r.age for r in seen.resources if r.kind is Kind.REDIS}
+    assert ages[live] is None
+    assert ages[orphan] is not None and ages[orphan] >= 0
+    assert {r.uid for r in orphans} == {orphan}

@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from mljob import metrics, protocol
 from mljob.adapters import jetstream
+from mljob.adapters.redis_state import StoredJob
 from mljob.core.orphans import Kind, Resource, decide, is_job_uid, live_uids
 from mljob.services import Services
 
@@ -67,7 +68,8 @@ async def observe(services: Services) -> Observation:
     now = datetime.now(UTC)
     consumers = await jetstream.list_job_consumers(services.js)
     registry = await jetstream.list_registry(services.js, services.registry)
-    stored = {uid: job for uid, job in (await services.state.scan_jobs()).items() if is_job_uid(uid)}
+    scanned = await services.state.scan_jobs(idle=False)  # aged in find_orphans, where it matters
+    stored = {uid: job for uid, job in scanned.items() if is_job_uid(uid)}
     unowned_entries = {r.uid for r in registry if r.entry is None or not r.entry.namespace}
     wanted = {c.uid for c in consumers} | set(stored) | unowned_entries
     owners = await services.jobs.namespaces(sorted(u for u in wanted if is_job_uid(u)))
@@ -90,8 +92,26 @@ async def find_orphans(services: Services) -> tuple[Observation, list[Resource]]
     seen = await observe(services)
     namespaces = watched_namespaces(services)
     jobs = await services.kube.list_jobs(namespaces)  # strictly after the observation
-    orphans = decide(seen.resources, live_uids(jobs), namespaces, services.settings.orphan_grace_seconds)
+    live = live_uids(jobs)
+    seen = await _age_redis_keys(services, seen, live)
+    orphans = decide(seen.resources, live, namespaces, services.settings.orphan_grace_seconds)
     return seen, orphans
+
+
+async def _age_redis_keys(services: Services, seen: Observation, live: set[str]) -> Observation:
+    """The age of each job's Redis keys that no live MLJob owns (a live job's keys are never
+    orphans, so their age is not asked for: that was one OBJECT IDLETIME per key per sweep)."""
+    unowned = {
+        r.uid: StoredJob(uid=r.uid, keys=seen.redis_keys[r.uid], idle_seconds=None)
+        for r in seen.resources
+        if r.kind is Kind.REDIS and r.uid not in live
+    }
+    aged = await services.state.measure_idle(unowned) if unowned else {}
+    resources = [
+        replace(r, age=aged[r.uid].idle_seconds) if r.kind is Kind.REDIS and r.uid in aged else r
+        for r in seen.resources
+    ]
+    return Observation(resources, seen.redis_keys)
 
 
 async def delete(services: Services, orphan: Resource, redis_keys: Sequence[str] = ()) -> None:

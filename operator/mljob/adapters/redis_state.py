@@ -25,7 +25,7 @@ Works with clients built with ``decode_responses`` on or off.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
@@ -353,8 +353,10 @@ class JobState:
         members = await cast(Awaitable[set[Any]], self._redis.smembers(key))
         return {_text(v) for v in members}
 
-    async def scan_jobs(self, count: int = 1000) -> dict[str, StoredJob]:
-        """Every job that has keys under this prefix (SCAN, never KEYS), with their idle time.
+    async def scan_jobs(self, count: int = 1000, idle: bool = True) -> dict[str, StoredJob]:
+        """Every job that has keys under this prefix (SCAN, never KEYS), with their idle time
+        unless `idle` is False (then ask `measure_idle` for the jobs that need it: with ten
+        thousand live jobs, asking every key is most of an idle operator's Redis traffic).
 
         Staging sets of interrupted ``initialize`` calls are left out: they expire by themselves.
         """
@@ -366,19 +368,28 @@ class JobState:
             if not sep or not uid or rest.startswith("staging:"):
                 continue
             found.setdefault(uid, []).append(key)
-        flat = [key for keys in found.values() for key in keys]
+        jobs = {
+            uid: StoredJob(uid=uid, keys=tuple(sorted(keys)), idle_seconds=None)
+            for uid, keys in found.items()
+        }
+        return await self.measure_idle(jobs) if idle else jobs
+
+    async def measure_idle(self, jobs: Mapping[str, StoredJob]) -> dict[str, StoredJob]:
+        """The jobs with their idle time: the smallest ``OBJECT IDLETIME`` of their keys (None
+        when Redis cannot tell, e.g. under an LFU eviction policy)."""
+        flat = [key for job in jobs.values() for key in job.keys]
         idle_of: dict[str, Any] = {}
         for part in _chunks(flat, RECORD_PIPELINE_SIZE):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key in part:
                     pipe.object("idletime", key)
                 idle_of.update(zip(part, await pipe.execute(raise_on_error=False), strict=True))
-        jobs: dict[str, StoredJob] = {}
-        for uid, keys in found.items():
-            replies = [idle_of[key] for key in keys]
+        measured: dict[str, StoredJob] = {}
+        for uid, job in jobs.items():
+            replies = [idle_of[key] for key in job.keys]
             idle: float | None = None
             if not any(isinstance(r, Exception) for r in replies):
                 times = [float(r) for r in replies if r is not None]  # None: deleted since the scan
                 idle = min(times) if times else None
-            jobs[uid] = StoredJob(uid=uid, keys=tuple(sorted(keys)), idle_seconds=idle)
-        return jobs
+            measured[uid] = StoredJob(uid=uid, keys=job.keys, idle_seconds=idle)
+        return measured
