@@ -15,7 +15,7 @@ that no stall is reported while measuring):
    and every apiserver write in that window (goal: none for an idle job). Goals at 10,000: at
    most 0.3 core and 600 MB.
 3. The MLJobs are deleted through the operator (cleanup of each job's consumer, keys and registry
-   entry), timed.
+   entry), timed, at scales up to `--delete-up-to` (1,000); larger ones are torn down without it.
 
 Per-MLJob figures that stay flat or fall from 100 to 10,000 mean the cost grows at most linearly.
 
@@ -114,6 +114,56 @@ def delete_all(run: mljob_common.Session, timeout: float) -> float:
     return time.monotonic() - began
 
 
+def tear_down(run: mljob_common.Session, jobs: int) -> None:
+    """Without the operator, quickly: its finalizers removed and the MLJobs deleted (16 client
+    threads), the pipeline's task stream (every job consumer with it), registry entries and the
+    session's Redis keys removed. Deleting ten thousand through the operator takes a long while
+    (measured at the smaller scales)."""
+    import asyncio
+
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.config import new_client_from_config
+
+    assert run.operator is not None
+    run.operator.stop()
+    client = new_client_from_config(config_file=run.stack.env["KUBECONFIG"])
+    client.configuration.connection_pool_maxsize = CREATE_THREADS
+    api = CustomObjectsApi(client)
+    unblock = {"metadata": {"finalizers": None}}
+    names = [f"many-{i:05d}" for i in range(jobs)]
+
+    def drop(name: str) -> None:
+        api.patch_namespaced_custom_object(GROUP, VERSION, run.namespace, PLURAL, name, unblock)
+        api.delete_namespaced_custom_object(GROUP, VERSION, run.namespace, PLURAL, name)
+
+    with ThreadPoolExecutor(CREATE_THREADS) as pool:
+        list(pool.map(drop, names))
+    asyncio.run(_drop_nats_and_redis(run))
+
+
+async def _drop_nats_and_redis(run: mljob_common.Session) -> None:
+    from mljob import protocol
+    from mljob.adapters import jetstream
+
+    nc = await common.nats_connect("bench-many-teardown")
+    try:
+        js = nc.jetstream()
+        registry = await jetstream.registry(js, 1)
+        for key in await registry.keys():
+            if key.startswith(f"{PIPELINE}."):
+                await registry.purge(key)
+        await js.delete_stream(protocol.task_stream(PIPELINE))
+    finally:
+        await nc.close()
+    import redis
+
+    client = redis.Redis.from_url(run.stack.env["MLJOB_REDIS_URL"])
+    keys = list(client.scan_iter(match=f"{run.prefix}:*", count=1000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+    client.close()
+
+
 def requests_since(stack: common.BenchStack, before: dict[str, int]) -> dict[str, int]:
     return mljob_common.requests_between(before, mljob_common.apiserver_requests(stack))
 
@@ -175,7 +225,10 @@ def measure(stack: common.BenchStack, args: argparse.Namespace, jobs: int, logs:
             if phases != {"Running"}:
                 raise common.BenchError(f"after the idle window the MLJobs are {sorted(phases)}, not Running")
             run.check_alive()
-            out.delete_seconds = delete_all(run, timeout=max(300.0, jobs * 0.2))
+            if jobs <= args.delete_up_to:
+                out.delete_seconds = delete_all(run, timeout=max(300.0, jobs * 0.5))
+            else:
+                tear_down(run, jobs)
     return out
 
 
@@ -274,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
         "MLJOB_IDLE_RECONCILE_INTERVAL, 60 s, within about 135 s)",
     )
     p.add_argument("--idle", type=float, default=60.0, help="seconds of the steady-state window")
+    p.add_argument(
+        "--delete-up-to",
+        type=int,
+        default=1000,
+        help="scales up to this many MLJobs are deleted through the operator, timed (default 1,000); "
+        "larger ones are torn down without it",
+    )
     p.add_argument("--profile", metavar="DIR", help="py-spy on the operator during the ramp and the window")
     p.add_argument("--log-dir", help="where the operator's logs go (default: a new temporary directory)")
     return p
