@@ -23,6 +23,7 @@ BENCHMARKS: list[tuple[str, bool]] = [
     ("bench.mljob_dispatch", False),
     ("bench.mljob_e2e", True),
     ("bench.mljob_latency", False),
+    ("bench.mljob_huge", True),
 ]
 #: Benchmarks sized by their own flags (jobs, items per job): --items is not passed on to them.
 OWN_SIZE = {"bench.mljob_latency"}
