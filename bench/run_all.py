@@ -23,10 +23,11 @@ BENCHMARKS: list[tuple[str, bool]] = [
     ("bench.mljob_dispatch", False),
     ("bench.mljob_e2e", True),
     ("bench.mljob_latency", False),
+    ("bench.mljob_many", False),
     ("bench.mljob_huge", True),
 ]
 #: Benchmarks sized by their own flags (jobs, items per job): --items is not passed on to them.
-OWN_SIZE = {"bench.mljob_latency"}
+OWN_SIZE = {"bench.mljob_latency", "bench.mljob_many"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stack-dir", help="reuse the stack there, or start one there (default: a new one)")
     p.add_argument("--keep-stack", action="store_true", help="leave a stack this run started running")
     p.add_argument("--only", help="comma-separated module names to run (e.g. baseline_raw)")
+    p.add_argument("--many-jobs", help="mljob_many's scales, e.g. 100,1000 (default: its own, to 10,000)")
     args = p.parse_args(argv)
     chosen = [(m, w) for m, w in BENCHMARKS if not args.only or m.rsplit(".", 1)[1] in args.only.split(",")]
     failed: list[str] = []
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                     cmd += [flag, value]
             if has_workers and args.workers:
                 cmd += ["--workers", args.workers]
+            if module == "bench.mljob_many" and args.many_jobs:
+                cmd += ["--jobs", args.many_jobs]
             print(f"\n<!-- python {' '.join(cmd[1:])} -->", flush=True)
             if subprocess.run(cmd, env=stack.child_env(), cwd=common.ROOT).returncode != 0:
                 failed.append(module)
