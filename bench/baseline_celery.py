@@ -98,12 +98,14 @@ def wait_done(job_uid: str, timeout: float) -> float:
     from .celery_app import done_key
 
     redis = _redis()
+    deadline = time.monotonic() + timeout
     try:
-        popped = redis.blpop([done_key(job_uid)], timeout=timeout)
+        # Short blocking pops: one long BLPOP outlives redis-py 8's socket read timeout.
+        while (popped := redis.blpop([done_key(job_uid)], timeout=1)) is None:
+            if time.monotonic() > deadline:
+                raise common.BenchError(f"the Celery tasks did not all finish within {timeout:.0f}s")
     finally:
         redis.close()
-    if popped is None:
-        raise common.BenchError(f"the Celery tasks did not all finish within {timeout:.0f}s")
     return float(popped[1])
 
 
