@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import Any
 
 import kopf
 import pytest
@@ -81,3 +82,25 @@ async def test_a_quiet_job_is_looked_at_less_often_until_woken(world: FakeWorld)
     setter.set(reason=kopf.DaemonStoppingReason.OPERATOR_EXITING)
     await asyncio.wait_for(task, 5)
     assert status(body)["processed"] == 3
+
+
+async def test_thousands_of_new_jobs_dispatch_a_few_at_a_time(world: FakeWorld) -> None:
+    """Ten thousand MLJobs created together all registered their items at once and queued on
+    the Postgres pool until its waits timed out; the loops now take turns."""
+    world.services.dispatch_slots = asyncio.Semaphore(3)
+    inside, peak = 0, 0
+    register = world.results.register_items
+
+    async def slow_register(uid: str, ids: Any) -> None:
+        nonlocal inside, peak
+        inside += 1
+        peak = max(peak, inside)
+        await asyncio.sleep(0.01)
+        inside -= 1
+        await register(uid, ids)
+
+    world.results.register_items = slow_register  # type: ignore[method-assign]
+    bodies = [new_job(world, 4, name=f"job-{n}") for n in range(12)]
+    await asyncio.gather(*(JobLoop(world.services, body).step() for body in bodies))
+    assert peak == 3
+    assert {status(body)["phase"] for body in bodies} == {"Running"}

@@ -149,7 +149,8 @@ class JobLoop:
             case reconcile.Action.CANCEL:
                 return await self._ended(await cancel.cancel(s, view))
             case reconcile.Action.DISPATCH:
-                await dispatch.dispatch(s, view)
+                async with s.dispatch_slots:
+                    await dispatch.dispatch(s, view)
             case reconcile.Action.REBUILD_STATE:
                 if await state.rebuild(s, view):
                     return await self._ended(True)

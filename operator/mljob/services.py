@@ -51,6 +51,12 @@ class Services:
     wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
     #: uid -> unix seconds of the last worker heartbeat seen on NATS (stall detection, row 5)
     heartbeats: dict[str, float] = field(default_factory=dict)
+    #: jobs dispatching at once: ten thousand MLJobs created together otherwise all register
+    #: their items at the same moment and queue on the Postgres pool until its waits time out
+    dispatch_slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dispatch_slots = asyncio.Semaphore(self.settings.max_concurrent_dispatches)
 
     def wake(self, uid: str) -> None:
         event = self.wakeups.get(uid)

@@ -140,6 +140,13 @@ class OperatorSettings(CollectorSettings):
         "nothing moves (results wake the loop at once)",
         gt=0,
     )
+    max_concurrent_dispatches: int = _var(
+        "MAX_CONCURRENT_DISPATCHES",
+        16,
+        "jobs dispatching at once; the others wait their turn (with thousands of MLJobs created "
+        "together, all at once only queue on the stores)",
+        ge=1,
+    )
     kube_threads: int = _var(
         "KUBE_THREADS", 16, "Kubernetes API calls in flight at once (threads of the blocking client)", ge=1
     )
