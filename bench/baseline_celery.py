@@ -13,7 +13,7 @@
 There is no collector: Celery tasks store their own results. The clock runs from "go" to the
 producer (apply) until a task found the pending set empty (every result stored).
 
-    python -m bench.baseline_celery --items 100000 --workers 1,2,4
+    python -m bench.baseline_celery --items 20000 --workers 1,2,4
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def measure(stack: common.BenchStack, args: argparse.Namespace, workers: int) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser(__doc__.splitlines()[0], default_items=100_000)
+    p = common.parser(__doc__.splitlines()[0], default_items=20_000)
     p.add_argument(
         "--prefetch", type=int, default=16, help="worker_prefetch_multiplier (tasks reserved per worker)"
     )

@@ -19,7 +19,7 @@ Not done here and done by mljob: validating messages against a schema, checking 
 the registered items, the failed-item set, heartbeats, metrics. The clock runs from "go" to the
 producer (apply) until the collector found the pending set empty (every result stored).
 
-    python -m bench.baseline_raw --items 100000 --workers 1,2,4
+    python -m bench.baseline_raw --items 20000 --workers 1,2,4
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def measure(stack: common.BenchStack, args: argparse.Namespace, workers: int) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser(__doc__.splitlines()[0], default_items=100_000)
+    p = common.parser(__doc__.splitlines()[0], default_items=20_000)
     p.add_argument("--batch", type=int, default=16, help="tasks per worker fetch (mljob's default: 16)")
     p.add_argument(
         "--concurrency", type=int, default=8, help="tasks in flight per worker (mljob's default: 8)"

@@ -11,7 +11,7 @@ each stopping its clock when the last result is stored. mljob's own "last result
 largest `recorded_at` of the job's rows in `mljob_results`, the collector's insert time) is shown
 beside its apply → Succeeded.
 
-    python -m bench.mljob_e2e --items 100000 --workers 1,2,4 [--profile DIR]
+    python -m bench.mljob_e2e --items 20000 --workers 1,2,4 [--profile DIR]
 
 `--profile DIR` attaches py-spy to the operator and to every worker for the measured interval and
 prints their top functions (figures of a profiled run are slower: compare them with nothing).
@@ -101,7 +101,7 @@ def ratios(shown: dict[tuple[str, int], Measured], workers: list[int]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser(__doc__.splitlines()[0], default_items=100_000)
+    p = common.parser(__doc__.splitlines()[0], default_items=20_000)
     p.add_argument(
         "--profile",
         metavar="DIR",
