@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,12 +442,17 @@ def report(title: str, runs: Sequence[Run], json_path: str | None = None) -> str
         ]
     )
     if json_path:
-        with open(json_path, "a") as out:
-            for r in runs:
-                out.write(
-                    json.dumps({"title": title, **asdict(r), "items_per_second": r.items_per_second}) + "\n"
-                )
+        append_json(json_path, title, [{**asdict(r), "items_per_second": r.items_per_second} for r in runs])
     return text
+
+
+def append_json(path: str | None, title: str, records: Iterable[Mapping[str, Any]]) -> None:
+    """Append each record as one JSON line tagged with `title` (`--json FILE`; nothing without)."""
+    if not path:
+        return
+    with open(path, "a") as out:
+        for record in records:
+            out.write(json.dumps({"title": title, **record}) + "\n")
 
 
 # ---------------------------------------------------------------------- the machine

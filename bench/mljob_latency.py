@@ -424,10 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         text.append("(profiled run: py-spy was attached to the operator while the small jobs ran)")
         text.extend(mljob_common.profile_report())
     print("\n\n".join(text))
-    if args.json_path:
-        with open(args.json_path, "a") as out:
-            for r in runs:
-                out.write(json.dumps({"title": "latency", **r.__dict__}) + "\n")
+    common.append_json(args.json_path, "latency", [r.__dict__ for r in runs])
     print(f"logs: {logs}", file=sys.stderr)
     return 0
 

@@ -27,7 +27,6 @@ Per-MLJob figures that stay flat or fall from 100 to 10,000 mean the cost grows 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -352,10 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         text.extend(mljob_common.profile_report())
     print("\n\n".join(text))
-    if args.json_path:
-        with open(args.json_path, "a") as out:
-            for s in scales:
-                out.write(json.dumps({"title": "many", **s.__dict__}) + "\n")
+    common.append_json(args.json_path, "many", [s.__dict__ for s in scales])
     print(f"logs: {logs}", file=sys.stderr)
     return 0
 
