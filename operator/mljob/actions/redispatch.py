@@ -31,22 +31,13 @@ log = logging.getLogger(__name__)
 async def republish_unresolved(
     services: Services, target: DispatchTarget, subject: str, items: list[dict[str, Any]]
 ) -> int:
-    """Publish those of `items` that have no result row, a chunk at a time; returns how many."""
+    """Publish those of `items` that have no result row; returns how many."""
     unresolved = set(await services.results.unresolved_items(target.uid))
+    todo = [item for item in items if item["id"] in unresolved]
     chunk_size = services.settings.dispatch_chunk
-    chunk: list[dict[str, Any]] = []
-    published = 0
-    for item in items:
-        if item["id"] not in unresolved:
-            continue
-        chunk.append(item)
-        if len(chunk) == chunk_size:
-            await publish_chunk(services.js, subject, task_bodies(target, chunk))
-            published, chunk = published + len(chunk), []
-    if chunk:
-        await publish_chunk(services.js, subject, task_bodies(target, chunk))
-        published += len(chunk)
-    return published
+    for start in range(0, len(todo), chunk_size):
+        await publish_chunk(services.js, subject, task_bodies(target, todo[start : start + chunk_size]))
+    return len(todo)
 
 
 def recreation_in_progress(view: JobView) -> bool:
