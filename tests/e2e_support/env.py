@@ -41,6 +41,9 @@ class E2E:
             MLJOB_POSTGRES_SCHEMA=self.schema,
             MLJOB_REDIS_PREFIX=self.prefix,
             MLJOB_RECONCILE_INTERVAL="1",
+            # Quiet jobs still back off (1, 2, 4 s), but a chaos step a test takes while a job
+            # sits idle is seen within seconds, as these tests' waits expect.
+            MLJOB_IDLE_RECONCILE_INTERVAL="4",
         )
 
     def start_collector(self, name: str = "collector", **env: str) -> Proc:
