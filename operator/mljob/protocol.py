@@ -124,6 +124,12 @@ class Task(BaseModel):
     item: dict[str, Any] = Field(description="The item: at least `id`, plus its free fields.")
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("params", mode="before")
+    @classmethod
+    def _null_params_are_none(cls, value: object) -> object:
+        """`"params": null` means no params, as an absent field does."""
+        return {} if value is None else value
+
     @property
     def item_id(self) -> str:
         return str(self.item["id"])
@@ -180,30 +186,41 @@ class UnsupportedVersion(MalformedMessage):
     """A message whose `version` is not PROTOCOL_VERSION: its shape cannot be trusted at all."""
 
 
-def _check_version(version: int) -> int:
-    if version != PROTOCOL_VERSION:
-        raise ValueError(f"unsupported protocol version {version} (this side speaks {PROTOCOL_VERSION})")
-    return version
+def _shown(value: object) -> str:
+    """A JSON value as quoted in an error: its JSON text, clipped; an object or array by kind."""
+    if isinstance(value, dict | list):
+        return "an object" if isinstance(value, dict) else "an array"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_version(version: object) -> int:
+    """The version rule: exactly the JSON integer PROTOCOL_VERSION. Checked on the raw JSON value,
+    so `"2"`, `2.0` and `true` (a bool, which Python counts as an int) are refused like `3`."""
+    if type(version) is int and version == PROTOCOL_VERSION:
+        return version
+    raise ValueError(f"unsupported protocol version {_shown(version)} (this side speaks {PROTOCOL_VERSION})")
 
 
 class _WireTask(Task):
-    """A task as read off the wire: `version` is required, an int, and the one we speak.
+    """A task as read off the wire: `version` is required and is the JSON integer we speak.
 
     The models above default `version` for the code that builds messages; decoding must not,
     or a message of another protocol version would be read as ours.
     """
 
-    version: StrictInt
+    version: int
 
-    _version = field_validator("version")(_check_version)
+    _version = field_validator("version", mode="before")(_check_version)
 
 
 class _WireResult(Result):
-    """A result as read off the wire; see :class:`_WireTask`."""
+    """A result as read off the wire; see :class:`_WireTask`. `attempts` is a JSON integer too."""
 
-    version: StrictInt
+    version: int
+    attempts: StrictInt = Field(default=1, ge=1)
 
-    _version = field_validator("version")(_check_version)
+    _version = field_validator("version", mode="before")(_check_version)
 
 
 def _invalid(kind: str, err: ValidationError) -> MalformedMessage:
@@ -225,8 +242,13 @@ def decode_task(data: bytes) -> Task:
         raise _invalid("task", err) from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MalformedMessage(f"invalid task: {err}") from err
-    if not str(task.item.get("id", "")):
+    if "id" not in task.item:
         raise MalformedMessage("invalid task: item has no id")
+    item_id = task.item["id"]
+    if not isinstance(item_id, str) or not item_id:
+        # A string only: numbers such as 1.5 or 1e3 have no text every language agrees on, and
+        # the operator writes every id as a string (see docs/protocol.md, Task messages).
+        raise MalformedMessage(f"invalid task: item.id must be a non-empty string, got {_shown(item_id)}")
     # Validated already: hand out the plain model (equality and copies compare the class).
     return Task.model_construct(task.model_fields_set, **dict(task))
 
