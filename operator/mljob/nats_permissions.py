@@ -85,14 +85,18 @@ def worker(pipeline: str | None = None) -> Permissions:
     """Pull, ack and read the consumers of one pipeline's (None: every pipeline's) task stream,
     watch the registry, publish results and heartbeats.
 
-    The registry watch is the one place a worker creates a consumer: nats-py's `kv.watch` reads
-    the bucket's stream info, creates an ephemeral ordered push consumer on KV_mljob-registry
-    (`CONSUMER.CREATE.KV_mljob-registry`, the legacy ephemeral form: the server refuses a durable
-    name there), reads its info, answers flow control on `$JS.FC.KV_mljob-registry.>`, and after a
-    gap or missed heartbeats creates a fresh one the same way. It never deletes one (the server
-    drops an ephemeral consumer once nobody listens), so no CONSUMER.DELETE is granted. What
-    permissions cannot limit: such a consumer's filter (any worker can read every registry
-    entry) and its deliver subject (nats-server checks no permission there; tested: its
+    The registry watch is the one place a worker creates a consumer: an ordered push consumer on
+    KV_mljob-registry, as every standard client's `kv.watch` makes it. nats-py creates it with
+    the legacy ephemeral subject (`CONSUMER.CREATE.KV_mljob-registry`, where the server refuses a
+    durable name) and reads its info; nats.go (both its APIs) names it and puts the filter in the
+    subject (`CONSUMER.CREATE.KV_mljob-registry.<name>.$KV.mljob-registry.<keys>`: the server
+    checks that filter against the config's, so the grant limits a scoped worker's nats.go watch
+    to its pipeline's keys) and deletes it on Stop() and when it recreates it after a gap. Both
+    answer flow control on `$JS.FC.KV_mljob-registry.>`. What permissions cannot limit: the
+    legacy form's filter (any worker can read every registry entry), the named form's durability
+    (a worker could leave read-only durables on the registry stream), whose watch a DELETE
+    removes (its owner's client recreates it after two missed heartbeats, from where it was),
+    and a consumer's deliver subject (nats-server checks no permission there; tested: its
     registry entries reach no stream and no JS API, only a literal subscriber of that subject).
 
     `MLJOB_TASKS_*` is no NATS wildcard (`*` matches whole tokens), so the all-pipelines worker
@@ -102,12 +106,15 @@ def worker(pipeline: str | None = None) -> Permissions:
         raise ValueError(f"invalid pipeline {pipeline!r}: a DNS label (one NATS subject token) expected")
     stream = protocol.task_stream(pipeline) if pipeline else "*"
     token = pipeline or "*"
+    keys = f"$KV.{protocol.REGISTRY_BUCKET}.{pipeline}.>" if pipeline else f"$KV.{protocol.REGISTRY_BUCKET}.>"
     shared = (protocol.RESULTS_STREAM, protocol.ADVISORY_STREAM, REGISTRY_STREAM)
     return Permissions(
         publish_allow=(
             f"{API}.STREAM.INFO.{REGISTRY_STREAM}",
             f"{API}.CONSUMER.CREATE.{REGISTRY_STREAM}",
+            f"{API}.CONSUMER.CREATE.{REGISTRY_STREAM}.*.{keys}",
             f"{API}.CONSUMER.INFO.{REGISTRY_STREAM}.*",
+            f"{API}.CONSUMER.DELETE.{REGISTRY_STREAM}.*",
             f"$JS.FC.{REGISTRY_STREAM}.>",
             f"{API}.CONSUMER.INFO.{stream}.*",
             f"{API}.CONSUMER.MSG.NEXT.{stream}.*",
