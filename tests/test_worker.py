@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import nats
@@ -43,7 +42,10 @@ from mljob.adapters.jetstream import (
 from mljob.worker import PermanentError, TaskContext, load_handler
 from mljob.worker.handler import HandlerLoadError
 from mljob.worker.outcome import nak_delay, publish_with_retry, recover_ids
-from mljob.worker.runner import CRASH_AFTER_RESULT_ENV, JobBinding, TaskRunner
+from mljob.worker.runner import CRASH_AFTER_RESULT_ENV, JobBinding
+from workers.fakes import Events, FakeMsg, process, published
+from workers.fakes import binding as _binding
+from workers.fakes import task as _task
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS_DIR = Path(__file__).resolve().parent
@@ -437,77 +439,21 @@ async def _is_zero(value: Any) -> bool:
 # --------------------------------------------------------------------------- the runner, no services
 
 
-class FakeMsg:
-    """The parts of a JetStream message the runner uses; records how it was settled."""
-
-    def __init__(
-        self,
-        data: bytes,
-        events: list[tuple[Any, ...]],
-        *,
-        subject: str = "mljob.tasks.p.u1",
-        headers: dict[str, str] | None = None,
-        delivered: int = 1,
-    ) -> None:
-        self.data = data
-        self.subject = subject
-        self.headers = headers
-        self.reply = "$JS.ACK.stream.consumer.1.1.1.0.0"
-        self.metadata = SimpleNamespace(num_delivered=delivered)
-        self.events = events
-
-    async def ack_sync(self, timeout: float = 1.0) -> None:
-        self.events.append(("ack",))
-
-    async def nak(self, delay: float | None = None) -> None:
-        self.events.append(("nak", delay))
-
-    async def term(self) -> None:
-        self.events.append(("term",))
-
-    async def in_progress(self) -> None:
-        self.events.append(("wpi",))
-
-
-def _binding(max_deliver: int = 3, ack_wait: float = 30.0) -> JobBinding:
-    entry = protocol.RegistryEntry(
-        uid="u1",
-        namespace="ns",
-        name="job",
-        pipeline="p",
-        stream="MLJOB_u1",
-        consumer="workers-u1",
-        subject="mljob.tasks.p.u1",
-        created=protocol.utcnow(),
-    )
-    return JobBinding(entry=entry, ack_wait=ack_wait, max_deliver=max_deliver)
-
-
-def _task(item_id: str = "i1", **fields: Any) -> bytes:
-    job = protocol.JobRef(uid="u1", namespace="ns", name="job", pipeline="p")
-    return protocol.Task(job=job, item={"id": item_id, **fields}).encode()
-
-
-def _runner(handler: Any, events: list[tuple[Any, ...]], *, fail_publish: bool = False) -> TaskRunner:
-    async def publish(subject: str, body: bytes, headers: dict[str, str]) -> None:
-        events.append(("publish", subject, protocol.decode_result(body), headers))
-        if fail_publish:
-            raise nats.errors.TimeoutError
-
-    return TaskRunner(handler, publish, "unit", publish_attempts=5, publish_backoff=0.001)
-
-
-def _published(events: list[tuple[Any, ...]]) -> list[protocol.Result]:
-    return [e[2] for e in events if e[0] == "publish"]
+async def _process(
+    handler: Any, events: Events, msg: FakeMsg, job: JobBinding | None = None, **kw: Any
+) -> None:
+    await process(handler, events, msg, job, **kw)
 
 
 @pytest.mark.unit
 async def test_result_is_published_before_the_task_is_acked() -> None:
-    events: list[tuple[Any, ...]] = []
-    await _runner(lambda ctx: {"seen": ctx.item_id, "attempt": ctx.attempt}, events).process(
-        _binding(), FakeMsg(_task("i1"), events, delivered=2)
+    events: Events = []
+    await _process(
+        lambda ctx: {"seen": ctx.item_id, "attempt": ctx.attempt},
+        events,
+        FakeMsg(_task("i1"), events, delivered=2),
     )
-    assert [e[0] for e in events] == ["publish", "ack"]
+    assert [e[0] for e in events] == ["publish", "ack", "flush"]
     _, subject, result, headers = events[0]
     assert subject == "mljob.results.p.u1" and headers == {"Nats-Msg-Id": "result:u1:i1"}
     assert result.outcome is protocol.Outcome.SUCCEEDED and result.result == {"seen": "i1", "attempt": 2}
@@ -516,8 +462,8 @@ async def test_result_is_published_before_the_task_is_acked() -> None:
 
 @pytest.mark.unit
 async def test_failed_result_publish_is_retried_then_the_task_is_naked_at_once() -> None:
-    events: list[tuple[Any, ...]] = []
-    await _runner(lambda ctx: 1, events, fail_publish=True).process(_binding(), FakeMsg(_task(), events))
+    events: Events = []
+    await _process(lambda ctx: 1, events, FakeMsg(_task(), events), fail=True)
     assert [e[0] for e in events] == ["publish"] * 5 + ["nak"]
     assert events[-1] == ("nak", None)
 
@@ -551,10 +497,10 @@ async def test_permanent_error_fails_the_item_and_acks() -> None:
     def handler(ctx: TaskContext) -> None:
         raise PermanentError("bad input")
 
-    events: list[tuple[Any, ...]] = []
-    await _runner(handler, events).process(_binding(), FakeMsg(_task(), events))
-    assert [e[0] for e in events] == ["publish", "ack"]
-    result = _published(events)[0]
+    events: Events = []
+    await _process(handler, events, FakeMsg(_task(), events))
+    assert [e[0] for e in events] == ["publish", "ack", "flush"]
+    result = published(events)[0]
     assert result.outcome is protocol.Outcome.FAILED and result.error == "bad input"
 
 
@@ -564,15 +510,15 @@ async def test_transient_error_naks_with_growing_delay_then_fails_when_exhausted
         raise RuntimeError("backend down")
 
     for delivered, expected in ((1, 2), (2, 4)):
-        events: list[tuple[Any, ...]] = []
-        await _runner(handler, events).process(
-            _binding(max_deliver=3), FakeMsg(_task(), events, delivered=delivered)
+        events: Events = []
+        await _process(
+            handler, events, FakeMsg(_task(), events, delivered=delivered), _binding(max_deliver=3)
         )
         assert events == [("nak", expected)]
     events = []
-    await _runner(handler, events).process(_binding(max_deliver=3), FakeMsg(_task(), events, delivered=3))
-    assert [e[0] for e in events] == ["publish", "ack"]
-    result = _published(events)[0]
+    await _process(handler, events, FakeMsg(_task(), events, delivered=3), _binding(max_deliver=3))
+    assert [e[0] for e in events] == ["publish", "ack", "flush"]
+    result = published(events)[0]
     assert result.error == "exhausted 3 deliveries: RuntimeError: backend down" and result.attempts == 3
     assert nak_delay(10) == 30
 
@@ -583,22 +529,22 @@ async def test_oversized_and_unserialisable_results_become_failed_results() -> N
         ("x" * (protocol.MAX_RESULT_BYTES + 1), "over the limit of"),
         ({"when": object()}, "not JSON-serialisable"),
     ):
-        events: list[tuple[Any, ...]] = []
-        await _runner(lambda ctx, v=value: v, events).process(_binding(), FakeMsg(_task(), events))
-        assert [e[0] for e in events] == ["publish", "ack"]
-        result = _published(events)[0]
+        events: Events = []
+        await _process(lambda ctx, v=value: v, events, FakeMsg(_task(), events))
+        assert [e[0] for e in events] == ["publish", "ack", "flush"]
+        result = published(events)[0]
         assert result.outcome is protocol.Outcome.FAILED and expected in (result.error or "")
 
 
 @pytest.mark.unit
 async def test_malformed_task_fails_its_item_or_is_terminated() -> None:
-    events: list[tuple[Any, ...]] = []
+    events: Events = []
     msg = FakeMsg(b"{}", events, headers={"Nats-Msg-Id": "u1:item-9"})
-    await _runner(lambda ctx: 1, events).process(_binding(), msg)
-    assert [e[0] for e in events] == ["publish", "ack"]
-    assert _published(events)[0].item_id == "item-9"
+    await _process(lambda ctx: 1, events, msg)
+    assert [e[0] for e in events] == ["publish", "ack", "flush"]
+    assert published(events)[0].item_id == "item-9"
     events.clear()
-    await _runner(lambda ctx: 1, events).process(_binding(), FakeMsg(b"junk", events))
+    await _process(lambda ctx: 1, events, FakeMsg(b"junk", events))
     assert events == [("term",)]
     assert recover_ids("mljob.tasks.p.u1", {"Nats-Msg-Id": "u1:a:b"}) == ("u1", "a:b")
     assert recover_ids("mljob.tasks.p.u1", {"Nats-Msg-Id": "u2:a"}) is None
@@ -612,23 +558,24 @@ async def test_task_of_an_unknown_version_is_refused_with_a_failed_result_then_t
     job = {"uid": "u1", "namespace": "ns", "name": "job", "pipeline": "p"}
     future = json.dumps({"version": 99, "job": job, "item": {"id": "i7"}, "params": {}}).encode()
     for headers in ({"Nats-Msg-Id": "u1:i7"}, None):  # item id from the header, else from the body
-        events: list[tuple[Any, ...]] = []
-        runner = _runner(lambda ctx: handled.append(ctx.item_id), events)
-        await runner.process(_binding(), FakeMsg(future, events, headers=headers, delivered=1))
-        assert [e[0] for e in events] == ["publish", "term"]  # TERM, after the result is durable
-        result = _published(events)[0]
+        events: Events = []
+        await _process(
+            lambda ctx: handled.append(ctx.item_id), events, FakeMsg(future, events, headers=headers)
+        )
+        assert [e[0] for e in events] == ["publish", "term", "flush"]  # TERM, after the result is durable
+        result = published(events)[0]
         assert (result.job_uid, result.item_id, result.outcome) == ("u1", "i7", protocol.Outcome.FAILED)
         assert result.error == "task refused: unsupported protocol version 99 (this side speaks 2)"
     assert handled == []  # the handler never saw a task it cannot read
 
     events = []  # nothing names the item: TERM without a result
     anonymous = json.dumps({"version": 2, "job": job, "item": {}}).encode()
-    await _runner(lambda ctx: 1, events).process(_binding(), FakeMsg(anonymous, events))
+    await _process(lambda ctx: 1, events, FakeMsg(anonymous, events))
     assert events == [("term",)]
 
     events = []  # the refusal's result could not be sent: NAK, the task comes back
-    await _runner(lambda ctx: 1, events, fail_publish=True).process(
-        _binding(), FakeMsg(future, events, headers={"Nats-Msg-Id": "u1:i7"})
+    await _process(
+        lambda ctx: 1, events, FakeMsg(future, events, headers={"Nats-Msg-Id": "u1:i7"}), fail=True
     )
     assert [e[0] for e in events] == ["publish"] * 5 + ["nak"]
 
@@ -659,10 +606,8 @@ async def test_heartbeats_while_running_and_nak_when_cancelled() -> None:
         started.set()
         await asyncio.sleep(30)
 
-    events: list[tuple[Any, ...]] = []
-    task = asyncio.create_task(
-        _runner(slow, events).process(_binding(ack_wait=1.5), FakeMsg(_task(), events))
-    )
+    events: Events = []
+    task = asyncio.create_task(_process(slow, events, FakeMsg(_task(), events), _binding(ack_wait=1.5)))
     await started.wait()
     await asyncio.sleep(1.2)
     task.cancel()

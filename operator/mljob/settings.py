@@ -225,6 +225,20 @@ class WorkerSettings(NatsSettings):
         "WORKER_CONCURRENCY", 8, "handlers running at once, so tasks held at once (`--concurrency`)", ge=1
     )
     batch: int = _var("WORKER_BATCH", 16, "most tasks fetched from one job in one turn (`--batch`)", ge=1)
+    batch_size: int | None = _var(
+        "WORKER_BATCH_SIZE",
+        None,
+        "batch handlers: most tasks per handler call (`--batch-size`)",
+        shown="the handler's `max_size`, else `16`",
+        ge=1,
+    )
+    batch_wait_seconds: float | None = _var(
+        "WORKER_BATCH_WAIT_SECONDS",
+        None,
+        "batch handlers: longest wait for a batch to fill before it runs (`--batch-wait-seconds`)",
+        shown="the handler's `max_wait`, else `0.05`",
+        ge=0,
+    )
     grace_seconds: float = _var(
         "WORKER_GRACE_SECONDS",
         20.0,
@@ -237,14 +251,19 @@ class WorkerSettings(NatsSettings):
         shown="`<host>-<pid>`",
         default_factory=default_worker_id,
     )
-    publish_attempts: int = _var("WORKER_PUBLISH_ATTEMPTS", 5, "tries to publish one result", ge=1)
+    publish_attempts: int = _var("WORKER_PUBLISH_ATTEMPTS", 5, "tries to publish a result", ge=1)
     publish_backoff_seconds: float = _var(
         "WORKER_PUBLISH_BACKOFF_SECONDS", 0.2, "first delay between publish tries (doubled each time)", ge=0
     )
     publish_timeout_seconds: float = _var(
-        "WORKER_PUBLISH_TIMEOUT_SECONDS", 5.0, "how long one result publish may take", gt=0
+        "WORKER_PUBLISH_TIMEOUT_SECONDS",
+        5.0,
+        "how long the stream may take to confirm a group of results (one publish try)",
+        gt=0,
     )
-    ack_timeout_seconds: float = _var("WORKER_ACK_TIMEOUT_SECONDS", 5.0, "how long one ack may take", gt=0)
+    ack_timeout_seconds: float = _var(
+        "WORKER_ACK_TIMEOUT_SECONDS", 5.0, "how long the flush after a group of acks may take", gt=0
+    )
     idle_poll_max_seconds: float = _var(
         "WORKER_IDLE_POLL_MAX_SECONDS", 0.5, "every active job is asked for tasks at least this often", gt=0
     )

@@ -17,9 +17,23 @@ def add_parser(subparsers: Any) -> None:
         "Each flag's default comes from its MLJOB_* variable (see the README's settings table).",
     )
     parser.add_argument("--pipeline", help="pipeline whose jobs to serve (default: $MLJOB_PIPELINE)")
-    parser.add_argument("--handler", required=True, help="package.module:function taking a TaskContext")
+    parser.add_argument(
+        "--handler",
+        required=True,
+        help="package.module:function taking a TaskContext (or, marked @batch_handler, a list of them)",
+    )
     parser.add_argument("--concurrency", help="handlers at once (default: $MLJOB_WORKER_CONCURRENCY, else 8)")
     parser.add_argument("--batch", help="most tasks per fetch (default: $MLJOB_WORKER_BATCH, else 16)")
+    parser.add_argument(
+        "--batch-size",
+        help="batch handlers: most tasks per call "
+        "(default: $MLJOB_WORKER_BATCH_SIZE, else the handler's max_size, else 16)",
+    )
+    parser.add_argument(
+        "--batch-wait-seconds",
+        help="batch handlers: longest wait for a batch to fill "
+        "(default: $MLJOB_WORKER_BATCH_WAIT_SECONDS, else the handler's max_wait, else 0.05)",
+    )
     parser.add_argument(
         "--nats-url", help="NATS server (default: $MLJOB_NATS_URL, else nats://127.0.0.1:4222)"
     )
@@ -48,6 +62,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         nats_url=args.nats_url,
         concurrency=args.concurrency,
         batch=args.batch,
+        batch_size=args.batch_size,
+        batch_wait_seconds=args.batch_wait_seconds,
         grace_seconds=args.grace_seconds,
         worker_id=args.worker_id,
         log_level=args.log_level,

@@ -1,4 +1,4 @@
-"""Loading a handler from `package.module:function` and calling it (sync or async)."""
+"""Loading a handler from `package.module:function`, calling it (sync or async), batch handlers."""
 
 from __future__ import annotations
 
@@ -12,12 +12,72 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from mljob.worker.context import TaskContext
 
-#: A handler takes the task context and returns a JSON-serialisable result (or an awaitable of one).
+#: A handler takes the task context and returns a JSON-serialisable result (or an awaitable of one);
+#: a batch handler (see `batch_handler`) takes a list of them and returns one outcome per task.
 Handler = Callable[[TaskContext], Any]
+BatchHandler = Callable[[list[TaskContext]], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: A batch handler's batch size and filling wait when neither its decorator nor the worker's
+#: settings (MLJOB_WORKER_BATCH_SIZE, MLJOB_WORKER_BATCH_WAIT_SECONDS) say otherwise.
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_BATCH_WAIT_SECONDS = 0.05
+_BATCH_MARK = "__mljob_batch__"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSpec:
+    """What a batch handler declared: at most `max_size` tasks per call, `max_wait` seconds to fill one."""
+
+    max_size: int | None = None
+    max_wait: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_size is not None and (not isinstance(self.max_size, int) or self.max_size < 1):
+            raise ValueError(f"batch_handler: max_size must be a positive integer, got {self.max_size!r}")
+        if self.max_wait is not None and not self.max_wait >= 0:
+            raise ValueError(f"batch_handler: max_wait must be 0 or more seconds, got {self.max_wait!r}")
+
+    def resolved(self, size: int | None, wait: float | None) -> tuple[int, float]:
+        """(batch size, filling wait): the worker's settings when given, else the decorator's, else
+        the defaults. The settings win so a deployment can tune a handler without editing it."""
+        max_size = size if size is not None else self.max_size
+        max_wait = wait if wait is not None else self.max_wait
+        return (
+            max_size if max_size is not None else DEFAULT_BATCH_SIZE,
+            max_wait if max_wait is not None else DEFAULT_BATCH_WAIT_SECONDS,
+        )
+
+
+def batch_handler(fn: F | None = None, *, max_size: int | None = None, max_wait: float | None = None) -> Any:
+    """Mark a function as a batch handler: `@batch_handler` or `@batch_handler(max_size=32, max_wait=0.05)`.
+
+    It receives a list of up to `max_size` `TaskContext`s, all of one job, and returns a list of
+    the same length, in the same order: per task a JSON-serialisable value, or an exception
+    instance for that task alone (`PermanentError("why")`: the item fails now; any other
+    exception: the task is retried as if a plain handler had raised it). An exception raised by
+    the call itself applies to every task of the batch.
+    """
+    spec = BatchSpec(max_size, max_wait)
+
+    def mark(target: F) -> F:
+        if not callable(target):
+            raise TypeError("batch_handler decorates a function or a callable object")
+        setattr(target, _BATCH_MARK, spec)
+        return target
+
+    return mark(fn) if fn is not None else mark
+
+
+def batch_spec(handler: Callable[..., Any]) -> BatchSpec | None:
+    """The handler's BatchSpec when it is a batch handler, else None (a plain per-task handler)."""
+    spec = getattr(handler, _BATCH_MARK, None)
+    return spec if isinstance(spec, BatchSpec) else None
 
 
 class HandlerLoadError(ValueError):
@@ -49,17 +109,18 @@ def load_handler(spec: str) -> Handler:
     return handler
 
 
-def is_async_handler(handler: Handler) -> bool:
+def is_async_handler(handler: Callable[..., Any]) -> bool:
     call = getattr(handler, "__call__", None)  # noqa: B004 - callable objects with `async def __call__`
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
 
 
-async def call_handler(handler: Handler, ctx: TaskContext) -> Any:
-    """Run the handler: async ones on the loop, plain ones on a daemon thread (see _DaemonThreads)."""
+async def call_handler(handler: Callable[[Any], Any], arg: Any) -> Any:
+    """Run the handler on its argument (a TaskContext, or a batch handler's list of them): async
+    ones on the loop, plain ones on a daemon thread (see _DaemonThreads)."""
     if is_async_handler(handler):
-        result = await handler(ctx)
+        result = await handler(arg)
     else:
-        result = await _run_in_daemon_thread(handler, ctx)
+        result = await _run_in_daemon_thread(handler, arg)
     if inspect.isawaitable(result):
         result = await result
     return result
@@ -109,7 +170,7 @@ class _DaemonThreads:
 _THREADS = _DaemonThreads()
 
 
-async def _run_in_daemon_thread(handler: Handler, ctx: TaskContext) -> Any:
+async def _run_in_daemon_thread(handler: Callable[[Any], Any], arg: Any) -> Any:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
     context = contextvars.copy_context()
@@ -126,7 +187,7 @@ async def _run_in_daemon_thread(handler: Handler, ctx: TaskContext) -> Any:
         value: Any = None
         error: BaseException | None = None
         try:
-            value = context.run(handler, ctx)
+            value = context.run(handler, arg)
         except Exception as err:
             error = err
         except BaseException as err:  # SystemExit & co. from a handler must not stop the worker

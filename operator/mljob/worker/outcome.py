@@ -1,4 +1,5 @@
-"""Pure decisions about one task: retry delays, exhaustion, id recovery, result bounds, publish retry."""
+"""Pure decisions about one task: what its outcome means (publish, retry, refuse), retry delays,
+exhaustion, id recovery, result bounds, publish retry."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic_core import PydanticSerializationError
 
 from mljob import protocol
+from mljob.worker.context import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +22,51 @@ MAX_NAK_DELAY_SECONDS = 30
 #: Error texts are clipped so a failed result stays far below MAX_RESULT_BYTES.
 MAX_ERROR_CHARS = 4000
 TASK_SUBJECT_PREFIX = "mljob.tasks."
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Publish `result`; once the stream has stored it, ACK the task (TERM it when `term`: refused)."""
+
+    result: protocol.Result
+    term: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """No result: NAK the task for redelivery after `delay` seconds (its handler failed transiently)."""
+
+    delay: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """No result: TERM the task (unusable, and not attributable to any item)."""
+
+
+Decision = Publish | Retry | Refuse
+
+
+def after_value(value: Any, uid: str, item_id: str, attempt: int, max_deliver: int, worker: str) -> Decision:
+    """What a handler's value (or, from a batch handler, an exception instance) means for its task."""
+    if isinstance(value, BaseException):
+        return after_error(value, uid, item_id, attempt, max_deliver, worker)
+    return Publish(succeeded_result(uid, item_id, value, attempt, worker))
+
+
+def after_error(
+    err: BaseException, uid: str, item_id: str, attempt: int, max_deliver: int, worker: str
+) -> Decision:
+    """What a handler's exception means (docs/protocol.md, "Acknowledgement rules"): a
+    PermanentError fails the item now; any other is retried with a growing delay, and fails the
+    item on the last delivery."""
+    if isinstance(err, PermanentError):
+        return Publish(failed_result(uid, item_id, str(err) or "PermanentError", attempt, worker))
+    reason = describe(err)
+    if is_last_delivery(attempt, max_deliver):
+        return Publish(failed_result(uid, item_id, exhausted_error(attempt, reason), attempt, worker))
+    return Retry(nak_delay(attempt), reason)
 
 
 def nak_delay(attempt: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 
 class Slots:
@@ -19,19 +20,23 @@ class Slots:
     def free(self) -> int:
         return self.capacity - self.used
 
-    def take(self) -> None:
-        if self.used >= self.capacity:
+    def take(self, count: int = 1) -> None:
+        if self.used + count > self.capacity:
             raise RuntimeError("no free slot")
-        self.used += 1
+        self.used += count
 
-    def release(self) -> None:
-        if self.used <= 0:
+    def release(self, count: int = 1) -> None:
+        if self.used < count:
             raise RuntimeError("release without take")
-        self.used -= 1
+        self.used -= count
         self._released.set()
 
     async def wait_free(self) -> None:
         """Return once at least one slot is free."""
-        while self.free <= 0:
+        await self.wait_until(lambda: self.free > 0)
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds, checked again each time slots are given back."""
+        while not condition():
             self._released.clear()
             await self._released.wait()

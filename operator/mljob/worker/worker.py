@@ -5,6 +5,11 @@ turn. Each turn asks one job for at most min(batch, its share of the free slots)
 no_wait pull, then moves that job to the back of the rotation; a job that just got a turn goes
 behind every other job, so a small job registered after a huge one gets every other free slot
 instead of waiting for the huge one to drain.
+
+A plain handler runs each fetched task at once (one slot, one handler call). A batch handler's
+tasks are gathered per job into batches (batching.py); `concurrency` then counts handler calls,
+and the worker holds up to `concurrency` x batch size tasks. Either way, results go out in
+groups through one ResultPublisher (results.py).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import logging
 import signal
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 from nats.aio.client import Client
@@ -22,11 +28,14 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from mljob import natsconn, protocol
+from mljob.jspublish import Outgoing, publish_confirmed
+from mljob.worker.batching import BatchAssembler, Quarantine, is_redelivery
 from mljob.worker.config import WorkerConfig
-from mljob.worker.handler import Handler, load_handler
+from mljob.worker.handler import Handler, batch_spec, load_handler
 from mljob.worker.outcome import describe
 from mljob.worker.puller import JobPuller, PullError
 from mljob.worker.registry_watch import RegistryWatcher
+from mljob.worker.results import ResultPublisher, settle_bound
 from mljob.worker.runner import JobBinding, TaskRunner
 from mljob.worker.slots import Slots
 
@@ -44,6 +53,7 @@ class _ActiveJob:
         self.entry = entry
         self.binding: JobBinding | None = None
         self.puller: JobPuller | None = None
+        self.assembler: BatchAssembler | None = None
         self.retry_bind_at = 0.0
         self.last_problem: str | None = None
         #: Whether the last fetch returned tasks (jobs believed empty do not dilute the shares).
@@ -63,8 +73,14 @@ class Worker:
     def __init__(self, config: WorkerConfig, handler: Handler | str) -> None:
         self.config = config
         self.handler: Handler = load_handler(handler) if isinstance(handler, str) else handler
+        spec = batch_spec(self.handler)
+        #: (batch size, filling wait) of a batch handler; None for a plain handler.
+        self.batching = spec.resolved(config.batch_size, config.batch_wait_seconds) if spec else None
+        per_call = self.batching[0] if self.batching else 1
         self._jobs: OrderedDict[str, _ActiveJob] = OrderedDict()
-        self._slots = Slots(config.concurrency)
+        self._slots = Slots(config.concurrency * per_call)
+        self._calls = asyncio.Semaphore(config.concurrency)
+        self._quarantine = Quarantine(self._slots)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._stop_requested = asyncio.Event()
@@ -86,12 +102,13 @@ class Worker:
                 log.warning("second stop request: NAK the tasks in flight now")
                 self._hurry.set()
             return
-        log.info("stop requested: no more fetching, %d task(s) in flight", len(self._tasks))
+        log.info("stop requested: no more fetching, %d task(s) in flight", self._slots.used)
         self._stop_requested.set()
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        """Tasks fetched and not yet settled."""
+        return self._slots.used
 
     @property
     def active_jobs(self) -> list[str]:
@@ -110,33 +127,31 @@ class Worker:
             return
         nc, js = connect.result()
         self._nc, self._js = nc, js
-        self._runner = TaskRunner(
-            self.handler,
-            self._publish,
-            self.config.worker_id,
-            publish_attempts=self.config.publish_attempts,
-            publish_backoff=self.config.publish_backoff_seconds,
-            ack_timeout=self.config.ack_timeout_seconds,
-            announce=self._announce,
-        )
+        results = self._result_publisher(nc, js)
+        self._runner = TaskRunner(self.handler, results, self.config.worker_id, announce=self._announce)
         watcher = RegistryWatcher(js, self.config.pipeline, self._job_added, self._job_removed, self._uids)
+        publishing = asyncio.create_task(results.run(), name="mljob-results")
         background = [
             asyncio.create_task(watcher.run(), name="mljob-registry-watch"),
             asyncio.create_task(self._dispatch(), name="mljob-dispatch"),
         ]
         log.info(
-            "worker %s serving pipeline %s (concurrency %d, batch %d)",
+            "worker %s serving pipeline %s (concurrency %d, batch %d%s)",
             self.config.worker_id,
             self.config.pipeline,
             self.config.concurrency,
             self.config.batch,
+            f", batch handler: up to {self.batching[0]} tasks per call, {self.batching[1]:g}s to fill one"
+            if self.batching
+            else "",
         )
         crashed: BaseException | None = None
         try:
             stop_wait = asyncio.create_task(self._stop_requested.wait())
-            done, _ = await asyncio.wait({stop_wait, *background}, return_when=asyncio.FIRST_COMPLETED)
+            watched = {stop_wait, publishing, *background}
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()
-            for task in background:
+            for task in (publishing, *background):
                 if task in done and not task.cancelled() and task.exception() is not None:
                     crashed = task.exception()
                     log.error("%s stopped unexpectedly: %s", task.get_name(), describe(crashed))  # type: ignore[arg-type]
@@ -144,7 +159,12 @@ class Worker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            for job in list(self._jobs.values()):
+                if job.assembler is not None:
+                    job.assembler.flush()  # fetched before the stop: in flight like the others
             await self._finish_in_flight()
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
             for job in list(self._jobs.values()):
                 await self._close_job(job)
             if self._closing:
@@ -153,6 +173,29 @@ class Worker:
             log.info("worker %s stopped", self.config.worker_id)
         if crashed is not None:
             raise RuntimeError(f"worker failed: {describe(crashed)}") from crashed
+
+    def _result_publisher(self, nc: Client, js: JetStreamContext) -> ResultPublisher:
+        config = self.config
+
+        async def publish_many(messages: Sequence[Outgoing]) -> dict[int, BaseException]:
+            return await publish_confirmed(js, messages, timeout=config.publish_timeout_seconds)
+
+        async def flush() -> None:
+            await nc.flush(timeout=config.ack_timeout_seconds)  # type: ignore[arg-type]
+
+        bound = settle_bound(
+            config.publish_attempts,
+            config.publish_backoff_seconds,
+            config.publish_timeout_seconds,
+            config.ack_timeout_seconds,
+        )
+        return ResultPublisher(
+            publish_many,
+            flush,
+            attempts=config.publish_attempts,
+            backoff=config.publish_backoff_seconds,
+            wait_bound=bound,
+        )
 
     async def _connect(self) -> tuple[Client, JetStreamContext]:
         """NATS through the shared helper: first connection retried, one line per failure cause."""
@@ -183,7 +226,7 @@ class Worker:
         if not pending:
             return
         grace = self.config.grace_seconds
-        log.info("waiting up to %.1fs for %d task(s) in flight", grace, len(pending))
+        log.info("waiting up to %.1fs for %d task(s) in flight", grace, self._slots.used)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         hurry: asyncio.Task[Any] = asyncio.create_task(self._hurry.wait())
@@ -197,7 +240,7 @@ class Worker:
             pending.discard(hurry)
         hurry.cancel()
         if pending:
-            log.warning("NAK %d unfinished task(s) for immediate redelivery", len(pending))
+            log.warning("NAK %d unfinished task(s) for immediate redelivery", self._slots.used)
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=SHUTDOWN_NAK_WAIT_SECONDS)
@@ -234,18 +277,29 @@ class Worker:
 
     async def _close_job(self, job: _ActiveJob) -> None:
         puller, job.puller, job.binding = job.puller, None, None
-        if puller is None:
-            return
-        returned = await puller.close()
-        if returned:
-            log.info("NAKed %d fetched task(s) of job %s that were never started", returned, job.uid)
+        unstarted = job.assembler.take() if job.assembler is not None else []
+        job.assembler = None
+        for msg in unstarted:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        if unstarted:
+            self._slots.release(len(unstarted))
+        returned = (await puller.close()) if puller is not None else 0
+        if returned + len(unstarted):
+            log.info(
+                "NAKed %d fetched task(s) of job %s that were never started",
+                returned + len(unstarted),
+                job.uid,
+            )
 
     # ---------------------------------------------------------------- dispatch
 
     async def _dispatch(self) -> None:
         idle = IDLE_POLL_MIN_SECONDS
         while True:
+            await self._quarantine.wait_empty()  # a redelivered task runs alone: fetch nothing meanwhile
             await self._slots.wait_free()
+            self._wake.clear()  # before the round: a wake-up during the round starts the next one
             try:
                 fetched = await self._round()
             except asyncio.CancelledError:
@@ -256,17 +310,16 @@ class Worker:
             if fetched:
                 idle = IDLE_POLL_MIN_SECONDS
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), idle)
             idle = min(idle * 2, self.config.idle_poll_max_seconds)
 
     async def _round(self) -> int:
-        """One pass over the rotation; returns how many tasks were started."""
-        started = 0
+        """One pass over the rotation; returns how many tasks were fetched."""
+        fetched = 0
         jobs = list(self._jobs.values())
         for job in jobs:
-            if self._stop_requested.is_set() or self._slots.free <= 0:
+            if self._stop_requested.is_set() or self._slots.free <= 0 or self._quarantine.held:
                 break
             if self._jobs.get(job.uid) is not job:
                 continue
@@ -275,9 +328,10 @@ class Worker:
             if binding is None or job.puller is None:
                 continue
             with_work = max(1, sum(1 for j in jobs if j.had_work))
-            want = min(self.config.batch, max(1, self._slots.free // with_work))
+            per_turn = max(self.config.batch, self.batching[0]) if self.batching else self.config.batch
+            want = min(per_turn, max(1, self._slots.free // with_work))
             try:
-                msgs = await job.puller.fetch(want)
+                msgs = await self._fetch(job.puller, want)
             except PullError as err:
                 self._problem(job, str(err))
                 await self._close_job(job)
@@ -293,21 +347,61 @@ class Worker:
                     with contextlib.suppress(Exception):
                         await msg.nak()
                 continue
-            for msg in msgs:
-                self._start(binding, msg)
-            started += len(msgs)
-        return started
+            self._start(job, binding, msgs)
+            fetched += len(msgs)
+        if self.batching and (self._slots.free <= 0 or self._quarantine.held):
+            for job in self._jobs.values():  # nothing more can come: do not wait to fill batches
+                if job.assembler is not None:
+                    job.assembler.flush()
+        return fetched
 
-    def _start(self, binding: JobBinding, msg: Msg) -> None:
+    async def _fetch(self, puller: JobPuller, want: int) -> list[Msg]:
+        """A plain handler's turn is one fetch. A batch handler's asks for one task first, and
+        stops there when it is a redelivery (JetStream serves those first): see batching.py."""
+        if not self.batching or want <= 1:
+            return await puller.fetch(want)
+        first = await puller.fetch(1)
+        if not first or is_redelivery(first[0]):
+            return first
+        try:
+            return first + await puller.fetch(want - 1)
+        except Exception as err:  # the task in hand still runs; the next turn meets the error again
+            log.debug("second fetch of a turn failed: %s", describe(err))
+            return first
+
+    def _start(self, job: _ActiveJob, binding: JobBinding, msgs: list[Msg]) -> None:
         assert self._runner is not None
-        self._slots.take()
-        task = asyncio.create_task(self._runner.process(binding, msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self._slots.take(len(msgs))
+        if not self.batching:
+            for msg in msgs:
+                self._track(self._runner.process(binding, msg), 1)
+            return
+        if job.assembler is None:
+            size, wait = self.batching
+            wait = min(wait, binding.ack_wait / 3)  # gathered tasks do not heartbeat yet
+            job.assembler = BatchAssembler(size, wait, lambda batch: self._start_batch(binding, batch))
+        for msg in msgs:
+            if is_redelivery(msg):
+                self._quarantine.admit()
+                self._track(self._runner.process_batch(binding, [msg], self._quarantine.alone()), 1, True)
+            else:
+                job.assembler.add([msg])
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
+    def _start_batch(self, binding: JobBinding, batch: list[Msg]) -> None:
+        assert self._runner is not None
+        self._track(self._runner.process_batch(binding, batch, self._calls), len(batch))
+
+    def _track(self, work: Any, slots: int, redelivered: bool = False) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(work)
+        self._tasks.add(task)
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if redelivered:
+                self._quarantine.release()
+            self._slots.release(slots)
+
+        task.add_done_callback(done)
 
     async def _ensure_bound(self, job: _ActiveJob) -> JobBinding | None:
         if job.binding is not None and job.puller is not None:
@@ -344,12 +438,6 @@ class Worker:
     async def _announce(self, subject: str) -> None:
         assert self._nc is not None
         await self._nc.publish(subject, b"")
-
-    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> Any:
-        assert self._js is not None
-        return await self._js.publish(
-            subject, body, timeout=self.config.publish_timeout_seconds, headers=headers
-        )
 
 
 def run_worker(handler: Handler | str, config: WorkerConfig) -> int:

@@ -1,0 +1,215 @@
+"""Results published in groups, then their tasks settled in groups (docs/protocol.md, acknowledgements).
+
+Tasks hand their results to one `ResultPublisher` per worker. It publishes whatever has finished
+since its last publish as one group (`publish_confirmed`: one bounded wait for all the group's
+PubAcks), so a fast task never waits for a slow one and a busy worker pays one round trip for
+many results. Then, for each result the stream stored, the task gets a plain ACK (or TERM), and
+the group one `flush` (a bounded PING/PONG: the acks reached the server).
+
+Why plain, unconfirmed acks are safe: the result is durable before its task is acked; an ack
+that gets lost only means a redelivery, whose result carries the same `Nats-Msg-Id` (the results
+stream drops it) and the same primary key in the ledger (the collector counts each item once).
+
+A result the stream did not confirm is retried (`attempts` tries, waiting `backoff` seconds,
+then doubling) and its task NAKed without delay after the last failure, so it comes back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from mljob import protocol
+from mljob.jspublish import DEFAULT_WINDOW, Outgoing
+from mljob.worker.outcome import Publish, describe, encode_bounded
+from mljob.worker.taskmsg import TaskMsg
+
+log = logging.getLogger(__name__)
+
+#: Chaos/test hook: when set to an item id, the process exits (status 137, like SIGKILL) right
+#: after that item's result is durable and before its task is ACKed. Never set in production.
+CRASH_AFTER_RESULT_ENV = "MLJOB_WORKER_CRASH_AFTER_RESULT"
+
+#: publish_many(messages) -> the failures by index ({} when the stream stored every message).
+PublishMany = Callable[[Sequence[Outgoing]], Awaitable[dict[int, BaseException]]]
+#: flush(): returns once what was sent so far reached the server (bounded); raises otherwise.
+Flush = Callable[[], Awaitable[object]]
+
+
+@dataclass(eq=False)
+class _Pending:
+    task: TaskMsg
+    uid: str
+    item_id: str
+    outgoing: Outgoing
+    term: bool
+    done: asyncio.Future[None]
+    tries: int = 0
+
+    def resolve(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+@dataclass
+class ResultPublisher:
+    publish_many: PublishMany
+    flush: Flush
+    attempts: int = 5
+    backoff: float = 0.2
+    #: The longest a task waits for its result to be settled (a safety net; see `settle_bound`).
+    wait_bound: float = 300.0
+    crash_after_result: str | None = field(
+        default_factory=lambda: os.environ.get(CRASH_AFTER_RESULT_ENV) or None
+    )
+    max_group: int = DEFAULT_WINDOW
+    _queue: list[_Pending] = field(default_factory=list, init=False)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    async def settle(self, pipeline: str, decided: Sequence[tuple[TaskMsg, Publish]]) -> None:
+        """Publish these results (in the next group) and return once each task is settled: ACKed
+        or TERMed after its result was stored, or NAKed when it could not be stored."""
+        loop = asyncio.get_running_loop()
+        pending = [self._pending(pipeline, task, publish, loop.create_future()) for task, publish in decided]
+        if not pending:
+            return
+        self._queue.extend(pending)
+        self._ready.set()
+        waiting = [p.done for p in pending]
+        _, late = await asyncio.wait(waiting, timeout=self.wait_bound)
+        if late:  # only a bug gets here: never leave a task unsettled
+            stuck = [p for p in pending if p.done in late]
+            log.error(
+                "%d result(s) not settled within %.0fs; NAK their tasks for redelivery",
+                len(stuck),
+                self.wait_bound,
+            )
+            for p in stuck:
+                await p.task.nak()
+
+    def _pending(
+        self, pipeline: str, task: TaskMsg, publish: Publish, done: asyncio.Future[None]
+    ) -> _Pending:
+        result = publish.result
+        body, problem = encode_bounded(result)
+        if problem:
+            log.warning(
+                "item %s of job %s: %s; sending a failed result", result.item_id, result.job_uid, problem
+            )
+        subject = protocol.results_subject(pipeline, result.job_uid)
+        outgoing = Outgoing(subject, body, protocol.result_msg_id(result.job_uid, result.item_id))
+        return _Pending(task, result.job_uid, result.item_id, outgoing, publish.term, done)
+
+    async def run(self) -> None:
+        """Publish groups until cancelled (after the worker's last task is settled)."""
+        while True:
+            await self._ready.wait()
+            await asyncio.sleep(0)  # results finishing in this turn of the loop join the group
+            group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
+            if not self._queue:
+                self._ready.clear()
+            try:
+                await self._publish_group(group)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # a bug here must neither strand the tasks nor stop publishing
+                log.error("publishing a group of %d result(s) failed: %s", len(group), describe(err))
+                for p in group:
+                    await p.task.nak()
+                    p.resolve()
+
+    async def _publish_group(self, group: list[_Pending]) -> None:
+        live = []
+        for p in group:
+            if p.task.settled:  # NAKed meanwhile (the worker is stopping): no result needed
+                p.resolve()
+            else:
+                live.append(p)
+        if not live:
+            return
+        try:
+            failures = await self.publish_many([p.outgoing for p in live])
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            failures = dict.fromkeys(range(len(live)), err)
+        stored = [p for i, p in enumerate(live) if i not in failures]
+        if stored:
+            await self._settle_stored(stored)
+        if failures:
+            await self._retry_or_give_up([(live[i], err) for i, err in sorted(failures.items())])
+
+    async def _settle_stored(self, stored: list[_Pending]) -> None:
+        if self.crash_after_result is not None and any(p.item_id == self.crash_after_result for p in stored):
+            log.critical(
+                "%s=%s: exiting after the result, before the ACK",
+                CRASH_AFTER_RESULT_ENV,
+                self.crash_after_result,
+            )
+            os._exit(137)
+        sent = 0
+        for p in stored:
+            sent += await (p.task.term() if p.term else p.task.ack())
+        if sent:
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.warning(
+                    "flushing %d ACK(s) failed (%s); a lost ACK means a redelivery whose result is "
+                    "deduplicated",
+                    sent,
+                    describe(err),
+                )
+        for p in stored:
+            p.resolve()
+
+    async def _retry_or_give_up(self, failed: list[tuple[_Pending, BaseException]]) -> None:
+        loop = asyncio.get_running_loop()
+        again: dict[int, list[_Pending]] = {}
+        for p, err in failed:
+            p.tries += 1
+            if p.tries >= self.attempts:
+                log.warning(
+                    "publishing the result of item %s of job %s failed %d times, giving up: %s; "
+                    "NAK it for immediate redelivery",
+                    p.item_id,
+                    p.uid,
+                    p.tries,
+                    describe(err),
+                )
+                await p.task.nak()
+                p.resolve()
+            else:
+                again.setdefault(p.tries, []).append(p)
+        for tries, retried in again.items():
+            delay = self.backoff * 2 ** (tries - 1)
+            log.warning(
+                "publishing %d result(s) failed (try %d/%d), retrying in %.1fs: %s",
+                len(retried),
+                tries,
+                self.attempts,
+                delay,
+                describe(next(err for p, err in failed if p is retried[0])),
+            )
+            loop.call_later(delay, self._requeue, retried)
+
+    def _requeue(self, retried: list[_Pending]) -> None:
+        self._queue.extend(retried)
+        self._ready.set()
+
+
+def settle_bound(attempts: int, backoff: float, publish_timeout: float, flush_timeout: float) -> float:
+    """How long a result can take to be settled when nothing is broken but the servers: per try,
+    the group ahead of it and its own group each wait at most twice the publish timeout (a free
+    window slot, then the PubAcks) plus the flush; plus the backoffs; plus a margin."""
+    per_group = 2 * publish_timeout + flush_timeout
+    backoffs = backoff * float(2**attempts - 1)
+    return attempts * 2 * per_group + backoffs + 10.0
+
+
+__all__ = ["CRASH_AFTER_RESULT_ENV", "Flush", "PublishMany", "ResultPublisher", "settle_bound"]
