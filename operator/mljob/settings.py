@@ -222,7 +222,10 @@ class WorkerSettings(NatsSettings):
 
     pipeline: str = _var("PIPELINE", doc="pipeline whose jobs to serve (`--pipeline`)", shown="(required)")
     concurrency: int = _var(
-        "WORKER_CONCURRENCY", 8, "handlers running at once, so tasks held at once (`--concurrency`)", ge=1
+        "WORKER_CONCURRENCY",
+        8,
+        "handler calls at once: tasks held at once, or with a batch handler batches (`--concurrency`)",
+        ge=1,
     )
     batch: int = _var("WORKER_BATCH", 16, "most tasks fetched from one job in one turn (`--batch`)", ge=1)
     batch_size: int | None = _var(

@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from mljob.worker import PermanentError
+from mljob.worker import PermanentError, batch_handler
 
 
 def _number(item_id: str) -> int:
@@ -81,3 +81,52 @@ def gated(task: Any) -> dict[str, Any]:
     while not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.01)
     return {"id": task.item_id}
+
+
+# --------------------------------------------------------------------------- batch handlers
+
+
+def _record_call(tasks: list[Any]) -> None:
+    """One line per call, `<delivery>:<id> ...`, to $MLJOB_TEST_RECORD when it is set."""
+    path = os.environ.get("MLJOB_TEST_RECORD")
+    if path:
+        with open(path, "a") as out:
+            out.write(" ".join(f"{t.attempt}:{t.item_id}" for t in tasks) + "\n")
+
+
+@batch_handler(max_size=16, max_wait=0.05)
+def batch_tenth_fail(tasks: list[Any]) -> list[Any]:
+    """`tenth_fail` as a batch: one "model call" per batch, a PermanentError for the items whose
+    number ends in 7; sleeps $MLJOB_TEST_SLEEP per call."""
+    _record_call(tasks)
+    time.sleep(float(os.environ.get("MLJOB_TEST_SLEEP", "0")))
+    return [
+        PermanentError(f"item {t.item_id} is unreadable")
+        if _number(t.item_id) % 10 == 7
+        else {"n2": _number(t.item_id) * 2}
+        for t in tasks
+    ]
+
+
+@batch_handler(max_size=8)
+async def batch_raise_on_listed(tasks: list[Any]) -> list[Any]:
+    """Raises for the whole batch when it holds an id listed in $MLJOB_TEST_BAD_ITEMS (as a model
+    call that one bad input breaks): its batch-mates are retried, alone, and succeed."""
+    _record_call(tasks)
+    listed = set(os.environ.get("MLJOB_TEST_BAD_ITEMS", "").split(","))
+    bad = sorted(t.item_id for t in tasks if t.item_id in listed)
+    if bad:
+        raise RuntimeError(f"model rejected the batch: {','.join(bad)}")
+    return [{"id": t.item_id} for t in tasks]
+
+
+@batch_handler(max_size=8)
+def batch_crash_on_listed(tasks: list[Any]) -> list[Any]:
+    """Kills the worker process when the batch holds an id listed in $MLJOB_TEST_CRASH_ITEMS, on
+    every delivery (a segfault in the model): the whole batch dies with it."""
+    _record_call(tasks)
+    listed = set(os.environ.get("MLJOB_TEST_CRASH_ITEMS", "").split(","))
+    if any(t.item_id in listed for t in tasks):
+        os._exit(1)
+    time.sleep(float(os.environ.get("MLJOB_TEST_SLEEP", "0")))
+    return [{"id": t.item_id} for t in tasks]
