@@ -18,6 +18,7 @@ from mljob.api.models import MLJobSpec
 from mljob.demo_supervise import Supervisor
 from mljob.protocol import JobRef, Task
 from mljob.worker import PermanentError, TaskContext
+from mljob.worker.handler import BatchSpec, batch_spec
 
 pytestmark = pytest.mark.unit
 
@@ -137,16 +138,25 @@ def task(item_id: str, **params: Any) -> TaskContext:
     return TaskContext(task=Task(job=ref, item={"id": item_id}, params=params), attempt=1, worker_id="w")
 
 
-def test_classify_is_deterministic_and_fails_about_two_percent() -> None:
+def test_classify_is_a_batch_handler_deterministic_and_fails_about_two_percent() -> None:
     ids = [demo.item_id(i) for i in range(5000)]
     unreadable = [i for i in ids if demo.unreadable(i)]
     assert 0.01 < len(unreadable) / len(ids) < 0.03
-    readable = next(i for i in ids if not demo.unreadable(i))
-    first = demo.classify(task(readable, latency_seconds=0))
-    assert first == demo.classify(task(readable, latency_seconds=0))
-    assert first["label"] in demo.LABELS
-    with pytest.raises(PermanentError, match="corrupt image header"):
-        demo.classify(task(unreadable[0], latency_seconds=0))
+    readable = [i for i in ids if not demo.unreadable(i)][:3]
+    assert batch_spec(demo.classify) == BatchSpec(max_size=demo.BATCH_SIZE, max_wait=0.02)
+    batch = [task(i, latency_seconds=0) for i in (readable[0], unreadable[0], *readable[1:])]
+    first = demo.classify(batch)
+    assert first[0] == demo.classify(batch[:1])[0]  # the same label in any batch
+    assert [o["label"] in demo.LABELS for o in (first[0], *first[2:])] == [True, True, True]
+    assert isinstance(first[1], PermanentError) and "corrupt image header" in str(first[1])
+
+
+def test_one_model_call_takes_about_as_long_as_its_slowest_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(demo.time, "sleep", slept.append)
+    images = [demo.item_id(i) for i in range(8)]
+    demo.MODEL.predict(images, 0.02)
+    assert slept == [max(demo.latency(i, 0.02) for i in images)]
 
 
 def test_latency_varies_per_item_within_half_to_one_and_a_half_of_the_mean() -> None:
@@ -164,7 +174,12 @@ def test_a_crash_item_exits_the_worker_process(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(demo.os, "_exit", fake_exit)
     with pytest.raises(Exited) as exited:
-        demo.classify(task("img-00030.jpg", crash_items=["img-00030.jpg"], latency_seconds=0))
+        demo.classify(
+            [
+                task(i, crash_items=["img-00030.jpg"], latency_seconds=0)
+                for i in ("img-00029.jpg", "img-00030.jpg")
+            ]
+        )
     assert exited.value.args == (demo.CRASH_EXIT_CODE,)
 
 

@@ -1,9 +1,11 @@
 """A stand-in model for `make demo`, and the demo's MLJob manifest.
 
-The handler is deterministic per item id (latency, label, failure), so two runs of the demo are
-comparable; only the crash items kill their worker, on every delivery, so JetStream's
-redeliveries run out and the operator's recovery (a `MaxDeliveriesExceeded` failure within
-seconds) shows. Imports only what a worker-only install has: the handler runs in `mljob worker`.
+The handler is a batch handler: one call of the stand-in model per batch of images. It is
+deterministic per item id (latency, label, failure), so two runs of the demo are comparable;
+only the crash items kill their worker, with the batch it holds, on every delivery, so
+JetStream's redeliveries of the crash item run out and the operator's recovery (a
+`MaxDeliveriesExceeded` failure within seconds) shows, while the other images of its batch come
+back and succeed. Imports only what a worker-only install has: the handler runs in `mljob worker`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from mljob.worker import PermanentError, TaskContext
+from mljob.worker import PermanentError, TaskContext, batch_handler
 
 LABELS = ("cat", "dog", "bird", "car", "tree", "boat")
 #: digest[0] below this fails the item permanently: 5/256, about 2 % of the items.
@@ -27,6 +29,8 @@ CRASH_EXIT_CODE = 3
 #: exhaustion overlap with the rest of the work instead of trailing it.
 CRASH_AT = (0.1, 0.3, 0.5)
 PIPELINE = "demo-classify"
+#: Images per model call (the stand-in classifier is a batch handler).
+BATCH_SIZE = 8
 
 
 def item_id(index: int) -> str:
@@ -48,17 +52,39 @@ def unreadable(item: str) -> bool:
     return _digest(item)[0] < FAIL_BELOW
 
 
-def classify(task: TaskContext) -> dict[str, Any]:
-    """Sleep like a small model, then label the image; about 2 % of the images are unreadable,
-    and the job's `crash_items` kill the worker process outright (as a segfault in a native
-    library would: no result, no NAK, the task comes back after ackWaitSeconds)."""
-    if task.item_id in task.params.get("crash_items", ()):
+class StandInModel:
+    """The demo's pretend image classifier. `predict` labels a whole batch of images in one call
+    and takes about as long as the slowest image of it, as a GPU that runs a batch at once."""
+
+    def predict(self, images: Sequence[str], mean_latency: float) -> list[dict[str, Any] | None]:
+        """A label and score per image, in order; None for an image it cannot read."""
+        time.sleep(max((latency(image, mean_latency) for image in images), default=0.0))
+        predictions: list[dict[str, Any] | None] = []
+        for image in images:
+            digest = _digest(image)
+            readable = not unreadable(image)
+            label = {"label": LABELS[digest[1] % len(LABELS)], "score": round(0.5 + digest[2] / 512, 3)}
+            predictions.append(label if readable else None)
+        return predictions
+
+
+MODEL = StandInModel()
+
+
+@batch_handler(max_size=BATCH_SIZE, max_wait=0.02)
+def classify(tasks: list[TaskContext]) -> list[Any]:
+    """Label a batch of images with one model call; an image the model cannot read fails alone
+    (a PermanentError in its place), and a batch holding one of the job's `crash_items` kills
+    the worker process outright (as a segfault in a native library would: no result, no NAK,
+    the batch comes back after ackWaitSeconds, its other images each in a batch of their own)."""
+    params = tasks[0].params  # one job per batch: the same params for all
+    if any(t.item_id in params.get("crash_items", ()) for t in tasks):
         os._exit(CRASH_EXIT_CODE)
-    digest = _digest(task.item_id)
-    time.sleep(latency(task.item_id, float(task.params.get("latency_seconds", 0.01))))
-    if unreadable(task.item_id):
-        raise PermanentError(f"{task.item_id}: corrupt image header")
-    return {"label": LABELS[digest[1] % len(LABELS)], "score": round(0.5 + digest[2] / 512, 3)}
+    predictions = MODEL.predict([t.item_id for t in tasks], float(params.get("latency_seconds", 0.01)))
+    return [
+        prediction if prediction is not None else PermanentError(f"{t.item_id}: corrupt image header")
+        for t, prediction in zip(tasks, predictions, strict=True)
+    ]
 
 
 def crash_items(total: int) -> list[str]:

@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from mljob.worker.context import TaskContext
 
@@ -54,7 +54,17 @@ class BatchSpec:
         )
 
 
-def batch_handler(fn: F | None = None, *, max_size: int | None = None, max_wait: float | None = None) -> Any:
+@overload
+def batch_handler(fn: F, /) -> F: ...
+
+
+@overload
+def batch_handler(*, max_size: int | None = None, max_wait: float | None = None) -> Callable[[F], F]: ...
+
+
+def batch_handler(
+    fn: F | None = None, /, *, max_size: int | None = None, max_wait: float | None = None
+) -> F | Callable[[F], F]:
     """Mark a function as a batch handler: `@batch_handler` or `@batch_handler(max_size=32, max_wait=0.05)`.
 
     It receives a list of up to `max_size` `TaskContext`s, all of one job, and returns a list of
