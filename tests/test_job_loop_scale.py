@@ -18,6 +18,7 @@ import kopf
 import pytest
 
 from fakes import FakeWorld
+from mljob.actions import dispatch as dispatch_action
 from mljob.api.models import Phase
 from mljob.lifecycle import JobLoop
 from test_job_loop import clock, new_job, running, status, uid_of, world  # noqa: F401
@@ -43,13 +44,29 @@ async def test_a_job_that_fits_one_chunk_goes_to_running_in_one_write(world: Fak
     assert world.jobs.records[uid].phase == Phase.RUNNING
 
 
-async def test_a_job_of_several_chunks_still_shows_dispatching_and_its_cursor(world: FakeWorld) -> None:
+async def test_a_job_of_several_chunks_still_shows_dispatching_and_its_cursor(
+    world: FakeWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatch_action, "DISPATCH_STATUS_INTERVAL_SECONDS", 0.0)  # every chunk
     body = new_job(world, 10)  # 3 chunks of 4
     uid = uid_of(body)
     assert not await JobLoop(world.services, body).step()
     assert world.kube.phases_of(uid) == ["Dispatching", "Running"]
     cursors = [w.after.get("dispatchCursor") for w in world.kube.writes if w.uid == uid]
     assert [c for c in cursors if c][:3] == [4, 8, 10]
+
+
+async def test_a_fast_dispatch_writes_its_cursor_once_a_second_not_once_a_chunk(world: FakeWorld) -> None:
+    """The status write per chunk was a round trip to the apiserver per 1,000 tasks, in line with
+    the publishing: now at most one a second, and the last one says every task is published."""
+    body = new_job(world, 40)  # 10 chunks of 4, published in well under a second
+    uid = uid_of(body)
+    assert not await JobLoop(world.services, body).step()
+    cursors = [
+        w.after["dispatchCursor"] for w in world.kube.writes if w.uid == uid and w.after.get("dispatchCursor")
+    ]
+    assert cursors[-1] == 40 and len(cursors) < 10, cursors
+    assert status(body)["phase"] == "Running"
 
 
 async def test_a_quiet_job_is_looked_at_less_often_until_woken(world: FakeWorld) -> None:

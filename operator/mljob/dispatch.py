@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic_core import to_json
 
 from mljob import protocol
 from mljob.adapters import jetstream
 from mljob.api.models import MLJobSpec
 from mljob.core import items as item_rules
+from mljob.jspublish import ConfirmedPublisher, Outgoing
 
 log = logging.getLogger(__name__)
 
@@ -73,27 +76,71 @@ async def load_items(
         raise item_rules.ItemSourceError(f"manifest {source.url}: cannot be read ({err})") from err
 
 
-def task_bodies(target: DispatchTarget, batch: list[item_rules.Item]) -> list[tuple[str, bytes]]:
-    job = protocol.JobRef(
-        uid=target.uid, namespace=target.namespace, name=target.name, pipeline=target.spec.pipeline
-    )
-    params = target.spec.params or {}
-    return [
-        (
-            protocol.task_msg_id(target.uid, item["id"]),
-            protocol.Task(job=job, item=item, params=params).encode(),
+class TaskEncoder:
+    """Task bodies of one job, built from a prefix and suffix encoded once.
+
+    Every task of a job shares its `version`, `job` and `params`; only the item differs. The
+    item goes through pydantic-core's JSON serializer, the one `protocol.Task.encode` uses, so
+    the body is the same bytes at a twelfth of the cost (a model per task was a third of the
+    operator's dispatch CPU).
+    """
+
+    def __init__(self, target: DispatchTarget) -> None:
+        job = protocol.JobRef(
+            uid=target.uid, namespace=target.namespace, name=target.name, pipeline=target.spec.pipeline
         )
-        for item in batch
-    ]
+        template = protocol.Task(job=job, item={"id": "-"}, params=target.spec.params or {})
+        head = template.model_dump_json(include={"version", "job"}).encode()
+        tail = to_json(template.params)
+        self._prefix = head[:-1] + b',"item":'
+        self._suffix = b',"params":' + tail + b"}"
+        self._uid = target.uid
+        self.subject = protocol.task_subject(target.spec.pipeline, target.uid)
+
+    def body(self, item: item_rules.Item) -> bytes:
+        return self._prefix + to_json(item) + self._suffix
+
+    def messages(self, items: Sequence[item_rules.Item]) -> list[Outgoing]:
+        subject, uid, body = self.subject, self._uid, self.body
+        return [Outgoing(subject, body(item), protocol.task_msg_id(uid, item["id"])) for item in items]
 
 
-async def publish_chunk(js: Any, subject: str, bodies: list[tuple[str, bytes]]) -> None:
-    """Publish a chunk with a bounded window of outstanding acks; all must be acknowledged."""
-    futures = [
-        await js.publish_async(subject, body, headers={protocol.MSG_ID_HEADER: msg_id}, wait_stall=30)
-        for msg_id, body in bodies
-    ]
-    await asyncio.gather(*futures)
+class DispatchInterrupted(Exception):
+    """A chunk was not confirmed in time (NATS away, acks lost): the job resumes at its cursor."""
+
+
+async def publish_items(
+    publisher: ConfirmedPublisher,
+    encoder: TaskEncoder,
+    items: Sequence[item_rules.Item],
+    start: int,
+    chunk: int,
+    on_progress: Callable[[int], Awaitable[None]] | None = None,
+    keep_going: Callable[[], bool] = lambda: True,
+) -> int:
+    """Publish `items[start:]` chunk by chunk through one window, so the stream never waits for
+    the next chunk to be built; returns the new cursor. `on_progress(cursor)` is called after
+    each chunk is sent with the cursor the acks so far allow (every task before it confirmed).
+    Raises DispatchInterrupted (after the cursor reached what was confirmed) when a publish
+    failed or an ack did not come within the publisher's timeout."""
+    cursor = start
+    for offset in range(start, len(items), chunk):
+        if not keep_going():
+            break
+        if not await publisher.send(encoder.messages(items[offset : offset + chunk])):
+            break
+        if on_progress is not None:
+            await asyncio.sleep(0)  # let the acks that came meanwhile move `confirmed`
+            await on_progress(start + publisher.confirmed)
+    failures = await publisher.drain()
+    cursor = start + publisher.confirmed
+    if failures:
+        index, error = min(failures.items())
+        raise DispatchInterrupted(
+            f"task {start + index} of {len(items)} was not confirmed by the stream "
+            f"({type(error).__name__}: {error}); dispatch resumes at {cursor}"
+        ) from error
+    return cursor
 
 
 def stream_settings(

@@ -153,6 +153,21 @@ class OperatorSettings(CollectorSettings):
     dispatch_chunk: int = _var(
         "DISPATCH_CHUNK", 1000, "tasks per published chunk (the cursor moves per chunk)", ge=1
     )
+    dispatch_window: int = _var(
+        "DISPATCH_WINDOW",
+        2048,
+        "tasks published and not yet confirmed by the stream, at most, per dispatching job "
+        "(below nats-py's own limit of 4,000)",
+        ge=1,
+        le=4000,
+    )
+    dispatch_publish_timeout_seconds: float = _var(
+        "DISPATCH_PUBLISH_TIMEOUT_SECONDS",
+        10.0,
+        "longest wait for the stream to confirm a published task (a full window of outstanding "
+        "acks, or the last one); past it the dispatch step ends and resumes at its cursor",
+        gt=0,
+    )
     max_ack_pending: int = _var("MAX_ACK_PENDING", 1000, "tasks out with workers at once, per job", ge=1)
     run_collector: bool = _var(
         "RUN_COLLECTOR",

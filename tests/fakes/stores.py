@@ -211,13 +211,21 @@ class FakeJobsStore:
         record.processed, record.failed = counts.processed, counts.failed
 
     async def set_phase(
-        self, uid: str, phase: Phase, actor: str, reason: str = "", message: str = ""
+        self,
+        uid: str,
+        phase: Phase,
+        actor: str,
+        reason: str = "",
+        message: str = "",
+        dispatched: int | None = None,
     ) -> None:
         record = self.records.get(uid)
         if record is None or record.phase not in _NON_TERMINAL or record.phase == phase:
             return
         self.audit.append(Transition(uid, record.phase.value, phase.value, reason, actor))
         record.phase = phase
+        if dispatched is not None:
+            record.dispatched = dispatched
 
     async def finish(
         self, uid: str, target: Phase, reason: str, message: str, counts: ItemCounts | None, actor: str

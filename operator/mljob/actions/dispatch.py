@@ -8,6 +8,7 @@ cursor in the status says where a restarted operator resumes.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -28,16 +29,21 @@ from mljob.api.models import Phase
 from mljob.core import reconcile
 from mljob.core.items import ItemIds, ItemSourceError
 from mljob.dispatch import (
+    DispatchInterrupted,
     DispatchTarget,
     SourceNotReady,
+    TaskEncoder,
     load_items,
-    publish_chunk,
-    task_bodies,
+    publish_items,
 )
 from mljob.jobview import JobView, now_iso
+from mljob.jspublish import ConfirmedPublisher
 from mljob.services import Services
 
 log = logging.getLogger(__name__)
+
+#: At most one status write (cursor and progress) per this many seconds while publishing.
+DISPATCH_STATUS_INTERVAL_SECONDS = 1.0
 
 
 async def dispatch(services: Services, view: JobView) -> None:
@@ -82,10 +88,10 @@ async def dispatch(services: Services, view: JobView) -> None:
         # The stream or the job's consumer vanished mid-dispatch, maybe with the tasks published
         # so far (row 11).
         await begin_recreation(services, view)
-        republished = await republish_unresolved(services, target, entry.subject, items[:cursor])
+        republished = await republish_unresolved(services, target, items[:cursor])
         await end_recreation(services, view, republished)
     await jetstream.register_job(services.registry, entry)
-    if await _publish_from_cursor(services, view, target, entry.subject, items, write_cursor=not one_write):
+    if await _publish_from_cursor(services, view, target, items, write_cursor=not one_write):
         await _mark_running(services, view, len(items), spec.pipeline, first_write=one_write)
 
 
@@ -121,22 +127,59 @@ async def _publish_from_cursor(
     services: Services,
     view: JobView,
     target: DispatchTarget,
-    subject: str,
     items: list[Any],
     write_cursor: bool = True,
 ) -> bool:
-    """Publish the items not yet covered by the cursor; False when cancelled meanwhile."""
-    cursor = int(view.status.get("dispatchCursor", 0))
-    while cursor < len(items):
-        if view.spec.get("cancel"):
-            return False  # the next tick cancels the job
-        chunk = items[cursor : cursor + services.settings.dispatch_chunk]
-        await publish_chunk(services.js, subject, task_bodies(target, chunk))
-        metrics.TASKS_DISPATCHED.inc(len(chunk))
-        cursor += len(chunk)
-        if write_cursor:
-            await view.write({"dispatchCursor": cursor, "dispatched": cursor})
-    return True
+    """Publish the items not yet covered by the cursor; False when cancelled meanwhile.
+
+    One window of outstanding acks spans every chunk, so publishing never pauses between
+    chunks. At most once a second the status gets the cursor (every task before it confirmed by
+    the stream) and the progress so far: workers start on the first chunk and `processed`
+    moves while a long dispatch goes on. A failed or unconfirmed publish ends the step with the
+    cursor at what was confirmed; the next tick resumes there (the dedup ids make re-sending
+    the unconfirmed ones harmless), so a NATS restart mid-dispatch never hangs the job.
+    """
+    settings = services.settings
+    start = int(view.status.get("dispatchCursor", 0))
+    publisher = ConfirmedPublisher(
+        services.js, timeout=settings.dispatch_publish_timeout_seconds, window=settings.dispatch_window
+    )
+    reported = {"cursor": start, "at": time.monotonic()}
+
+    async def report(cursor: int, force: bool = False) -> None:
+        metrics.TASKS_DISPATCHED.inc(cursor - reported["cursor"])
+        due = force or time.monotonic() - reported["at"] >= DISPATCH_STATUS_INTERVAL_SECONDS
+        reported["cursor"] = cursor
+        if write_cursor and due:
+            reported["at"] = time.monotonic()
+            await _write_dispatch_progress(services, view, cursor)
+
+    try:
+        cursor = await publish_items(
+            publisher,
+            TaskEncoder(target),
+            items,
+            start,
+            settings.dispatch_chunk,
+            on_progress=report,
+            keep_going=lambda: not view.spec.get("cancel"),
+        )
+    except DispatchInterrupted:
+        await report(start + publisher.confirmed, force=True)
+        raise
+    await report(cursor, force=True)
+    return cursor >= len(items)
+
+
+async def _write_dispatch_progress(services: Services, view: JobView, cursor: int) -> None:
+    """The cursor, and the counts so far (the job loop does not observe while it dispatches)."""
+    fields: dict[str, Any] = {"dispatchCursor": cursor, "dispatched": cursor}
+    counts = await services.state.counts(view.ref.uid)
+    if counts is not None:
+        fields.update(reconcile.progress_fields(counts, cursor))
+    await view.write(fields)
+    if counts is not None and view.phase is not None:
+        await services.jobs.progress(view.ref.uid, view.phase, counts, cursor)
 
 
 async def _mark_running(
@@ -154,7 +197,7 @@ async def _mark_running(
                 ),
             }
         )
-    await services.jobs.set_phase(view.ref.uid, Phase.RUNNING, services.settings.actor)
+    await services.jobs.set_phase(view.ref.uid, Phase.RUNNING, services.settings.actor, dispatched=total)
     await services.kube.event(view.ref, "Running", f"all {total} tasks published to pipeline {pipeline}")
 
 

@@ -17,26 +17,31 @@ from mljob.adapters import jetstream
 from mljob.dispatch import (
     DispatchTarget,
     SourceNotReady,
+    TaskEncoder,
     load_items,
-    publish_chunk,
+    publish_items,
     stream_settings,
-    task_bodies,
 )
 from mljob.jobview import JobView
+from mljob.jspublish import ConfirmedPublisher
 from mljob.services import Services
 
 log = logging.getLogger(__name__)
 
 
 async def republish_unresolved(
-    services: Services, target: DispatchTarget, subject: str, items: list[dict[str, Any]]
+    services: Services, target: DispatchTarget, items: list[dict[str, Any]]
 ) -> int:
-    """Publish those of `items` that have no result row; returns how many."""
+    """Publish those of `items` that have no result row; returns how many. Raises
+    DispatchInterrupted when the stream did not confirm them all in time (the caller's step
+    fails and the next tick carries the recreation through: the dedup ids make it harmless)."""
     unresolved = set(await services.results.unresolved_items(target.uid))
     todo = [item for item in items if item["id"] in unresolved]
-    chunk_size = services.settings.dispatch_chunk
-    for start in range(0, len(todo), chunk_size):
-        await publish_chunk(services.js, subject, task_bodies(target, todo[start : start + chunk_size]))
+    settings = services.settings
+    publisher = ConfirmedPublisher(
+        services.js, timeout=settings.dispatch_publish_timeout_seconds, window=settings.dispatch_window
+    )
+    await publish_items(publisher, TaskEncoder(target), todo, 0, settings.dispatch_chunk)
     return len(todo)
 
 
@@ -90,7 +95,7 @@ async def redispatch(services: Services, view: JobView) -> int:
         await view.set_conditions(("ItemsSourceReady", "True", "ItemsLoaded", f"{len(items)} items loaded"))
     await begin_recreation(services, view)
     entry = await ensure_stream_and_registry(services, target)
-    republished = await republish_unresolved(services, target, entry.subject, items)
+    republished = await republish_unresolved(services, target, items)
     await jetstream.register_job(services.registry, entry)
     await end_recreation(services, view, republished)
     return republished

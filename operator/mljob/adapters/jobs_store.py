@@ -90,15 +90,24 @@ class JobsStore:
             )
 
     async def set_phase(
-        self, uid: str, phase: Phase, actor: str, reason: str = "", message: str = ""
+        self,
+        uid: str,
+        phase: Phase,
+        actor: str,
+        reason: str = "",
+        message: str = "",
+        dispatched: int | None = None,
     ) -> None:
-        """A non-terminal phase change (Dispatching, Running), with its audit row."""
+        """A non-terminal phase change (Dispatching, Running), with its audit row; `dispatched`
+        (Running: every task published) is recorded with it, so a job that ends before its first
+        progress write still shows in Postgres what it dispatched."""
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                "UPDATE mljob_jobs j SET phase = %s, updated_at = now() "
+                "UPDATE mljob_jobs j "
+                "SET phase = %s, dispatched = COALESCE(%s, j.dispatched), updated_at = now() "
                 "FROM (SELECT phase FROM mljob_jobs WHERE uid = %s FOR UPDATE) old "
                 "WHERE j.uid = %s AND j.phase = ANY(%s) AND j.phase <> %s RETURNING old.phase",
-                (phase.value, uid, uid, _NON_TERMINAL, phase.value),
+                (phase.value, dispatched, uid, uid, _NON_TERMINAL, phase.value),
             )
             previous = await cur.fetchone()
             if previous:
