@@ -197,6 +197,14 @@ async def prefix(redis: Redis) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def nc(stack: StackEnv) -> AsyncIterator[NATS]:
+    """A NATS connection as the stack's admin identity (streams, consumers, any subject)."""
+    client = await stack.nats()
+    yield client
+    await client.close()
+
+
+@pytest.fixture
 def state(redis: Redis, prefix: str) -> JobState:
     return JobState(redis, prefix=prefix)
 

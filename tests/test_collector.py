@@ -82,13 +82,6 @@ async def make_results_stream(js: JetStreamContext, ack_wait: float = 30.0) -> R
 
 
 @pytest.fixture
-async def nc(stack: StackEnv) -> AsyncIterator[NATS]:
-    client = await stack.nats()
-    yield client
-    await client.close()
-
-
-@pytest.fixture
 async def js(nc: NATS) -> JetStreamContext:
     return nc.jetstream()
 

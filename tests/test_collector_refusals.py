@@ -4,8 +4,8 @@ A refused result is dead-lettered with its reason and acked, stores no result ro
 keeps the item's genuine result (published after it) from counting. Fixtures and helpers are
 the collector tests' own: a private results stream per test, Redis by prefix, Postgres by schema.
 """
-# The fixtures js, nc and results are imported from test_collector, and pytest finds a fixture by
-# the module attribute's name, so the test parameters must shadow those imports:
+# The fixtures js and results are imported from test_collector (nc is conftest's), and pytest
+# finds a fixture by the module attribute's name, so the test parameters must shadow those imports:
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from mljob import protocol
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import ResultsStore
-from test_collector import (  # noqa: F401 (js, nc, results: fixtures)
+from test_collector import (  # noqa: F401 (js, results: fixtures)
     FAILED,
     OK,
     PIPELINE,
@@ -32,7 +32,6 @@ from test_collector import (  # noqa: F401 (js, nc, results: fixtures)
     dead_letters,
     dispatched,
     js,
-    nc,
     results,
     running,
     settled,

@@ -3,8 +3,8 @@ registered item is recorded as that item's failure (`ResultRejected: <reason>`, 
 the job can end with a clear per-item reason instead of waiting for its stall timeout. Against
 REAL NATS, Redis and Postgres, with the collector tests' fixtures.
 """
-# The fixtures js, nc and results are imported from test_collector, and pytest finds a fixture by
-# the module attribute's name, so the test parameters must shadow those imports:
+# The fixtures js and results are imported from test_collector (nc is conftest's), and pytest
+# finds a fixture by the module attribute's name, so the test parameters must shadow those imports:
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mljob import protocol
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import ResultsStore, UpsertResult
 from mljob.collector import REJECTED_REASON
-from test_collector import (  # noqa: F401 (js, nc, results: fixtures)
+from test_collector import (  # noqa: F401 (js, results: fixtures)
     FAILED,
     OK,
     ResultsStream,
@@ -31,7 +31,6 @@ from test_collector import (  # noqa: F401 (js, nc, results: fixtures)
     dispatched,
     drained_listener,
     js,
-    nc,
     results,
     running,
     settled,

@@ -23,7 +23,6 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from conftest import StackEnv
 from mljob import ledger, protocol
 from mljob.adapters import jetstream
 from mljob.adapters.redis_state import JobState
@@ -34,13 +33,6 @@ WAIT_SECONDS = 30.0  # an upper bound for waiting, never a timing assertion
 MAX_DELIVER = 2
 ADVISORY_PREFIX = protocol.MAX_DELIVERIES_ADVISORY_SUBJECTS.removesuffix(".*.*")
 PIPELINE = "exh"
-
-
-@pytest.fixture
-async def nc(stack: StackEnv) -> AsyncIterator[NATS]:
-    client = await stack.nats()
-    yield client
-    await client.close()
 
 
 @pytest.fixture

@@ -17,13 +17,12 @@ from mljob import protocol
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import ResultsStore
 from mljob.exhausted import REASON, ExhaustedDeliveries
-from test_exhausted import (  # noqa: F401 (advisories, nc, new_job: fixtures)
+from test_exhausted import (  # noqa: F401 (advisories, new_job: fixtures)
     MAX_DELIVER,
     PIPELINE,
     WAIT_SECONDS,
     NewJob,
     advisories,
-    nc,
     new_job,
     result_row,
     running,

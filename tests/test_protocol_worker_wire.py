@@ -97,22 +97,15 @@ class Job:
 
 
 @pytest.fixture
-async def admin(stack: StackEnv) -> AsyncIterator[Client]:
-    nc = await stack.nats()
-    yield nc
-    await nc.close()
-
-
-@pytest.fixture
-async def job(admin: Client) -> AsyncIterator[Job]:
-    js = admin.jetstream()
+async def job(nc: Client) -> AsyncIterator[Job]:
+    js = nc.jetstream()
     await ensure_results_stream(js)
     kv = await registry(js)
     pipeline, uid = f"pw{uuid.uuid4().hex[:10]}", str(uuid.uuid4())
     entry = await ensure_job_stream(
         js, JobStreamSettings(uid=uid, namespace="ns", name="wire", pipeline=pipeline, max_deliver=3)
     )
-    yield Job(admin, entry)
+    yield Job(nc, entry)
     for call in (
         unregister_job(kv, pipeline, uid),
         delete_job_tasks(js, pipeline, uid),
@@ -123,13 +116,13 @@ async def job(admin: Client) -> AsyncIterator[Job]:
 
 
 @pytest.fixture
-async def observed(admin: Client, job: Job) -> AsyncIterator[Observed]:
+async def observed(nc: Client, job: Job) -> AsyncIterator[Observed]:
     seen = Observed()
     subs = [
-        await admin.subscribe(protocol.results_subject("*", job.entry.uid), cb=seen.on_result),
-        await admin.subscribe(f"{TERMINATED}.{job.entry.stream}.{job.entry.consumer}", cb=seen.on_terminated),
+        await nc.subscribe(protocol.results_subject("*", job.entry.uid), cb=seen.on_result),
+        await nc.subscribe(f"{TERMINATED}.{job.entry.stream}.{job.entry.consumer}", cb=seen.on_terminated),
     ]
-    await admin.flush()
+    await nc.flush()
     yield seen
     for sub in subs:
         await sub.unsubscribe()

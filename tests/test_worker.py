@@ -145,13 +145,6 @@ def spawn_worker(stack: StackEnv, tmp_path: Path) -> Iterator[SpawnWorker]:
         proc.wait(timeout=10)
 
 
-@pytest.fixture
-async def nc(stack: StackEnv) -> AsyncIterator[Client]:
-    conn = await stack.nats()
-    yield conn
-    await conn.close()
-
-
 class Jobs:
     """Creates job streams, tasks and registry entries for a test, and removes them afterwards."""
 
