@@ -21,6 +21,7 @@ from mljob.adapters import jetstream
 from mljob.api.models import MLJobSpec
 from mljob.core import items as item_rules
 from mljob.jspublish import ConfirmedPublisher, Outgoing
+from mljob.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,13 @@ class TaskEncoder:
         return [Outgoing(subject, body(item), protocol.task_msg_id(uid, item["id"])) for item in items]
 
 
+def task_publisher(js: Any, settings: OperatorSettings) -> ConfirmedPublisher:
+    """The publisher of a dispatch or re-dispatch step, bounded by the operator's settings."""
+    return ConfirmedPublisher(
+        js, timeout=settings.dispatch_publish_timeout_seconds, window=settings.dispatch_window
+    )
+
+
 class DispatchInterrupted(Exception):
     """A chunk was not confirmed in time (NATS away, acks lost): the job resumes at its cursor."""
 
@@ -123,7 +131,6 @@ async def publish_items(
     each chunk is sent with the cursor the acks so far allow (every task before it confirmed).
     Raises DispatchInterrupted (after the cursor reached what was confirmed) when a publish
     failed or an ack did not come within the publisher's timeout."""
-    cursor = start
     for offset in range(start, len(items), chunk):
         if not keep_going():
             break

@@ -59,7 +59,7 @@ class _Window:
         if self.outstanding >= self.size:
             self._room.clear()
 
-    def released(self, _future: object = None) -> None:
+    def released(self) -> None:
         self.outstanding -= 1
         if self.outstanding <= self.size // 2:
             self._room.set()
@@ -92,10 +92,6 @@ class ConfirmedPublisher:
         self.sent = 0
         self.confirmed = 0
         self.failures: dict[int, BaseException] = {}
-
-    @property
-    def failed(self) -> bool:
-        return bool(self.failures)
 
     async def send(self, messages: Sequence[Outgoing]) -> bool:
         """Publish `messages` after those sent before; False once anything failed (the rest of
@@ -188,19 +184,10 @@ async def publish_confirmed(
     return await publisher.drain()
 
 
-def first_failure(failures: dict[int, BaseException]) -> tuple[int, BaseException] | None:
-    """The failure of the lowest index, or None: what a caller that resumes in order reports."""
-    if not failures:
-        return None
-    index = min(failures)
-    return index, failures[index]
-
-
 __all__ = [
     "DEFAULT_WINDOW",
     "ConfirmedPublisher",
     "Outgoing",
     "PubAckTimeout",
-    "first_failure",
     "publish_confirmed",
 ]

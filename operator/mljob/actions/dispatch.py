@@ -35,9 +35,9 @@ from mljob.dispatch import (
     TaskEncoder,
     load_items,
     publish_items,
+    task_publisher,
 )
 from mljob.jobview import JobView, now_iso
-from mljob.jspublish import ConfirmedPublisher
 from mljob.services import Services
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,7 @@ async def _publish_from_cursor(
     """
     settings = services.settings
     start = int(view.status.get("dispatchCursor", 0))
-    publisher = ConfirmedPublisher(
-        services.js, timeout=settings.dispatch_publish_timeout_seconds, window=settings.dispatch_window
-    )
+    publisher = task_publisher(services.js, settings)
     reported = {"cursor": start, "at": time.monotonic()}
 
     async def report(cursor: int, force: bool = False) -> None:

@@ -21,9 +21,9 @@ from mljob.dispatch import (
     load_items,
     publish_items,
     stream_settings,
+    task_publisher,
 )
 from mljob.jobview import JobView
-from mljob.jspublish import ConfirmedPublisher
 from mljob.services import Services
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,8 @@ async def republish_unresolved(
     fails and the next tick carries the recreation through: the dedup ids make it harmless)."""
     unresolved = set(await services.results.unresolved_items(target.uid))
     todo = [item for item in items if item["id"] in unresolved]
-    settings = services.settings
-    publisher = ConfirmedPublisher(
-        services.js, timeout=settings.dispatch_publish_timeout_seconds, window=settings.dispatch_window
-    )
-    await publish_items(publisher, TaskEncoder(target), todo, 0, settings.dispatch_chunk)
+    publisher = task_publisher(services.js, services.settings)
+    await publish_items(publisher, TaskEncoder(target), todo, 0, services.settings.dispatch_chunk)
     return len(todo)
 
 

@@ -3,10 +3,8 @@ exhaustion, id recovery, result bounds, publish retry."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +12,6 @@ from pydantic_core import PydanticSerializationError
 
 from mljob import protocol
 from mljob.worker.context import PermanentError
-
-log = logging.getLogger(__name__)
 
 #: Upper bound of the NAK delay for a transient handler failure.
 MAX_NAK_DELAY_SECONDS = 30
@@ -168,38 +164,7 @@ def encode_bounded(
     return replacement.encode(), problem
 
 
-async def publish_with_retry(
-    publish: Callable[[], Awaitable[object]],
-    *,
-    attempts: int = 5,
-    first_delay: float = 0.2,
-    what: str = "result",
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> bool:
-    """Call `publish` until it succeeds, at most `attempts` times, doubling the delay in between.
-
-    True when it succeeded; False when every try failed (the caller then NAKs the task).
-    """
-    delay = first_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            await publish()
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            if attempt == attempts:
-                log.warning("publishing %s failed %d times, giving up: %s", what, attempts, describe(err))
-                return False
-            log.warning(
-                "publishing %s failed (try %d/%d), retrying in %.1fs: %s",
-                what,
-                attempt,
-                attempts,
-                delay,
-                describe(err),
-            )
-            await sleep(delay)
-            delay *= 2
-        else:
-            return True
-    return False
+def publish_retry_delay(first_delay: float, tries: int) -> float:
+    """Seconds before a result whose publish failed `tries` times is published again: the first
+    delay, doubled after each failed try."""
+    return first_delay * 2.0 ** (tries - 1)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from mljob import protocol
 from mljob.jspublish import DEFAULT_WINDOW, Outgoing
-from mljob.worker.outcome import Publish, describe, encode_bounded
+from mljob.worker.outcome import Publish, describe, encode_bounded, publish_retry_delay
 from mljob.worker.taskmsg import TaskMsg
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class ResultPublisher:
             else:
                 again.setdefault(p.tries, []).append(p)
         for tries, retried in again.items():
-            delay = self.backoff * 2 ** (tries - 1)
+            delay = publish_retry_delay(self.backoff, tries)
             log.warning(
                 "publishing %d result(s) failed (try %d/%d), retrying in %.1fs: %s",
                 len(retried),
