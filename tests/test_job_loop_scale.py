@@ -42,6 +42,7 @@ async def test_a_job_that_fits_one_chunk_goes_to_running_in_one_write(world: Fak
     assert shown["startTime"] and shown["observedGeneration"] == 1
     assert [e.reason for e in world.kube.events_of(uid)] == ["Running"]
     assert world.jobs.records[uid].phase == Phase.RUNNING
+    assert world.jobs.records[uid].dispatched == 4, "Postgres knows every task was dispatched"
 
 
 async def test_a_job_of_several_chunks_still_shows_dispatching_and_its_cursor(
