@@ -10,10 +10,12 @@ from e2e_support.harness import wait_for
 
 
 def test_operator_killed_mid_dispatch_resumes_exactly_once(e2e: E2E, tmp_path: Path) -> None:
-    # A slow, small-chunk operator so the kill lands mid-dispatch.
+    # A slow, small-chunk operator so the kill lands mid-dispatch: a window of 4 unconfirmed
+    # tasks makes it a few round trips per 8 tasks, so the cursor (written once a second) is seen
+    # between its ends.
     assert e2e.operator is not None
     e2e.operator.stop()
-    e2e.start_operator(MLJOB_DISPATCH_CHUNK="200")
+    e2e.start_operator(MLJOB_DISPATCH_CHUNK="200", MLJOB_DISPATCH_WINDOW="4")
     ids = [f"big-{i:05d}" for i in range(20_000)]
     names, manifests = configmap_manifests("resume-items", ids)
     e2e.kubectl.run("-n", e2e.namespace, "apply", "-f", "-", stdin=manifests)
