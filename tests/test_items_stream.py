@@ -222,3 +222,28 @@ async def test_unreadable_manifests(serve: Callable[[Body], str]) -> None:
         await load_items(target(url + "x"), no_configmaps)
     with pytest.raises(items.ItemSourceError, match="line 2: not UTF-8 text"):
         await load_items(target(serve(lambda: iter([b"a\n", b"\xff\n"]))), no_configmaps)
+
+
+async def test_configmap_items_are_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing, de-duplicating and sorting a ConfigMap source is CPU work of seconds for a
+    million lines: it runs in a thread, like a URL manifest's, not on the event loop."""
+    threads: dict[str, int] = {}
+
+    def recorded(name: str, original: Callable[..., list[items.Item]]) -> Callable[..., list[items.Item]]:
+        def wrapper(*args: object) -> list[items.Item]:
+            threads[name] = threading.get_ident()
+            return original(*args)
+
+        return wrapper
+
+    monkeypatch.setattr(items, "from_configmaps", recorded("parse", items.from_configmaps))
+    monkeypatch.setattr(items, "check_unique", recorded("unique", items.check_unique))
+
+    async def configmap_data(namespace: str, name: str) -> dict[str, str]:
+        return {"ids": "\n".join(f"{name}-{n}" for n in range(3))}
+
+    spec = MLJobSpec.model_validate({"pipeline": "p", "itemsFrom": {"configMaps": ["a", "b"]}})
+    loaded = await load_items(DispatchTarget("u", "ns", "job", spec), configmap_data)
+    assert [i["id"] for i in loaded] == [f"{name}-{n}" for name in "ab" for n in range(3)]
+    assert set(threads) == {"parse", "unique"}
+    assert threading.get_ident() not in threads.values(), "the ConfigMap source was parsed on the event loop"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +43,20 @@ MANIFEST_READ_BLOCK = 1 << 16
 
 
 def _read_manifest(url: str, sha256: str | None) -> list[item_rules.Item]:
-    """Fetch and parse a URL manifest in one pass (run in a thread: a million lines take seconds
-    of parsing, which the event loop must not wait for)."""
+    """Fetch and parse a URL manifest in one pass (run by `_off_loop`)."""
     with urllib.request.urlopen(url, timeout=30) as resp:
         blocks = iter(lambda: resp.read(MANIFEST_READ_BLOCK), b"")
         return item_rules.check_unique(item_rules.from_manifest(blocks, url, sha256))
+
+
+def _parse_configmaps(found: Sequence[tuple[str, Mapping[str, str]]]) -> list[item_rules.Item]:
+    return item_rules.check_unique(item_rules.from_configmaps(found))
+
+
+async def _off_loop(parse: Callable[..., list[item_rules.Item]], *args: Any) -> list[item_rules.Item]:
+    """Run an item source's parsing (and its de-duplication sort) in a thread: a million lines
+    take seconds of CPU, which every job loop and the collector on the event loop would wait for."""
+    return await asyncio.to_thread(parse, *args)
 
 
 async def load_items(
@@ -67,10 +76,10 @@ async def load_items(
             if data is None:
                 raise SourceNotReady(f"ConfigMap {target.namespace}/{name} not found")
             found.append((name, data))
-        return item_rules.check_unique(item_rules.from_configmaps(found))
+        return await _off_loop(_parse_configmaps, found)
     assert source.url is not None
     try:
-        return await asyncio.to_thread(_read_manifest, source.url, source.sha256)
+        return await _off_loop(_read_manifest, source.url, source.sha256)
     except item_rules.ItemSourceError:
         raise
     except Exception as err:
