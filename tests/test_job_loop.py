@@ -9,6 +9,7 @@ Workers are simulated by moving tasks from the fake stream into results through 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -297,7 +298,8 @@ async def test_stall_with_every_task_delivered_fails_the_lost_items(
 
     clock.advance(STALL - 5)
     assert not await loop.step()
-    world.services.heartbeats[uid] = clock.time()  # a long task is not a stall
+    world.services.wakeups[uid] = asyncio.Event()  # a job this operator runs a loop for
+    world.services.heartbeats.record(uid, clock.time())  # a long task is not a stall
     clock.advance(10)
     assert not await loop.step()
     assert status(body)["phase"] == Phase.RUNNING and failed_with(world, uid, "Lost") == set()

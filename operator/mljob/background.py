@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +22,12 @@ from mljob.exhausted import ExhaustedDeliveries
 from mljob.services import Services
 from mljob.sweep import run_sweeper
 
+log = logging.getLogger(__name__)
+
 #: How long shutdown waits for the background tasks to finish their current batch.
 STOP_TIMEOUT_SECONDS = 10.0
+#: How long a cancelled task may take to unwind (its `finally` clauses) before shutdown goes on.
+CANCEL_TIMEOUT_SECONDS = 5.0
 
 
 def _uid_of(subject: str) -> str:
@@ -34,10 +39,23 @@ class Background:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        """Ask every task to stop, give them `timeout` to finish their batch, cancel the rest and
+        wait for them: the caller closes the connections they use right after."""
         self.stop_event.set()
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=STOP_TIMEOUT_SECONDS)
+        if not self.tasks:
+            return
+        _, late = await asyncio.wait(self.tasks, timeout=timeout)
+        for task in late:
+            log.warning("%s did not stop within %gs; cancelling it", task.get_name(), timeout)
+            task.cancel()
+        if late:
+            _, stuck = await asyncio.wait(late, timeout=CANCEL_TIMEOUT_SECONDS)
+            for task in stuck:
+                log.error("%s is still running after being cancelled", task.get_name())
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("%s failed: %s", task.get_name(), task.exception())
 
 
 async def start(services: Services) -> Background:
@@ -47,7 +65,7 @@ async def start(services: Services) -> Background:
         services.wake(_uid_of(msg.subject))
 
     async def on_heartbeat(msg: Any) -> None:
-        services.heartbeats[_uid_of(msg.subject)] = time.time()
+        services.heartbeats.record(_uid_of(msg.subject), time.time())
 
     await services.nc.subscribe(f"{protocol.DRAINED_SUBJECT_PREFIX}.*", cb=on_drained)
     await services.nc.subscribe(f"{protocol.HEARTBEAT_SUBJECT_PREFIX}.*.*", cb=on_heartbeat)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -24,6 +24,7 @@ from mljob.adapters.jobs_store import JobsStore
 from mljob.adapters.kube import Kube, load_config
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import ResultsStore, make_pool
+from mljob.api.models import MAX_STALL_TIMEOUT_SECONDS
 from mljob.db.migrate import apply_migrations_async
 from mljob.settings import OperatorSettings
 
@@ -34,6 +35,45 @@ T = TypeVar("T")
 async def with_retry(what: str, attempt: Callable[[], Awaitable[T]], max_delay: float = 10.0) -> T:
     """Retry `attempt` until it succeeds, logging one line per failure that names the dependency."""
     return await natsconn.retry(attempt, natsconn.every_failure(log, what), maximum=max_delay)
+
+
+#: How often the heartbeat map drops what it no longer needs (at most; only when heartbeats come).
+HEARTBEAT_EXPIRY_INTERVAL_SECONDS = 60.0
+
+
+@dataclass
+class Heartbeats:
+    """uid -> unix seconds of the last worker heartbeat, bounded by what a decision can use.
+
+    Heartbeats arrive for every job on the account, other installations' included, and a job's
+    cleanup is not the only way its loop ends: only uids in `managed` (the jobs this operator
+    runs a loop for) are kept, and an entry older than `horizon` (the longest stall timeout a
+    job may have; an older heartbeat changes no stall decision) or of a job no longer managed is
+    dropped, at most once per `HEARTBEAT_EXPIRY_INTERVAL_SECONDS`.
+    """
+
+    managed: Container[str]
+    horizon: float = float(MAX_STALL_TIMEOUT_SECONDS)
+    seen: dict[str, float] = field(default_factory=dict)
+    next_expiry: float = 0.0
+
+    def record(self, uid: str, now: float) -> None:
+        if uid in self.managed:
+            self.seen[uid] = now
+        if now >= self.next_expiry:
+            self.expire(now)
+
+    def expire(self, now: float) -> None:
+        self.seen = {
+            uid: at for uid, at in self.seen.items() if uid in self.managed and now - at < self.horizon
+        }
+        self.next_expiry = now + HEARTBEAT_EXPIRY_INTERVAL_SECONDS
+
+    def get(self, uid: str) -> float | None:
+        return self.seen.get(uid)
+
+    def forget(self, uid: str) -> None:
+        self.seen.pop(uid, None)
 
 
 @dataclass
@@ -49,14 +89,15 @@ class Services:
     results: ResultsStore
     kube: Kube
     wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
-    #: uid -> unix seconds of the last worker heartbeat seen on NATS (stall detection, row 5)
-    heartbeats: dict[str, float] = field(default_factory=dict)
+    #: the last worker heartbeat of each job this operator runs a loop for (stall detection, row 5)
+    heartbeats: Heartbeats = field(init=False)
     #: jobs dispatching at once: ten thousand MLJobs created together otherwise all register
     #: their items at the same moment and queue on the Postgres pool until its waits time out
     dispatch_slots: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
         self.dispatch_slots = asyncio.Semaphore(self.settings.max_concurrent_dispatches)
+        self.heartbeats = Heartbeats(managed=self.wakeups)
 
     def wake(self, uid: str) -> None:
         event = self.wakeups.get(uid)

@@ -24,7 +24,7 @@ async def cleanup_job(services: Services, uid: str, pipeline: str) -> None:
         await jetstream.unregister_job(services.registry, pipeline, uid)
         await jetstream.delete_job_tasks(services.js, pipeline, uid)
     await services.state.delete(uid)
-    services.heartbeats.pop(uid, None)
+    services.heartbeats.forget(uid)
     metrics.CLEANUPS.inc()
     log.debug("cleaned up job %s (consumer %s)", uid, protocol.task_consumer(uid))
 

@@ -23,6 +23,8 @@ SHORT_NAMES = ["mlj"]
 PIPELINE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_INLINE_ITEMS = 10_000
 MAX_ITEM_ID_LENGTH = 512
+#: The longest `stallTimeoutSeconds` a job may have: no activity signal is used for longer.
+MAX_STALL_TIMEOUT_SECONDS = 604_800
 MAX_DIAGNOSTICS = 20
 MAX_CONDITIONS = 16
 
@@ -203,7 +205,7 @@ class MLJobSpec(_Model):
     stall_timeout_seconds: int = Field(
         default=600,
         ge=10,
-        le=604_800,
+        le=MAX_STALL_TIMEOUT_SECONDS,
         description="With no activity for this long, the job's outstanding work is reconciled.",
         json_schema_extra=_immutable("stallTimeoutSeconds"),
     )
