@@ -69,3 +69,55 @@ def test_a_ceiling_below_the_base_interval_means_the_base_interval() -> None:
 )
 def test_is_quiet(action: reconcile.Action, changed: bool, quiet: bool) -> None:
     assert reconcile.is_quiet(reconcile.Plan(action), changed) is quiet
+
+
+DONE = ItemCounts(total=10, pending=0, failed=0)
+
+
+@pytest.mark.parametrize(
+    ("case", "changes", "changed", "action", "quiet"),
+    [
+        # Redis shows nothing pending; the ledger had no items last time (StateAvailable=False):
+        # the finish is tried again, but as a quiet tick that backs off
+        ("finish, ledger empty", {"counts": DONE, "state_unavailable": True}, False, "finish", True),
+        (
+            "finish, ledger empty, counts moved",
+            {"counts": DONE, "state_unavailable": True},
+            True,
+            "finish",
+            False,
+        ),
+        ("finish, first try", {"counts": DONE}, False, "finish", False),
+        (
+            "rebuild, nothing to rebuild from",
+            {"counts": None, "state_unavailable": True},
+            False,
+            "rebuild-state",
+            True,
+        ),
+        ("rebuild, first try", {"counts": None}, False, "rebuild-state", False),
+        ("progress, state unavailable", {"state_unavailable": True}, False, "progress", True),
+        (
+            "cancel beats a blocked finish",
+            {"counts": DONE, "state_unavailable": True, "cancel": True},
+            False,
+            "cancel",
+            False,
+        ),
+    ],
+)
+def test_a_blocked_finish_or_rebuild_is_quiet(
+    case: str, changes: dict[str, object], changed: bool, action: str, quiet: bool
+) -> None:
+    plan = reconcile.decide(snap(**changes))
+    assert (plan.action, reconcile.is_quiet(plan, changed)) == (action, quiet), case
+
+
+def test_a_blocked_finish_backs_off_like_a_quiet_job() -> None:
+    s = snap(counts=DONE, state_unavailable=True)
+    quiet = 0
+    sleeps = []
+    for _ in range(6):
+        quiet = quiet + 1 if reconcile.is_quiet(reconcile.decide(s), False) else 0
+        sleeps.append(reconcile.next_tick(s, quiet, base=5.0, ceiling=60.0))
+    assert sleeps == [10.0, 20.0, 40.0, 60.0, 60.0, 60.0]

@@ -21,6 +21,7 @@ from mljob.actions import observe
 from mljob.actions import state as state_action
 from mljob.adapters.kube import JobRef
 from mljob.api.models import TERMINAL_PHASES, Phase
+from mljob.core import reconcile
 from mljob.dispatch import DispatchInterrupted
 from mljob.lifecycle import JobLoop
 from mljob.settings import OperatorSettings
@@ -623,3 +624,36 @@ async def test_a_recreation_interrupted_halfway_is_carried_through_and_counted_o
     await ticks(loop, 2)
     assert status(body)["phase"] == Phase.SUCCEEDED
     assert (status(body)["processed"], status(body)["failed"]) == (10, 0)
+
+
+async def test_nothing_pending_and_no_ledger_items_is_said_once_and_backs_off(
+    world: FakeWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis shows every item done, the ledger knows no item of the job (e.g. another database):
+    no exact counts to finish on. One warning and a condition, then the loop backs off like a
+    quiet job instead of warning every interval forever."""
+    body = new_job(world, 4)
+    uid = uid_of(body)
+    loop = await running(world, body)
+    await world.state.mark_failed(uid, item_ids(4), 0.0)  # Redis: nothing pending
+    world.results.items.pop(uid)  # the ledger: no items
+    settings = world.services.settings
+    sleeps = []
+    with caplog.at_level("WARNING"):
+        for _ in range(6):
+            assert not await loop.step()
+            assert loop.snapshot is not None
+            sleeps.append(
+                reconcile.next_tick(
+                    loop.snapshot,
+                    loop.quiet_ticks,
+                    settings.reconcile_interval,
+                    settings.idle_reconcile_interval,
+                )
+            )
+    warnings = [r for r in caplog.records if "ledger has no items" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    shown = condition(body, "StateAvailable")
+    assert shown is not None and (shown["status"], shown["reason"]) == ("False", "LedgerMissing")
+    assert status(body)["phase"] == Phase.RUNNING  # never finished on counts it does not have
+    assert sleeps == sorted(sleeps) and sleeps[-1] >= 16 * sleeps[0], sleeps

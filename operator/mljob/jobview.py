@@ -93,9 +93,10 @@ class JobView:
             conditions = set_condition(conditions, type_, status, reason, message, self.generation, now_iso())
         return conditions
 
-    def has_condition(self, type_: str, status: str = "True") -> bool:
+    def has_condition(self, type_: str, status: str = "True", reason: str | None = None) -> bool:
         return any(
-            c.get("type") == type_ and c.get("status") == status for c in self.status.get("conditions", [])
+            c.get("type") == type_ and c.get("status") == status and reason in (None, c.get("reason"))
+            for c in self.status.get("conditions", [])
         )
 
     async def set_conditions(

@@ -18,6 +18,9 @@ from mljob.services import Services
 
 log = logging.getLogger(__name__)
 
+#: The `StateAvailable=False` reason of a job Redis shows as done whose ledger has no items.
+LEDGER_MISSING = "LedgerMissing"
+
 
 async def ledger_counts(services: Services, uid: str) -> ItemCounts | None:
     """Counts from the results ledger; None for a job that never registered items."""
@@ -36,7 +39,10 @@ async def finish(services: Services, view: JobView, override: reconcile.Verdict 
     """
     counts = await ledger_counts(services, view.ref.uid)
     if override is None:
-        if counts is None or counts.pending:
+        if counts is None:
+            await _no_ledger_items(view)
+            return False
+        if counts.pending:
             # Redis and the ledger disagree (e.g. the item source changed under a resumed
             # dispatch): the ledger wins; the Redis copy is rebuilt from it and the job goes on.
             log.warning(
@@ -44,11 +50,10 @@ async def finish(services: Services, view: JobView, override: reconcile.Verdict 
                 "rebuilding the Redis state from the ledger",
                 view.ref.namespace,
                 view.ref.name,
-                counts.pending if counts else "all",
+                counts.pending,
             )
-            if counts is not None:
-                await services.state.delete(view.ref.uid)
-                await state.rebuild(services, view)
+            await services.state.delete(view.ref.uid)
+            await state.rebuild(services, view)
             return False
         threshold = float(view.spec.get("failureThreshold", 0.5))
         override = reconcile.verdict(counts.total, counts.failed, threshold)
@@ -58,6 +63,19 @@ async def finish(services: Services, view: JobView, override: reconcile.Verdict 
     )
     await view.reload()
     return shown
+
+
+async def _no_ledger_items(view: JobView) -> None:
+    """Redis shows nothing pending, but the ledger has no items: no exact counts to finish on and
+    nothing to rebuild Redis from. Said once, as a condition and a warning; the loop backs off
+    (`reconcile.is_quiet`) until Redis or the ledger changes."""
+    message = (
+        "Redis shows nothing pending but the results ledger has no items of this job: it cannot be "
+        "finished on exact counts; waiting for the ledger"
+    )
+    if not view.has_condition("StateAvailable", "False", reason=LEDGER_MISSING):
+        log.warning("job %s/%s (%s): %s", view.ref.namespace, view.ref.name, view.ref.uid, message)
+    await view.set_conditions(("StateAvailable", "False", LEDGER_MISSING, message))
 
 
 async def mirror_row(services: Services, view: JobView, row: JobRow) -> bool:

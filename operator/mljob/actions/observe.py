@@ -74,4 +74,5 @@ def snapshot(
         stream_recreations=int(status.get("streamRecreations", 0)),
         max_stream_recreations=services.settings.max_stream_recreations,
         stream_recreation_pending=view.has_condition("StreamAvailable", "False"),
+        state_unavailable=view.has_condition("StateAvailable", "False"),
     )

@@ -92,6 +92,9 @@ class Snapshot:
     max_stream_recreations: int = 3
     #: a recreation was begun (counted, `StreamAvailable=False`) and not yet seen through
     stream_recreation_pending: bool = False
+    #: `StateAvailable=False`: a finish or rebuild found no items in the ledger to work from, and
+    #: only a change in Redis or the ledger can move the job
+    state_unavailable: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ class Plan:
     status: dict[str, Any] = field(default_factory=dict)
     fail_reason: FailReason | None = None
     message: str = ""
+    #: the action found nothing to work from last time (`Snapshot.state_unavailable`): doing it
+    #: again with nothing changed is a quiet tick, not progress
+    blocked: bool = False
 
 
 def verdict(total: int, failed: int, threshold: float) -> Verdict:
@@ -171,8 +177,7 @@ def decide(s: Snapshot) -> Plan:
         return Plan(Action.CANCEL, Verdict(Phase.CANCELLED, "Cancelled", "spec.cancel was set"))
     if s.phase is Phase.RUNNING and s.counts is not None and s.counts.pending == 0:
         # Every item has an outcome: the exact counts decide, even if the deadline passed since.
-        fields = progress_fields(s.counts, s.dispatched)
-        return Plan(Action.FINISH, verdict(s.counts.total, s.counts.failed, s.failure_threshold), fields)
+        return _finish(s, s.counts)
     if deadline_passed(s):
         message = f"the job ran longer than activeDeadlineSeconds ({s.active_deadline_seconds}s)"
         return Plan(
@@ -186,12 +191,12 @@ def decide(s: Snapshot) -> Plan:
     ):
         return Plan(Action.DISPATCH)
     if s.counts is None:
-        return Plan(Action.REBUILD_STATE)
+        return Plan(Action.REBUILD_STATE, blocked=s.state_unavailable)
     fields = progress_fields(s.counts, s.dispatched)
     if s.stream_recreation_pending and s.counts.pending:
         return Plan(Action.REDISPATCH, status=fields)  # carry a begun recreation through
     if s.counts.pending == 0:
-        return Plan(Action.FINISH, verdict(s.counts.total, s.counts.failed, s.failure_threshold), fields)
+        return _finish(s, s.counts)
     if s.stream is not None and not (s.stream.stream_exists and s.stream.consumer_exists):
         if s.stream_recreations < s.max_stream_recreations:
             return Plan(Action.REDISPATCH, status=fields)
@@ -222,6 +227,12 @@ def decide(s: Snapshot) -> Plan:
     return Plan(Action.PROGRESS, status=fields)
 
 
+def _finish(s: Snapshot, counts: ItemCounts) -> Plan:
+    fields = progress_fields(counts, s.dispatched)
+    outcome = verdict(counts.total, counts.failed, s.failure_threshold)
+    return Plan(Action.FINISH, outcome, fields, blocked=s.state_unavailable)
+
+
 def needs_stream_view(s: Snapshot, counts_changed: bool) -> bool:
     """Whether the shell should ask NATS about the stream this tick (a round trip).
 
@@ -250,5 +261,9 @@ def next_tick(s: Snapshot, quiet_ticks: int, base: float, ceiling: float) -> flo
 
 
 def is_quiet(plan: Plan, counts_changed: bool) -> bool:
-    """A tick that found a running job as it was: nothing to do but look again later."""
-    return plan.action in (Action.PROGRESS, Action.WAIT_FOR_WORKERS) and not counts_changed
+    """A tick that found a running job as it was: nothing to do but look again later. So is a
+    blocked finish or rebuild (the ledger has no items to work from) while nothing changes: it
+    backs off like an idle job instead of retrying every interval forever."""
+    if counts_changed:
+        return False
+    return plan.action in (Action.PROGRESS, Action.WAIT_FOR_WORKERS) or plan.blocked
