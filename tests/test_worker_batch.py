@@ -19,7 +19,7 @@ from mljob.worker.batching import BatchAssembler, Quarantine
 from mljob.worker.handler import DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WAIT_SECONDS, BatchSpec, batch_spec
 from mljob.worker.runner import batch_outcomes
 from mljob.worker.slots import Slots
-from mljob.worker.taskmsg import HeartbeatLog
+from mljob.worker.taskmsg import HeartbeatLog, TaskMsg, heartbeat
 from workers.fakes import Events, FakeMsg, binding, make_runner, process_batch, published, running, task
 
 pytestmark = pytest.mark.unit
@@ -196,18 +196,48 @@ async def test_a_batch_heartbeats_every_task_once_per_interval_and_naks_all_when
     assert events[-3:] == [("nak", None)] * 3 and ("ack",) not in events
 
 
-async def test_heartbeat_failures_warn_once_until_one_succeeds(caplog: pytest.LogCaptureFixture) -> None:
-    failures = HeartbeatLog()
+class FlakyHeartbeat(FakeMsg):
+    """A task whose +WPI fails `failures` times (NATS refusing it), then works."""
+
+    def __init__(self, item_id: str, events: Events, failures: int) -> None:
+        super().__init__(task(item_id), events)
+        self.failures = failures
+        self.beats = 0
+
+    async def in_progress(self) -> None:
+        self.beats += 1
+        if self.beats <= self.failures:
+            raise ConnectionError(f"refused heartbeat {self.beats}")
+        await super().in_progress()
+
+
+async def test_a_failing_heartbeat_is_a_warning_naming_the_task_and_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events: Events = []
+    # "bad" fails three times, then works, then fails again for good; "good" always works.
+    bad, good = FlakyHeartbeat("bad", events, failures=3), FakeMsg(task("good"), events)
+    tasks = [TaskMsg(bad), TaskMsg(good)]  # type: ignore[arg-type]
     with caplog.at_level(logging.DEBUG, logger="mljob.worker.taskmsg"):
-        for _ in range(5):
-            failures.failed(ConnectionError("gone"))
-        failures.succeeded()
-        failures.failed(ConnectionError("gone again"))
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert [("gone" in r.getMessage(), "gone again" in r.getMessage()) for r in warnings] == [
-        (True, False),
-        (True, True),
+        beating = asyncio.create_task(heartbeat(tasks, 0.001, binding().entry, None, HeartbeatLog()))
+        while bad.beats < 4:
+            await asyncio.sleep(0.001)
+        bad.failures = 10**9  # fails again from the next beat on
+        start = bad.beats
+        while bad.beats < start + 3:
+            await asyncio.sleep(0.001)
+        beating.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await beating
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings  # when it started failing, and again after a success
+    assert all(w.startswith("heartbeat of item bad of job u1 failed: ") for w in warnings), warnings
+    assert "refused heartbeat 1" in warnings[0] and f"refused heartbeat {start + 1}" in warnings[1]
+    repeats = [
+        r for r in caplog.records if r.levelno == logging.DEBUG and "item bad of job u1" in r.getMessage()
     ]
+    assert repeats, "the repeats of a failing task's heartbeat are not logged at all"
+    assert events.count(("wpi",)) >= bad.beats - 1  # the good task kept beating meanwhile
 
 
 # --------------------------------------------------------------------------- grouped publish

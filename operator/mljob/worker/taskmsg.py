@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from functools import partial
 
 from nats.aio.msg import Msg
 
@@ -62,26 +63,39 @@ class TaskMsg:
         return True
 
 
+def task_name(msg: Msg, uid: str) -> str:
+    """`item <id> of job <uid>` for a log line (the id from the task's body, if it has one)."""
+    try:
+        return f"item {protocol.decode_task(msg.data).item_id} of job {uid}"
+    except protocol.MalformedMessage:
+        return f"a task of job {uid}"
+
+
 class HeartbeatLog:
-    """Heartbeat failures: one warning when they start, DEBUG while they go on (one per task and
-    interval would flood the log during a NATS outage), and a new warning after a success."""
+    """Heartbeat failures: a WARNING naming the task and the reason when its heartbeats start
+    failing (its handler still runs, and it may be redelivered after ack_wait and run twice);
+    DEBUG while the same task's go on failing (one per task and interval would flood the log
+    during a NATS outage); a success or the end of the task re-arms the warning."""
 
     def __init__(self) -> None:
-        self.failing = False
+        #: What is failing now: a TaskMsg, or a job uid for its heartbeats to the operator.
+        self.failing: set[Hashable] = set()
 
-    def failed(self, err: BaseException) -> None:
-        if self.failing:
-            log.debug("in-progress heartbeat failed: %s", describe(err))
+    def failed(self, key: Hashable, name: Callable[[], str], err: BaseException) -> None:
+        """`key` failed; `name()` says what it is (only called for a line that is logged)."""
+        if key in self.failing:
+            log.debug("heartbeat of %s failed: %s", name(), describe(err))
             return
-        self.failing = True
+        self.failing.add(key)
         log.warning(
-            "in-progress heartbeat failed: %s (tasks may be redelivered after ack_wait while their "
-            "handler still runs; further failures are logged at DEBUG until one succeeds)",
+            "heartbeat of %s failed: %s (it may be redelivered after ack_wait while its handler "
+            "still runs; logged at DEBUG while it keeps failing)",
+            name(),
             describe(err),
         )
 
-    def succeeded(self) -> None:
-        self.failing = False
+    def succeeded(self, key: Hashable) -> None:
+        self.failing.discard(key)
 
 
 def heartbeat_interval(ack_wait: float) -> float:
@@ -97,19 +111,40 @@ async def heartbeat(
 ) -> None:
     """Tell NATS the tasks are still being worked on, so ack_wait does not expire under a live
     handler, and tell the operator the job is alive, so a long task is not taken for a stall.
-    One loop for a whole batch: a +WPI per unsettled task, one heartbeat message per interval."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
+    One loop for a whole batch: a +WPI per unsettled task, one heartbeat message per interval;
+    each failure is reported for the task (or job) it concerns, see HeartbeatLog."""
+    uid = entry.uid
+    subject = protocol.heartbeat_subject(entry.pipeline, uid)
+    try:
+        while True:
+            await asyncio.sleep(interval)
             for task in tasks:
                 if not task.settled:
-                    await task.msg.in_progress()
+                    await _beat(failures, task, partial(task_name, task.msg, uid), task.msg.in_progress)
             if announce is not None:
-                await announce(protocol.heartbeat_subject(entry.pipeline, entry.uid))
-        except Exception as err:
-            failures.failed(err)
-        else:
-            failures.succeeded()
+                await _beat(failures, uid, lambda: f"job {uid} (to the operator)", lambda: announce(subject))
+    finally:
+        for key in (*tasks, uid):
+            failures.succeeded(key)
 
 
-__all__ = ["Announcer", "HeartbeatLog", "TaskMsg", "delivery_count", "heartbeat", "heartbeat_interval"]
+async def _beat(
+    failures: HeartbeatLog, key: Hashable, name: Callable[[], str], call: Callable[[], Awaitable[object]]
+) -> None:
+    try:
+        await call()
+    except Exception as err:
+        failures.failed(key, name, err)
+    else:
+        failures.succeeded(key)
+
+
+__all__ = [
+    "Announcer",
+    "HeartbeatLog",
+    "TaskMsg",
+    "delivery_count",
+    "heartbeat",
+    "heartbeat_interval",
+    "task_name",
+]
