@@ -16,6 +16,7 @@ from mljob.core.reconcile import (
     Snapshot,
     StreamView,
     decide,
+    ledger_agrees,
     needs_stream_view,
     progress_percent,
     status_delta,
@@ -230,6 +231,21 @@ def test_verdict(total: int, failed: int, threshold: float, phase: Phase, reason
     result = verdict(total, failed, threshold)
     assert (result.phase, result.reason) == (phase, reason)
     assert str(failed) in result.message or failed == 0
+
+
+@pytest.mark.parametrize(
+    ("decided_on", "ledger", "stands"),
+    [
+        (ItemCounts(10, 0, 2), ItemCounts(10, 0, 2), True),
+        (ItemCounts(10, 0, 2), ItemCounts(10, 1, 2), False),  # the ledger misses an outcome
+        (ItemCounts(10, 0, 2), ItemCounts(10, 0, 6), False),  # other failures: another verdict
+        (ItemCounts(10, 0, 2), ItemCounts(12, 0, 2), False),  # other items (source changed)
+    ],
+)
+def test_a_verdict_stands_only_on_the_ledgers_counts(
+    decided_on: ItemCounts, ledger: ItemCounts, stands: bool
+) -> None:
+    assert ledger_agrees(decided_on, ledger) is stands
 
 
 def test_counts_and_completeness() -> None:

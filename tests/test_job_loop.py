@@ -657,3 +657,49 @@ async def test_nothing_pending_and_no_ledger_items_is_said_once_and_backs_off(
     assert shown is not None and (shown["status"], shown["reason"]) == ("False", "LedgerMissing")
     assert status(body)["phase"] == Phase.RUNNING  # never finished on counts it does not have
     assert sleeps == sorted(sleeps) and sleeps[-1] >= 16 * sleeps[0], sleeps
+
+
+@pytest.mark.parametrize(
+    "decided",
+    [
+        reconcile.Verdict(Phase.SUCCEEDED, "Completed", "decided by the core"),
+        reconcile.Verdict(Phase.FAILED, "FailureThresholdExceeded", "decided by the core"),
+    ],
+)
+async def test_finish_applies_the_verdict_the_core_decided(
+    world: FakeWorld, decided: reconcile.Verdict
+) -> None:
+    """The FINISH action carries out `plan.verdict` (decided once, in the core) once the ledger
+    backs its counts; it does not decide a verdict of its own (both verdicts here differ from
+    what the threshold would say, so an action deciding again fails this test)."""
+    body = new_job(world, 4)
+    uid = uid_of(body)
+    loop = await running(world, body)
+    await world.work(uid, 4, failed=frozenset({"item-000"}))
+    counts = await world.state.counts(uid)
+    assert counts is not None and (counts.pending, counts.failed) == (0, 1)
+    plan = reconcile.Plan(reconcile.Action.FINISH, decided, reconcile.progress_fields(counts, 4))
+    assert await loop.act(plan, counts)
+    shown = status(body)
+    assert (shown["phase"], world.jobs.records[uid].phase) == (decided.phase, decided.phase)
+    progressing = condition(body, "Progressing")
+    assert progressing is not None and progressing["reason"] == decided.reason
+
+
+async def test_a_verdict_the_ledger_does_not_back_is_not_applied(world: FakeWorld) -> None:
+    """Redis shows every item done without failures, the ledger holds 3 failures of 4: the
+    decided Succeeded is not applied; Redis is rebuilt from the ledger and the next tick decides
+    Failed on it."""
+    body = new_job(world, 4)
+    uid = uid_of(body)
+    loop = await running(world, body)
+    pulled = world.pull(uid, 4)
+    failures = frozenset({"item-000", "item-001", "item-002"})
+    await world.answer(pulled, failed=failures)
+    world.state.flush()  # Redis lost it ...
+    await world.state.initialize(uid, [])  # ... and holds a wrong copy: nothing pending, no failure
+    assert not await loop.step()
+    assert status(body)["phase"] == Phase.RUNNING
+    assert await world.state.failed_ids(uid) == failures  # rebuilt from the ledger
+    assert await loop.step()
+    assert status(body)["phase"] == Phase.FAILED

@@ -147,7 +147,7 @@ class JobLoop:
                 await cleanup.delete_after_ttl(s, view)
                 return True
             case reconcile.Action.CANCEL:
-                return await self._ended(await cancel.cancel(s, view))
+                return await self._ended(await cancel.cancel(s, view, plan))
             case reconcile.Action.DISPATCH:
                 async with s.dispatch_slots:
                     await dispatch.dispatch(s, view)
@@ -155,7 +155,7 @@ class JobLoop:
                 if await state.rebuild(s, view):
                     return await self._ended(True)
             case reconcile.Action.FINISH:
-                return await self._ended(await finish.finish(s, view))
+                return await self._ended(await finish.finish(s, view, plan.verdict, counts))
             case reconcile.Action.FAIL_PENDING:
                 return await self._ended(await fail_items.fail_pending(s, view, plan))
             case reconcile.Action.REDISPATCH:

@@ -20,16 +20,16 @@ from mljob.services import Services
 
 log = logging.getLogger(__name__)
 
-CANCELLED = reconcile.Verdict(Phase.CANCELLED, "Cancelled", "spec.cancel was set")
 
-
-async def cancel(services: Services, view: JobView) -> bool:
-    """One step of cancelling; True once the MLJob shows a terminal phase."""
+async def cancel(services: Services, view: JobView, plan: reconcile.Plan) -> bool:
+    """One step of cancelling to the plan's verdict; True once the MLJob shows a terminal phase."""
+    assert plan.verdict is not None and plan.verdict.phase is Phase.CANCELLED
+    verdict = plan.verdict
     uid = view.ref.uid
     if view.phase is not Phase.CANCELING:
         await services.jobs.ensure(uid, view.ref.namespace, view.ref.name, view.pipeline, {})
         await services.jobs.set_phase(
-            uid, Phase.CANCELING, services.settings.actor, "Cancelled", CANCELLED.message
+            uid, Phase.CANCELING, services.settings.actor, verdict.reason, verdict.message
         )
         row = await services.jobs.get(uid)
         if row is not None and row.phase in TERMINAL_PHASES:
@@ -63,4 +63,4 @@ async def cancel(services: Services, view: JobView) -> bool:
             view.ref, "Canceling", "spec.cancel was set: stopping dispatch and cleaning up"
         )
     await cleanup_job(services, uid, view.pipeline)
-    return await finish.finish(services, view, CANCELLED)
+    return await finish.finish(services, view, verdict)

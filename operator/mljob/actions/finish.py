@@ -31,38 +31,52 @@ async def ledger_counts(services: Services, uid: str) -> ItemCounts | None:
     return ItemCounts(total=total, pending=max(0, total - recorded), failed=failed)
 
 
-async def finish(services: Services, view: JobView, override: reconcile.Verdict | None = None) -> bool:
+async def finish(
+    services: Services,
+    view: JobView,
+    verdict: reconcile.Verdict | None = None,
+    decided_on: ItemCounts | None = None,
+) -> bool:
     """Finish the job; True once the MLJob shows a terminal phase (else retry next tick).
 
-    Without `override` the verdict follows the failure threshold, and only once the ledger has an
-    outcome for every item: missing outcomes never count as complete.
+    A `verdict` alone is applied as it is (cancel, deadline, lost stream, unusable items). With
+    `decided_on`, the counts the core decided it on (the FINISH rule, from Redis), it is applied
+    only once the ledger holds the same counts. Without a verdict (items just failed as lost) it
+    follows the failure threshold on the ledger's counts. Missing outcomes never count as complete.
     """
     counts = await ledger_counts(services, view.ref.uid)
-    if override is None:
+    if verdict is None or decided_on is not None:
         if counts is None:
             await _no_ledger_items(view)
             return False
-        if counts.pending:
-            # Redis and the ledger disagree (e.g. the item source changed under a resumed
-            # dispatch): the ledger wins; the Redis copy is rebuilt from it and the job goes on.
-            log.warning(
-                "job %s/%s: Redis shows nothing pending but the ledger has %s items without an outcome; "
-                "rebuilding the Redis state from the ledger",
-                view.ref.namespace,
-                view.ref.name,
-                counts.pending,
-            )
-            await services.state.delete(view.ref.uid)
-            await state.rebuild(services, view)
+        if not reconcile.ledger_agrees(decided_on or counts, counts):
+            await _rebuild_from_ledger(services, view, counts)
             return False
-        threshold = float(view.spec.get("failureThreshold", 0.5))
-        override = reconcile.verdict(counts.total, counts.failed, threshold)
+        if verdict is None:
+            threshold = float(view.spec.get("failureThreshold", 0.5))
+            verdict = reconcile.verdict(counts.total, counts.failed, threshold)
     await services.jobs.ensure(view.ref.uid, view.ref.namespace, view.ref.name, view.pipeline, {})
     _, _, shown = await finish_job(
-        services.jobs, services.kube, view.ref, view.generation, override, counts, services.settings.actor
+        services.jobs, services.kube, view.ref, view.generation, verdict, counts, services.settings.actor
     )
     await view.reload()
     return shown
+
+
+async def _rebuild_from_ledger(services: Services, view: JobView, counts: ItemCounts) -> None:
+    """Redis and the ledger disagree (e.g. the item source changed under a resumed dispatch):
+    the ledger wins; the Redis copy is rebuilt from it, and the next tick decides on it."""
+    log.warning(
+        "job %s/%s: Redis shows nothing pending but the ledger has %d of %d items without an outcome "
+        "and %d failed; rebuilding the Redis state from the ledger",
+        view.ref.namespace,
+        view.ref.name,
+        counts.pending,
+        counts.total,
+        counts.failed,
+    )
+    await services.state.delete(view.ref.uid)
+    await state.rebuild(services, view)
 
 
 async def _no_ledger_items(view: JobView) -> None:

@@ -145,6 +145,12 @@ def progress_fields(counts: ItemCounts, dispatched: int) -> dict[str, Any]:
     }
 
 
+def ledger_agrees(decided_on: ItemCounts, ledger: ItemCounts) -> bool:
+    """Whether a verdict decided on `decided_on` (Redis's copy) stands on the ledger's counts: the
+    ledger has an outcome for every item, and the same items and failures."""
+    return ledger.pending == 0 and (ledger.total, ledger.failed) == (decided_on.total, decided_on.failed)
+
+
 def status_delta(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
     """Only the fields that differ: an idle tick yields {} and therefore no write."""
     return {key: value for key, value in desired.items() if current.get(key) != value}
