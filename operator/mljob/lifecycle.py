@@ -200,5 +200,9 @@ class JobLoop:
             log.warning("job %s/%s: %s", view.ref.namespace, view.ref.name, stalled)
         if counts is not None and view.phase is not None and reconcile.status_delta(before, desired):
             await self.s.jobs.progress(
-                view.ref.uid, view.phase, counts, int(view.status.get("dispatched", 0))
+                view.ref.uid,
+                view.phase,
+                counts,
+                int(view.status.get("dispatched", 0)),
+                self.s.settings.actor,
             )

@@ -13,7 +13,7 @@ from mljob.adapters.redis_state import RecordOutcome, RecordStatus, StoredJob
 from mljob.adapters.results_store import UpsertResult
 from mljob.api.models import TERMINAL_PHASES, Phase
 from mljob.core.counts import ItemCounts
-from mljob.core.phases import finalizable_from
+from mljob.core.phases import finalizable_from, moves_to
 
 
 @dataclass
@@ -202,11 +202,13 @@ class FakeJobsStore:
         record = self.records.get(uid)
         return record.row() if record else None
 
-    async def progress(self, uid: str, phase: Phase, counts: ItemCounts, dispatched: int) -> None:
+    async def progress(self, uid: str, phase: Phase, counts: ItemCounts, dispatched: int, actor: str) -> None:
         record = self.records.get(uid)
         if record is None or record.phase not in _NON_TERMINAL:
             return
-        record.phase = phase
+        if moves_to(record.phase, phase):
+            self.audit.append(Transition(uid, record.phase.value, phase.value, "", actor))
+            record.phase = phase
         record.total, record.dispatched = counts.total, dispatched
         record.processed, record.failed = counts.processed, counts.failed
 
@@ -219,8 +221,10 @@ class FakeJobsStore:
         message: str = "",
         dispatched: int | None = None,
     ) -> None:
+        if phase in TERMINAL_PHASES:
+            raise ValueError(f"{phase} is terminal: only finish() writes it")
         record = self.records.get(uid)
-        if record is None or record.phase not in _NON_TERMINAL or record.phase == phase:
+        if record is None or not moves_to(record.phase, phase):
             return
         self.audit.append(Transition(uid, record.phase.value, phase.value, reason, actor))
         record.phase = phase

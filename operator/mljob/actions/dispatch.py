@@ -177,7 +177,7 @@ async def _write_dispatch_progress(services: Services, view: JobView, cursor: in
         fields.update(reconcile.progress_fields(counts, cursor))
     await view.write(fields)
     if counts is not None and view.phase is not None:
-        await services.jobs.progress(view.ref.uid, view.phase, counts, cursor)
+        await services.jobs.progress(view.ref.uid, view.phase, counts, cursor, services.settings.actor)
 
 
 async def _mark_running(

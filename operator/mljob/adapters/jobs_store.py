@@ -2,6 +2,8 @@
 
 The terminal transition is a compare-and-set (`UPDATE ... WHERE phase = ANY(finalizable)`),
 so of two racing writers exactly one wins; the loser reads and mirrors the winner's phase.
+Every other phase change locks the row and moves only as `core.phases` allows. Each change
+of phase writes its `mljob_transitions` row in the same transaction.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from mljob.api.models import TERMINAL_PHASES, Phase
 from mljob.core.counts import ItemCounts
-from mljob.core.phases import finalizable_from
+from mljob.core.phases import finalizable_from, moves_to
 
 
 @dataclass(frozen=True)
@@ -42,13 +45,36 @@ class FinishOutcome:
     row: JobRow  # what Postgres holds now: mirror it
 
 
-_NON_TERMINAL = [p.value for p in Phase if p not in TERMINAL_PHASES]
 _COLUMNS = "uid, phase, reason, message, total, processed, failed, completion_time"
 
 
 def _row(values: tuple[Any, ...]) -> JobRow:
     uid, phase, reason, message, total, processed, failed, completion = values
     return JobRow(uid, Phase(phase), reason, message, total, processed, failed, completion)
+
+
+async def _lock_phase(conn: AsyncConnection[Any], uid: str) -> Phase | None:
+    """The row's phase, locked until the transaction ends (None: no row): the guards decide on it."""
+    cur = await conn.execute("SELECT phase FROM mljob_jobs WHERE uid = %s FOR UPDATE", (uid,))
+    found = await cur.fetchone()
+    return Phase(found[0]) if found else None
+
+
+async def _record_transition(
+    conn: AsyncConnection[Any],
+    uid: str,
+    before: Phase | None,
+    after: Phase,
+    reason: str,
+    message: str,
+    actor: str,
+) -> None:
+    """The audit row of one phase change (every change of `mljob_jobs.phase` has one)."""
+    await conn.execute(
+        "INSERT INTO mljob_transitions (job_uid, from_phase, to_phase, reason, message, actor) "
+        "VALUES (%s, %s, %s, %s, %s, %s)",
+        (uid, before.value if before else None, after.value, reason, message, actor),
+    )
 
 
 class JobsStore:
@@ -70,24 +96,32 @@ class JobsStore:
             found = await cur.fetchone()
         return _row(found) if found else None
 
-    async def progress(self, uid: str, phase: Phase, counts: ItemCounts, dispatched: int) -> None:
-        """Mirror progress; never touches a terminal row (a late writer cannot regress it)."""
-        async with self.pool.connection() as conn:
+    async def progress(self, uid: str, phase: Phase, counts: ItemCounts, dispatched: int, actor: str) -> None:
+        """Mirror progress; never touches a terminal row (a late writer cannot regress it).
+
+        The row follows the MLJob's `phase` only where the phase table allows it (a Canceling
+        row never goes back to Running), with its transition row, like `set_phase`."""
+        async with self.pool.connection() as conn, conn.transaction():
+            current = await _lock_phase(conn, uid)
+            if current is None or current in TERMINAL_PHASES:
+                return
+            moved = moves_to(current, phase)
             await conn.execute(
                 "UPDATE mljob_jobs SET phase = %s, total = %s, dispatched = %s, processed = %s, failed = %s, "
                 "last_activity_time = COALESCE(to_timestamp(%s), last_activity_time), updated_at = now() "
-                "WHERE uid = %s AND phase = ANY(%s)",
+                "WHERE uid = %s",
                 (
-                    phase.value,
+                    (phase if moved else current).value,
                     counts.total,
                     dispatched,
                     counts.processed,
                     counts.failed,
                     counts.last_activity,
                     uid,
-                    _NON_TERMINAL,
                 ),
             )
+            if moved:
+                await _record_transition(conn, uid, current, phase, "", "", actor)
 
     async def set_phase(
         self,
@@ -98,24 +132,22 @@ class JobsStore:
         message: str = "",
         dispatched: int | None = None,
     ) -> None:
-        """A non-terminal phase change (Dispatching, Running), with its audit row; `dispatched`
-        (Running: every task published) is recorded with it, so a job that ends before its first
-        progress write still shows in Postgres what it dispatched."""
+        """A non-terminal phase change (Dispatching, Running, Canceling) the phase table allows,
+        with its audit row; any other is not recorded. `dispatched` (Running: every task
+        published) is recorded with it, so a job that ends before its first progress write still
+        shows in Postgres what it dispatched."""
+        if phase in TERMINAL_PHASES:
+            raise ValueError(f"{phase} is terminal: only finish() writes it")
         async with self.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(
-                "UPDATE mljob_jobs j "
-                "SET phase = %s, dispatched = COALESCE(%s, j.dispatched), updated_at = now() "
-                "FROM (SELECT phase FROM mljob_jobs WHERE uid = %s FOR UPDATE) old "
-                "WHERE j.uid = %s AND j.phase = ANY(%s) AND j.phase <> %s RETURNING old.phase",
-                (phase.value, dispatched, uid, uid, _NON_TERMINAL, phase.value),
+            current = await _lock_phase(conn, uid)
+            if current is None or not moves_to(current, phase):
+                return
+            await conn.execute(
+                "UPDATE mljob_jobs SET phase = %s, dispatched = COALESCE(%s, dispatched), updated_at = now() "
+                "WHERE uid = %s",
+                (phase.value, dispatched, uid),
             )
-            previous = await cur.fetchone()
-            if previous:
-                await conn.execute(
-                    "INSERT INTO mljob_transitions (job_uid, from_phase, to_phase, reason, message, actor) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)",
-                    (uid, previous[0], phase.value, reason, message, actor),
-                )
+            await _record_transition(conn, uid, current, phase, reason, message, actor)
 
     async def finish(
         self, uid: str, target: Phase, reason: str, message: str, counts: ItemCounts | None, actor: str
@@ -123,8 +155,7 @@ class JobsStore:
         """Compare-and-set to a terminal phase; returns whether we won and what the row holds."""
         allowed = [p.value for p in finalizable_from(target)]
         async with self.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute("SELECT phase FROM mljob_jobs WHERE uid = %s FOR UPDATE", (uid,))
-            before = await cur.fetchone()
+            before = await _lock_phase(conn, uid)
             sets = "phase = %s, reason = %s, message = %s, completion_time = now(), updated_at = now()"
             params: list[Any] = [target.value, reason, message]
             if counts is not None:
@@ -136,11 +167,7 @@ class JobsStore:
             )
             won = await cur.fetchone()
             if won:
-                await conn.execute(
-                    "INSERT INTO mljob_transitions (job_uid, from_phase, to_phase, reason, message, actor) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)",
-                    (uid, before[0] if before else None, target.value, reason, message, actor),
-                )
+                await _record_transition(conn, uid, before, target, reason, message, actor)
                 return FinishOutcome(True, _row(won))
             cur = await conn.execute(f"SELECT {_COLUMNS} FROM mljob_jobs WHERE uid = %s", (uid,))
             current = await cur.fetchone()

@@ -1,12 +1,12 @@
 """The MLJob phase state machine.
 
 Terminal phases are absorbing; Canceling may only become Cancelled. Every writer (the CR
-status, the Postgres compare-and-set, the CEL rules on the server) follows this one table.
+status, the Postgres guards, the CEL rules on the server) follows this one table.
 """
 
 from __future__ import annotations
 
-from mljob.api.models import FINALIZABLE_PHASES, TERMINAL_PHASES, Phase
+from mljob.api.models import TERMINAL_PHASES, Phase
 
 _ALLOWED: dict[Phase | None, frozenset[Phase]] = {
     None: frozenset({Phase.PENDING, Phase.DISPATCHING, Phase.RUNNING, Phase.CANCELING, *TERMINAL_PHASES}),
@@ -29,8 +29,13 @@ def can_transition(current: Phase | None, target: Phase) -> bool:
     return current == target or target in _ALLOWED[current]
 
 
+def moves_to(current: Phase, target: Phase) -> bool:
+    """True when a non-terminal change `current` -> `target` is one the table allows (staying
+    put is no change): what Postgres records, with its transition row, for a phase change
+    other than the terminal one, which only the guarded finish writes."""
+    return target not in TERMINAL_PHASES and current != target and target in _ALLOWED[current]
+
+
 def finalizable_from(target: Phase) -> frozenset[Phase]:
     """The phases from which the guarded terminal write to `target` may fire."""
-    if target == Phase.CANCELLED:
-        return FINALIZABLE_PHASES | {Phase.CANCELING}
-    return FINALIZABLE_PHASES
+    return frozenset(phase for phase in Phase if phase != target and target in _ALLOWED[phase])
