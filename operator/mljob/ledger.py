@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from mljob import protocol
 from mljob.adapters.redis_state import JobState, RecordOutcome, RecordStatus
-from mljob.adapters.results_store import ResultsStore
+from mljob.adapters.results_store import ResultsStore, chunks
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,12 @@ async def fail_items(
 ) -> int:
     """Fail items that have no outcome yet; returns how many were newly failed in Redis.
 
-    Items that already have an outcome (a result landed first) keep it.
+    Items that already have an outcome (a result landed first) keep it. One statement per chunk
+    (as registration), so a million items is no single huge statement, and a failure partway
+    keeps the chunks already recorded: the caller's retry does only what is left.
     """
-    results = [failure(uid, item_id, reason, message, attempts) for item_id in item_ids]
-    outcomes = await record(store, state, results)
-    return sum(1 for o in outcomes if o.status is RecordStatus.NEW)
+    newly = 0
+    for part in chunks(item_ids):
+        outcomes = await record(store, state, [failure(uid, i, reason, message, attempts) for i in part])
+        newly += sum(1 for o in outcomes if o.status is RecordStatus.NEW)
+    return newly

@@ -19,10 +19,10 @@ Why this shape:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -30,10 +30,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from mljob import protocol
 
-__all__ = ["RejectedResult", "ResultsStore", "UpsertResult", "make_pool"]
+__all__ = ["RejectedResult", "ResultsStore", "UpsertResult", "chunks", "make_pool"]
 
 Key = tuple[str, str]
 """(job uid, item id)."""
+
+T = TypeVar("T")
 
 
 class RejectedResult(ValueError):
@@ -141,9 +143,17 @@ JOIN unnest(%s::text[], %s::text[]) AS k(job_uid, item_id) USING (job_uid, item_
 _REGISTER = """
 INSERT INTO mljob_items (job_uid, item_id) SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING
 """
-#: Ids per INSERT: large enough to be a few round trips for 100,000 items, small enough to keep
-#: each statement's parameter (and the server's memory for it) to a few MB.
+#: Ids (or results) per statement, for registering items and for failing them: large enough to
+#: be a few round trips for 100,000 items, small enough to keep each statement's parameters (and
+#: the server's memory for them) to a few MB, and a retry to one chunk's worth.
 REGISTER_CHUNK = 50_000
+
+
+def chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`values` in slices of `REGISTER_CHUNK`: one statement each, however many items a job has."""
+    for start in range(0, len(values), REGISTER_CHUNK):
+        yield values[start : start + REGISTER_CHUNK]
+
 
 _UNRESOLVED = """
 SELECT i.item_id FROM mljob_items i
@@ -194,8 +204,8 @@ class ResultsStore:
         ids = list(item_ids)
         try:
             async with self.pool.connection() as conn, conn.transaction():
-                for start in range(0, len(ids), REGISTER_CHUNK):
-                    await conn.execute(_REGISTER, (uid, ids[start : start + REGISTER_CHUNK]))
+                for part in chunks(ids):
+                    await conn.execute(_REGISTER, (uid, part))
         except psycopg.DataError as err:
             raise ValueError(f"item ids of job {uid} are not storable: {err}".splitlines()[0]) from err
 
