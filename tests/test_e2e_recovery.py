@@ -4,12 +4,13 @@ has to end, then the one invariant check (e2e_support.invariants) judges the end
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 
 import redis as redis_sync
 
-from e2e_support.env import E2E
+from e2e_support.env import E2E, configmap_manifests
 from e2e_support.harness import wait_for
 from e2e_support.invariants import assert_job_invariants
 from mljob import protocol
@@ -83,6 +84,30 @@ def test_stream_deleted_mid_flight_is_recreated_and_only_unfinished_items_redisp
     assert status.get("streamRecreations") == 1
     assert _condition(status, "StreamAvailable")["reason"] == "StreamRecreated"  # type: ignore[index]
     assert_job_invariants(e2e, uid, items, "stream", status)
+
+
+def test_an_item_removed_from_its_configmap_after_dispatch_is_redispatched_from_the_ledger(e2e: E2E) -> None:
+    """The ConfigMap is edited after dispatch (one item removed), then the stream is lost with
+    every task: re-dispatch publishes what the ledger recorded at dispatch, fields included, so
+    the removed item is processed rather than failed as Lost after the stall timeout."""
+    lines = [json.dumps({"id": f"e-{i:02d}", "page": i}) for i in range(10)]
+    names, manifests = configmap_manifests("edited-items", lines)
+    e2e.kubectl.run("-n", e2e.namespace, "apply", "-f", "-", stdin=manifests)
+    uid = e2e.apply("edited", "edited", itemsFrom={"configMaps": names}, stallTimeoutSeconds=10)
+    e2e.wait_phase("edited", {"Running"}, timeout=30)
+    _, edited = configmap_manifests("edited-items", [line for line in lines if '"e-03"' not in line])
+    e2e.kubectl.run("-n", e2e.namespace, "apply", "-f", "-", stdin=edited)
+    _delete_stream(e2e, "edited")
+    wait_for(lambda: e2e.status("edited").get("streamRecreations") == 1, 30, what="the recreation")
+    e2e.start_worker("edited", "echo_item")
+    status = e2e.wait_terminal("edited", timeout=90)
+    assert (status["phase"], status["processed"], status["failed"]) == ("Succeeded", 10, 0), e2e.logs()
+    with e2e.pg() as conn:
+        cur = conn.execute("SELECT item_id, result FROM mljob_results WHERE job_uid = %s", (uid,))
+        results = dict(cur.fetchall())
+    assert results == {f"e-{i:02d}": {"item": {"id": f"e-{i:02d}", "page": i}} for i in range(10)}
+    items = [f"e-{i:02d}" for i in range(10)]
+    assert_job_invariants(e2e, uid, items, "edited", status)
 
 
 def test_a_stream_lost_more_often_than_allowed_fails_the_job_with_stream_lost(e2e: E2E) -> None:

@@ -65,7 +65,7 @@ EXPECTED_COLUMNS: dict[str, set[str]] = {
         "at",
     },
     "mljob_dead_letters": {"id", "source", "subject", "payload", "reason", "at"},
-    "mljob_items": {"job_uid", "item_id"},
+    "mljob_items": {"job_uid", "item_id", "fields"},
     "mljob_schema_migrations": {"version", "applied_at"},
 }
 

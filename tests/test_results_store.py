@@ -146,6 +146,28 @@ async def test_register_items_is_idempotent_and_counted(store: ResultsStore) -> 
     assert await store.registered_count(str(uuid.uuid4())) == 0
 
 
+async def test_items_are_recorded_with_their_fields_as_first_registered(store: ResultsStore) -> None:
+    """What re-dispatch builds tasks from: each unresolved item as dispatch recorded it, fields
+    included (NaN as its task carries it, a NUL escaped), whatever a later registration says."""
+    uid = str(uuid.uuid4())
+    first = [
+        {"id": "a", "page": 1, "tags": ["x", "y"]},
+        {"id": "b", "note": "nul\x00 inside", "score": float("nan")},
+        "c",
+        {"id": "d"},
+    ]
+    await store.register_items(uid, first)
+    await store.register_items(uid, [{"id": "a", "page": 99}, "b", {"id": "e", "page": 5}])  # resumed, edited
+    await store.upsert([result(uid, "d", OK)])
+    assert await store.unresolved_item_records(uid) == [
+        {"id": "a", "page": 1, "tags": ["x", "y"]},
+        {"id": "b", "note": "nul\x00 inside", "score": None},
+        {"id": "c"},
+        {"id": "e", "page": 5},
+    ]
+    assert await store.unresolved_items(uid) == ["a", "b", "c", "e"]
+
+
 async def test_register_items_refuses_unstorable_ids_atomically(store: ResultsStore) -> None:
     uid = str(uuid.uuid4())
     with pytest.raises(ValueError, match="not storable"):

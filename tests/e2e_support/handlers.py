@@ -34,6 +34,11 @@ def quick(task: Any) -> dict[str, Any]:
     return {"id": task.item_id}
 
 
+def echo_item(task: Any) -> dict[str, Any]:
+    """The item as the task carried it: shows which fields a (re-)published task had."""
+    return {"item": task.item}
+
+
 def slow(task: Any) -> dict[str, Any]:
     time.sleep(float(os.environ.get("MLJOB_TEST_SLEEP", "0.005")))
     return {"id": task.item_id}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +13,7 @@ from mljob.adapters.redis_state import RecordOutcome, RecordStatus, StoredJob
 from mljob.adapters.results_store import UpsertResult
 from mljob.api.models import TERMINAL_PHASES, Phase
 from mljob.core.counts import ItemCounts
+from mljob.core.items import fields_of, with_fields
 from mljob.core.phases import finalizable_from, moves_to
 
 
@@ -98,25 +99,32 @@ class FakeResultsStore:
 
     def __init__(self) -> None:
         self.items: dict[str, list[str]] = {}
+        #: (job uid, item id) -> the item's free fields as first registered (None: only an id)
+        self.fields: dict[tuple[str, str], dict[str, Any] | None] = {}
         self.rows: dict[tuple[str, str], protocol.Result] = {}
         self.dead: list[tuple[str, str, bytes, str]] = []
 
     def rows_of(self, uid: str) -> dict[str, protocol.Result]:
         return {item: row for (job, item), row in self.rows.items() if job == uid}
 
-    async def register_items(self, uid: str, item_ids: Sequence[str]) -> None:
+    async def register_items(self, uid: str, items: Sequence[str] | Sequence[Mapping[str, Any]]) -> None:
         known = self.items.setdefault(uid, [])
         seen = set(known)
-        for item_id in item_ids:
+        for item in items:
+            item_id = item if isinstance(item, str) else str(item["id"])
             if item_id not in seen:
                 known.append(item_id)
                 seen.add(item_id)
+                self.fields[(uid, item_id)] = None if isinstance(item, str) else fields_of(item)
 
     async def registered_count(self, uid: str) -> int:
         return len(self.items.get(uid, []))
 
     async def unresolved_items(self, uid: str) -> list[str]:
         return sorted(i for i in self.items.get(uid, []) if (uid, i) not in self.rows)
+
+    async def unresolved_item_records(self, uid: str) -> list[dict[str, Any]]:
+        return [with_fields(i, self.fields.get((uid, i))) for i in await self.unresolved_items(uid)]
 
     async def upsert(self, results: Sequence[protocol.Result]) -> UpsertResult:
         out = UpsertResult()

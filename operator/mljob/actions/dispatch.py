@@ -78,8 +78,9 @@ async def dispatch(services: Services, view: JobView) -> None:
     elif view.has_condition("ItemsSourceReady", "False"):
         await view.set_conditions(("ItemsSourceReady", "True", "ItemsLoaded", f"{len(items)} items loaded"))
     ids = ItemIds(items)  # read through: no second list of the ids
-    # The ledger knows every item, then Redis; both before any task can be published (row 9).
-    await services.results.register_items(view.ref.uid, ids)
+    # The ledger knows every item (with its fields: re-dispatch rebuilds tasks from it), then
+    # Redis; both before any task can be published (row 9).
+    await services.results.register_items(view.ref.uid, items)
     await ensure_state(services, view.ref.uid, ids)
     existed = await jetstream.job_consumer_exists(services.js, spec.pipeline, view.ref.uid)
     entry = await ensure_stream_and_registry(services, target)
@@ -88,7 +89,7 @@ async def dispatch(services: Services, view: JobView) -> None:
         # The stream or the job's consumer vanished mid-dispatch, maybe with the tasks published
         # so far (row 11).
         await begin_recreation(services, view)
-        republished = await republish_unresolved(services, target, items[:cursor])
+        republished = await republish_unresolved(services, target, ids[:cursor])
         await end_recreation(services, view, republished)
     await jetstream.register_job(services.registry, entry)
     if await _publish_from_cursor(services, view, target, items, write_cursor=not one_write):

@@ -1,24 +1,24 @@
 """The REDISPATCH action: a job's stream or consumer vanished (row 11).
 
 Recreate them (same names, so workers pick them up by themselves when they rebind), put the
-registry entry back, and publish again every item without a result row, from the job's item
-source. Bounded by `max_stream_recreations`; after that the job fails with `StreamLost`. Dispatch
-uses `republish_unresolved` too, when the stream vanished before every task was published.
+registry entry back, and publish again every item without a result row, as the ledger recorded
+it at dispatch: the item source may have been edited since (an item removed from a ConfigMap
+must still be re-published), or be gone. Bounded by `max_stream_recreations`; after that the job
+fails with `StreamLost`. Dispatch uses `republish_unresolved` too, when the stream vanished
+before every task was published.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Sequence
 
 from mljob import metrics, protocol
 from mljob.actions.dispatch_target import target_of
 from mljob.adapters import jetstream
 from mljob.dispatch import (
     DispatchTarget,
-    SourceNotReady,
     TaskEncoder,
-    load_items,
     publish_items,
     stream_settings,
     task_publisher,
@@ -30,13 +30,16 @@ log = logging.getLogger(__name__)
 
 
 async def republish_unresolved(
-    services: Services, target: DispatchTarget, items: list[dict[str, Any]]
+    services: Services, target: DispatchTarget, among: Sequence[str] | None = None
 ) -> int:
-    """Publish those of `items` that have no result row; returns how many. Raises
-    DispatchInterrupted when the stream did not confirm them all in time (the caller's step
-    fails and the next tick carries the recreation through: the dedup ids make it harmless)."""
-    unresolved = set(await services.results.unresolved_items(target.uid))
-    todo = [item for item in items if item["id"] in unresolved]
+    """Publish every item without a result row (only those of `among` when given), built from
+    the ledger's record of the item; returns how many. Raises DispatchInterrupted when the
+    stream did not confirm them all in time (the caller's step fails and the next tick carries
+    the recreation through: the dedup ids make it harmless)."""
+    todo = await services.results.unresolved_item_records(target.uid)
+    if among is not None:
+        wanted = set(among)
+        todo = [item for item in todo if item["id"] in wanted]
     publisher = task_publisher(services.js, services.settings)
     await publish_items(publisher, TaskEncoder(target), todo, 0, services.settings.dispatch_chunk)
     return len(todo)
@@ -76,23 +79,9 @@ async def end_recreation(services: Services, view: JobView, republished: int) ->
 async def redispatch(services: Services, view: JobView) -> int:
     """Recreate and re-publish; returns how many tasks were published again."""
     target = target_of(view)
-    try:
-        items = await load_items(target, services.kube.configmap_data)
-    except SourceNotReady as err:
-        await view.set_conditions(
-            (
-                "ItemsSourceReady",
-                "False",
-                "ItemsSourceMissing",
-                f"the job's stream was lost and its items cannot be re-read to re-dispatch them: {err}",
-            )
-        )
-        return 0
-    if view.has_condition("ItemsSourceReady", "False"):
-        await view.set_conditions(("ItemsSourceReady", "True", "ItemsLoaded", f"{len(items)} items loaded"))
     await begin_recreation(services, view)
     entry = await ensure_stream_and_registry(services, target)
-    republished = await republish_unresolved(services, target, items)
+    republished = await republish_unresolved(services, target)
     await jetstream.register_job(services.registry, entry)
     await end_recreation(services, view, republished)
     return republished

@@ -9,17 +9,19 @@ Why this shape:
   one round trip, atomic, whatever the batch size.
 * The ledger is what Redis state is rebuilt from (row 12), hence ``item_outcomes``.
 * Results have no foreign key to the job row, so late results are kept (row 10).
-* ``mljob_items`` is the snapshot of each job's item ids taken at dispatch (``register_items``,
-  before the first task is published: row 9). ``upsert`` stores only results of registered
-  items, checked in the same statement that stores them, so a result for a job never dispatched
-  or for an id that is not an item of its job can never count, and the caller learns which
-  were refused. The snapshot outlives cleanup, so late results are still recognised.
+* ``mljob_items`` is the snapshot of each job's items taken at dispatch (``register_items``,
+  before the first task is published: row 9): the ids, and each item's free fields, which
+  re-dispatch builds its tasks from (the item source may have changed since). ``upsert``
+  stores only results of registered items, checked in the same statement that stores them, so
+  a result for a job never dispatched or for an id that is not an item of its job can never
+  count, and the caller learns which were refused. The snapshot outlives cleanup, so late
+  results are still recognised.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -27,8 +29,10 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
+from pydantic_core import to_json
 
 from mljob import protocol
+from mljob.core import items as item_rules
 
 __all__ = ["RejectedResult", "ResultsStore", "UpsertResult", "chunks", "make_pool"]
 
@@ -141,7 +145,9 @@ JOIN unnest(%s::text[], %s::text[]) AS k(job_uid, item_id) USING (job_uid, item_
 """
 
 _REGISTER = """
-INSERT INTO mljob_items (job_uid, item_id) SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING
+INSERT INTO mljob_items (job_uid, item_id, fields)
+SELECT %s, item_id, fields::json FROM unnest(%s::text[], %s::text[]) AS t(item_id, fields)
+ON CONFLICT DO NOTHING
 """
 #: Ids (or results) per statement, for registering items and for failing them: large enough to
 #: be a few round trips for 100,000 items, small enough to keep each statement's parameters (and
@@ -154,6 +160,13 @@ def chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
     for start in range(0, len(values), REGISTER_CHUNK):
         yield values[start : start + REGISTER_CHUNK]
 
+
+_UNRESOLVED_RECORDS = """
+SELECT i.item_id, i.fields FROM mljob_items i
+WHERE i.job_uid = %s
+  AND NOT EXISTS (SELECT 1 FROM mljob_results r WHERE r.job_uid = i.job_uid AND r.item_id = i.item_id)
+ORDER BY i.item_id
+"""
 
 _UNRESOLVED = """
 SELECT i.item_id FROM mljob_items i
@@ -182,6 +195,13 @@ def _json(value: Any) -> str | None:
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
 
+def _fields_json(item: Mapping[str, Any]) -> str | None:
+    """An item's free fields as JSON text (None: only an id), encoded as its task body encodes
+    them (pydantic-core, NUL escaped), NaN and infinities as null: Postgres json has no NaN."""
+    fields = item_rules.fields_of(item)
+    return None if fields is None else to_json(fields, inf_nan_mode="null").decode()
+
+
 def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
@@ -192,20 +212,23 @@ class ResultsStore:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
 
-    async def register_items(self, uid: str, item_ids: Sequence[str]) -> None:
-        """Record the job's item ids; results are accepted only for these (idempotent).
+    async def register_items(self, uid: str, items: Sequence[str] | Sequence[Mapping[str, Any]]) -> None:
+        """Record the job's items, ids or whole items; results are accepted only for these ids
+        (idempotent), and an item's free fields are kept beside its id, for re-dispatch.
 
         Call it with every item before the job's first task is published, and again on a
-        resumed dispatch: ids already registered are skipped. All or nothing (one transaction).
-        Raises :class:`ValueError` for an id Postgres cannot store (NUL).
+        resumed dispatch: ids already registered are skipped (their fields as first recorded).
+        All or nothing (one transaction). Raises :class:`ValueError` for an id Postgres cannot
+        store (NUL).
         """
-        if not item_ids:
+        if not items:
             return
-        ids = list(item_ids)
+        ids = [item if isinstance(item, str) else str(item["id"]) for item in items]
+        fields = [None if isinstance(item, str) else _fields_json(item) for item in items]
         try:
             async with self.pool.connection() as conn, conn.transaction():
-                for part in chunks(ids):
-                    await conn.execute(_REGISTER, (uid, part))
+                for part, part_fields in zip(chunks(ids), chunks(fields), strict=True):
+                    await conn.execute(_REGISTER, (uid, part, part_fields))
         except psycopg.DataError as err:
             raise ValueError(f"item ids of job {uid} are not storable: {err}".splitlines()[0]) from err
 
@@ -222,6 +245,14 @@ class ResultsStore:
         async with self.pool.connection() as conn:
             cur = await conn.execute(_UNRESOLVED, (uid,))
             return [item for (item,) in await cur.fetchall()]
+
+    async def unresolved_item_records(self, uid: str) -> list[dict[str, Any]]:
+        """The registered items without a result row, sorted by id, each as dispatch recorded it
+        (id and free fields): the tasks re-dispatch publishes again, whatever the item source
+        says now."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_UNRESOLVED_RECORDS, (uid,))
+            return [item_rules.with_fields(item, fields) for item, fields in await cur.fetchall()]
 
     async def upsert(self, results: Sequence[protocol.Result]) -> UpsertResult:
         """Store a batch idempotently (first outcome stands), refusing keys that are not items.

@@ -158,6 +158,19 @@ def _check_sha256(actual: str, expected: str, url: str) -> None:
         raise ItemSourceError(f"manifest {url}: checksum mismatch, expected sha256 {expected}, got {actual}")
 
 
+def fields_of(item: Mapping[str, Any]) -> dict[str, Any] | None:
+    """An item's free fields without its id (None: the item is only its id): what the ledger
+    keeps beside the id, so a task can be rebuilt whatever happens to the source."""
+    if len(item) == 1:
+        return None
+    return {key: value for key, value in item.items() if key != "id"}
+
+
+def with_fields(item_id: str, fields: Mapping[str, Any] | None) -> Item:
+    """The item a task carries, rebuilt from what the ledger kept (`fields_of`)."""
+    return {"id": item_id, **(fields or {})}
+
+
 def check_unique(items: list[Item]) -> list[Item]:
     """Refuse duplicate ids (one id is one task, one result row, one Redis member) and an empty
     list; returns `items` itself. Checked on the ids sorted: a list of references, 8 bytes an item
