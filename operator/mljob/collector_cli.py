@@ -2,7 +2,9 @@
 
 At start-up it applies the Postgres migrations, ensures the shared results stream and its durable
 consumer, and checks Redis. A dependency that is not reachable yet gives one clear log line naming
-it (no stack-trace loop) and is retried until it answers or the process is told to stop.
+it (no stack-trace loop) and is retried until it answers or the process is told to stop; one that
+refuses the credentials, or a migration Postgres refuses, ends the process with one line and
+exit status 1 (retrying cannot heal it).
 """
 
 from __future__ import annotations
@@ -69,15 +71,31 @@ def _cmd_collector(args: argparse.Namespace) -> int:
     from mljob import logs
 
     logs.setup(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except natsconn.CannotStart as err:
+        log.error("%s", err)
+        return 1
     return 0
 
 
-async def _retry(name: str, where: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T | None:
-    """Run ``attempt`` until it succeeds (its value) or ``stop`` is set (None); one line per cause."""
+async def _retry(
+    name: str,
+    where: str,
+    attempt: Callable[[], Awaitable[T]],
+    stop: asyncio.Event,
+    permanent: natsconn.Permanent,
+) -> T | None:
+    """Run ``attempt`` until it succeeds (its value) or ``stop`` is set (None); one line per cause.
+    A failure ``permanent`` names raises CannotStart."""
     report = natsconn.once_per_cause(log, f"{name} unreachable at {where}")
     return await natsconn.retry(
-        attempt, report, stop=stop, initial=RETRY_INITIAL_SECONDS, maximum=RETRY_MAX_SECONDS
+        attempt,
+        report,
+        stop=stop,
+        initial=RETRY_INITIAL_SECONDS,
+        maximum=RETRY_MAX_SECONDS,
+        permanent=permanent,
     )
 
 
@@ -96,14 +114,12 @@ async def serve(settings: CollectorSettings) -> None:
 
 async def collect(settings: CollectorSettings, readiness: Readiness) -> None:
     """Connect to everything (retrying), then run the collector until SIGTERM/SIGINT."""
-    import psycopg
-
     from mljob.adapters import redis_state
     from mljob.adapters.jetstream import ensure_results_stream
     from mljob.adapters.redis_state import JobState
     from mljob.adapters.results_store import ResultsStore, make_pool
     from mljob.collector import Collector
-    from mljob.db.migrate import apply_migrations_async
+    from mljob.db import migrate
     from mljob.health import store_checks
 
     stop = asyncio.Event()
@@ -111,12 +127,14 @@ async def collect(settings: CollectorSettings, readiness: Readiness) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    async def migrate() -> list[str]:
-        async with await psycopg.AsyncConnection.connect(settings.postgres_dsn, connect_timeout=5) as conn:
-            return await apply_migrations_async(conn, schema=settings.postgres_schema)
-
     pg_where = _where(settings.postgres_dsn)
-    applied = await _retry("Postgres", pg_where, migrate, stop)
+    applied = await _retry(
+        "Postgres",
+        pg_where,
+        lambda: migrate.startup_migrate(settings.postgres_dsn, settings.postgres_schema),
+        stop,
+        migrate.refused(pg_where, settings.postgres_schema),
+    )
     if applied is None:
         return
     if applied:
@@ -160,7 +178,8 @@ async def collect(settings: CollectorSettings, readiness: Readiness) -> None:
         )
         if await natsconn.retry(ensure_stream, stream_report, stop=stop, maximum=RETRY_MAX_SECONDS) is None:
             return
-        if await _retry("Redis", _where(settings.redis_url), ping_redis, stop) is None:
+        redis_where = _where(settings.redis_url)
+        if await _retry("Redis", redis_where, ping_redis, stop, redis_state.refused(redis_where)) is None:
             return
         await pool.open(wait=False)
         readiness.connected(store_checks(nc, redis, pool))
@@ -176,6 +195,7 @@ async def collect(settings: CollectorSettings, readiness: Readiness) -> None:
         await collector.run(stop)
         log.info("collector stopped")
     finally:
+        stop.set()  # closing on purpose: not a disconnection to report
         await pool.close()
         await redis.aclose()
         try:

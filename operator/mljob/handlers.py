@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from mljob import background, health, logs, metrics
+from mljob import background, health, logs, metrics, natsconn
 from mljob.actions.cleanup import on_deleted
 from mljob.adapters.kube import JobRef
 from mljob.api.models import GROUP, PLURAL, VERSION
@@ -40,7 +40,10 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configure_kopf(settings)
-    services = await connect(memo.config)
+    try:
+        services = await connect(memo.config)
+    except natsconn.CannotStart as err:  # wrong credentials, a failed migration: kopf stops
+        raise kopf.PermanentError(str(err)) from err
     memo.services = services
     memo.background = await background.start(services)
     memo.readiness.connected(health.store_checks(services.nc, services.redis, services.pool))

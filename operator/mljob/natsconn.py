@@ -2,9 +2,11 @@
 
 The first connection is retried with backoff, one log line per failure naming NATS and where it
 was looked for, never a traceback; once connected, nats-py reconnects forever and its error
-callback logs one line per distinct error. Credentials files, user/password and a CA for
-`tls://` URLs come from the settings. Imports only nats-py and the standard library, so a
-worker-only install has it.
+callback logs one line per distinct error. A failure that retrying cannot heal (NATS refusing the
+credentials; for the other stores, what their `permanent` classifier names) ends the retry with
+`CannotStart`, whose one line the entry points print before exiting non-zero. Credentials
+files, user/password and a CA for `tls://` URLs come from the settings. Imports only nats-py
+and the standard library, so a worker-only install has it.
 """
 
 from __future__ import annotations
@@ -19,12 +21,37 @@ from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client
-from nats.errors import NoServersError
+from nats.errors import AuthorizationError, NoServersError
 
 T = TypeVar("T")
 
 #: Called after each failed attempt with the cause (one line) and the delay before the next one.
 Report = Callable[[str, float], None]
+#: For a failure that retrying cannot heal: what failed, its cause and what to fix (one line);
+#: None for a failure that may pass.
+Permanent = Callable[[BaseException], str | None]
+
+
+class CannotStart(Exception):
+    """Start-up met a failure that retrying cannot heal (wrong credentials, a failed migration).
+
+    Its message is the one line to print (`cannot start: <what> (<cause>): <what to fix>`): the
+    process exits non-zero instead of retrying forever what only a changed setting can fix.
+    """
+
+
+def nats_refused(where: str) -> Permanent:
+    """NATS refusing the identity: the same credentials will be refused again."""
+
+    def check(err: BaseException) -> str | None:
+        if isinstance(err, AuthorizationError) or "authorization violation" in str(err).lower():
+            return (
+                f"NATS at {where} refused the credentials ({cause(err)}): check MLJOB_NATS_USER and "
+                "MLJOB_NATS_PASSWORD (or MLJOB_NATS_CREDS_FILE)"
+            )
+        return None
+
+    return check
 
 
 class Secret(Protocol):
@@ -93,6 +120,7 @@ async def retry(
     stop: None = None,
     initial: float = ...,
     maximum: float = ...,
+    permanent: Permanent | None = ...,
 ) -> T: ...
 
 
@@ -104,6 +132,7 @@ async def retry(
     stop: asyncio.Event,
     initial: float = ...,
     maximum: float = ...,
+    permanent: Permanent | None = ...,
 ) -> T | None: ...
 
 
@@ -114,8 +143,12 @@ async def retry(
     stop: asyncio.Event | None = None,
     initial: float = 0.5,
     maximum: float = 10.0,
+    permanent: Permanent | None = None,
 ) -> T | None:
-    """Run `attempt` until it succeeds (its value) or `stop` is set (None), backing off."""
+    """Run `attempt` until it succeeds (its value) or `stop` is set (None), backing off.
+
+    Raises CannotStart at once for a failure `permanent` names (retrying cannot heal it).
+    """
     delay = initial
     while stop is None or not stop.is_set():
         try:
@@ -123,6 +156,9 @@ async def retry(
         except _Stopped:
             return None
         except Exception as err:
+            fix = permanent(err) if permanent is not None else None
+            if fix is not None:
+                raise CannotStart(f"cannot start: {fix}") from err
             report(cause(err), delay)
         if stop is None:
             await asyncio.sleep(delay)
@@ -247,7 +283,7 @@ async def connect(
 
     `ready` runs on each new connection before it counts (e.g. a JetStream check); if it fails
     the connection is closed and the attempt retried. The default report names NATS at its
-    address on every failure.
+    address on every failure. Refused credentials raise CannotStart.
     """
     callbacks = ConnectionLog(log, settings.nats_url, stop)
     report = report or every_failure(log, f"NATS at {callbacks.where}")
@@ -279,4 +315,11 @@ async def connect(
         nc.options["max_reconnect_attempts"] = -1
         return nc
 
-    return await retry(attempt, report, stop=stop, initial=initial_delay, maximum=max_delay)
+    return await retry(
+        attempt,
+        report,
+        stop=stop,
+        initial=initial_delay,
+        maximum=max_delay,
+        permanent=nats_refused(callbacks.where),
+    )

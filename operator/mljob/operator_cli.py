@@ -89,8 +89,25 @@ def run(args: argparse.Namespace) -> int:
         finally:
             await server.stop()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except Exception as err:
+        if not cannot_start(err):
+            raise
+        return 1  # kopf logged the startup handler's PermanentError: the one line saying why
     return 0
+
+
+def cannot_start(err: BaseException) -> bool:
+    """Whether kopf stopped because start-up met a failure that retrying cannot heal."""
+    from mljob.natsconn import CannotStart
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, CannotStart):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def peering_priority(config: OperatorSettings) -> int:

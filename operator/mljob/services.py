@@ -1,7 +1,8 @@
 """Long-lived connections shared by every job: NATS/JetStream, Redis, a Postgres pool, Kubernetes.
 
 A dependency that is down at start-up gets one clear log line naming it, then retries with
-backoff; the operator never crash-loops with a stack trace.
+backoff; the operator never crash-loops with a stack trace. One that refuses the credentials, or
+a migration Postgres refuses, raises `natsconn.CannotStart` instead: retrying cannot heal it.
 """
 
 from __future__ import annotations
@@ -25,16 +26,24 @@ from mljob.adapters.kube import Kube, load_config
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import ResultsStore, make_pool
 from mljob.api.models import MAX_STALL_TIMEOUT_SECONDS
-from mljob.db.migrate import apply_migrations_async
+from mljob.db import migrate
 from mljob.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def with_retry(what: str, attempt: Callable[[], Awaitable[T]], max_delay: float = 10.0) -> T:
-    """Retry `attempt` until it succeeds, logging one line per failure that names the dependency."""
-    return await natsconn.retry(attempt, natsconn.every_failure(log, what), maximum=max_delay)
+async def with_retry(
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    max_delay: float = 10.0,
+    permanent: natsconn.Permanent | None = None,
+) -> T:
+    """Retry `attempt` until it succeeds, logging one line per failure that names the dependency;
+    a failure `permanent` names raises CannotStart."""
+    return await natsconn.retry(
+        attempt, natsconn.every_failure(log, what), maximum=max_delay, permanent=permanent
+    )
 
 
 #: How often the heartbeat map drops what it no longer needs (at most; only when heartbeats come).
@@ -133,21 +142,24 @@ async def connect(settings: OperatorSettings) -> Services:
     redis = redis_state.connect(
         settings.redis_url, settings.redis_max_connections, socket_connect_timeout=3, health_check_interval=30
     )
-    await with_retry(f"Redis at {natsconn.redact(settings.redis_url)}", redis.ping)
+    redis_at = natsconn.redact(settings.redis_url)
+    await with_retry(f"Redis at {redis_at}", redis.ping, permanent=redis_state.refused(redis_at))
 
-    async def open_and_migrate() -> AsyncConnectionPool:
+    async def migrate_and_open() -> AsyncConnectionPool:
+        await migrate.startup_migrate(settings.postgres_dsn, settings.postgres_schema)
         # A pool whose first connection timed out is closed by psycopg: start a fresh one.
         pool = make_pool(settings.postgres_dsn, settings.postgres_schema, min_size=1, max_size=10)
         try:
             await pool.open(wait=True, timeout=5)
-            async with pool.connection() as conn:
-                await apply_migrations_async(conn, settings.postgres_schema)
         except BaseException:
             await pool.close()
             raise
         return pool
 
-    pool = await with_retry("Postgres", open_and_migrate)
+    postgres_at = natsconn.redact(settings.postgres_dsn)
+    pool = await with_retry(
+        "Postgres", migrate_and_open, permanent=migrate.refused(postgres_at, settings.postgres_schema)
+    )
     kube = Kube(load_config(settings.kube_threads), settings.kube_threads)
     return assemble(settings, nc, registry, redis, pool, kube)
 

@@ -25,15 +25,16 @@ Works with clients built with ``decode_responses`` on or off.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, NoScriptError
 
 from mljob.core.counts import ItemCounts
+from mljob.natsconn import cause
 
 __all__ = ["JobKeys", "JobState", "RecordOutcome", "RecordStatus", "StoredJob", "connect"]
 
@@ -58,6 +59,21 @@ def connect(url: str, max_connections: int, **options: Any) -> Redis:
         url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS, **options
     )
     return Redis.from_pool(pool)
+
+
+def refused(where: str) -> Callable[[BaseException], str | None]:
+    """Redis refusing the password or the user's rights (a `natsconn.Permanent` for start-up):
+    the same URL will be refused again, so the process says what to fix instead of retrying."""
+
+    def check(err: BaseException) -> str | None:
+        if isinstance(err, AuthenticationError | AuthorizationError | NoPermissionError):
+            return (
+                f"Redis at {where} refused the credentials ({cause(err)}): "
+                "check the user and password in MLJOB_REDIS_URL"
+            )
+        return None
+
+    return check
 
 
 # KEYS: total, pending, failed, activity (one job's). ARGV: now (unix seconds), then per item its

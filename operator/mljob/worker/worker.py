@@ -198,7 +198,8 @@ class Worker:
         )
 
     async def _connect(self) -> tuple[Client, JetStreamContext]:
-        """NATS through the shared helper: first connection retried, one line per failure cause."""
+        """NATS through the shared helper: first connection retried, one line per failure cause;
+        refused credentials raise natsconn.CannotStart (the worker exits, see run_worker)."""
         where = natsconn.redact(self.config.nats_url)
         nc = await natsconn.connect(
             self.config,
@@ -452,6 +453,9 @@ def run_worker(handler: Handler | str, config: WorkerConfig) -> int:
 
     try:
         asyncio.run(main())
+    except natsconn.CannotStart as err:  # e.g. NATS refused the credentials: retrying cannot help
+        log.error("%s", err)
+        return 1
     except (OSError, NatsError) as err:
         log.error("worker failed: %s", describe(err))
         return 1
