@@ -106,7 +106,7 @@ async def mirror_phase(
             return True  # absorbing: nothing to write
         fields = terminal_fields(current, generation, phase, reason, message, counts)
         try:
-            await kube.guarded_status(ref, current.get("phase"), fields)
+            await kube.guarded_status(ref, current.get("phase"), fields, fresh["metadata"]["resourceVersion"])
         except GuardFailed as err:
             metrics.GUARD_REFUSALS.labels(store="kubernetes").inc()
             log.info("status of %s/%s changed under us (%s); re-reading", ref.namespace, ref.name, err)

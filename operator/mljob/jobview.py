@@ -62,6 +62,11 @@ class JobView:
         return Phase(value) if value else None
 
     @property
+    def resource_version(self) -> str:
+        """The version of the object as kopf last saw it: what a whole-status write is guarded by."""
+        return str(self.body["metadata"].get("resourceVersion", ""))
+
+    @property
     def pipeline(self) -> str:
         return str(self.spec.get("pipeline", ""))
 

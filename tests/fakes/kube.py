@@ -63,6 +63,11 @@ def server_rule_violation(old: Mapping[str, Any], new: Mapping[str, Any]) -> str
     return None
 
 
+def _bump(body: dict[str, Any]) -> None:
+    """Every write gives the object a new resourceVersion, as on a real API server."""
+    body["metadata"]["resourceVersion"] = str(int(body["metadata"]["resourceVersion"]) + 1)
+
+
 class FakeKube:
     """`Kube` holding MLJobs, ConfigMaps, Events and deletions.
 
@@ -81,7 +86,13 @@ class FakeKube:
         body: dict[str, Any] = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": KIND,
-            "metadata": {"namespace": namespace, "name": name, "uid": str(uuid.uuid4()), "generation": 1},
+            "metadata": {
+                "namespace": namespace,
+                "name": name,
+                "uid": str(uuid.uuid4()),
+                "generation": 1,
+                "resourceVersion": "1",
+            },
             "spec": copy.deepcopy(spec),
         }
         self.jobs[(namespace, name)] = body
@@ -92,6 +103,7 @@ class FakeKube:
         live = self.jobs[(body["metadata"]["namespace"], body["metadata"]["name"])]
         live["spec"].update(changes)
         live["metadata"]["generation"] += 1
+        _bump(live)
 
     def events_of(self, uid: str, reason: str | None = None) -> list[RecordedEvent]:
         return [e for e in self.events if e.uid == uid and (reason is None or e.reason == reason)]
@@ -121,6 +133,7 @@ class FakeKube:
             StatusWrite(meta["uid"], meta["generation"], copy.deepcopy(old), copy.deepcopy(new))
         )
         body["status"] = new
+        _bump(body)
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         body = self.jobs.get((namespace, name))
@@ -135,13 +148,24 @@ class FakeKube:
         body = self._live(job)
         self._commit(body, _merge(body.get("status") or {}, fields))
 
-    async def guarded_status(self, job: JobRef, expected_phase: str | None, fields: dict[str, Any]) -> None:
-        """The JSON patch's `test` ops (uid, phase) and the server's rules both raise GuardFailed."""
+    async def guarded_status(
+        self,
+        job: JobRef,
+        expected_phase: str | None,
+        fields: dict[str, Any],
+        resource_version: str | None = None,
+    ) -> None:
+        """The JSON patch's `test` ops (uid, phase or resourceVersion) and the server's rules both
+        raise GuardFailed."""
         body = self._live(job)
         if body["metadata"]["uid"] != job.uid:
             raise GuardFailed("uid changed")
         current = body.get("status") or {}
         if expected_phase is None:
+            if not resource_version:
+                raise ValueError("a status with no phase is replaced only at the resourceVersion read")
+            if body["metadata"]["resourceVersion"] != resource_version:
+                raise GuardFailed(f"resourceVersion is {body['metadata']['resourceVersion']}")
             new: dict[str, Any] = {}  # `add /status {}` replaces the whole status
         elif current.get("phase") != expected_phase:
             raise GuardFailed(f"phase is {current.get('phase')}, not {expected_phase}")

@@ -53,7 +53,9 @@ async def cancel(services: Services, view: JobView, plan: reconcile.Plan) -> boo
             ),
         }
         try:
-            await services.kube.guarded_status(view.ref, view.status.get("phase"), fields)
+            await services.kube.guarded_status(
+                view.ref, view.status.get("phase"), fields, view.resource_version
+            )
         except GuardFailed:
             metrics.GUARD_REFUSALS.labels(store="kubernetes").inc()
             await view.reload()  # someone else moved it; decide again next tick

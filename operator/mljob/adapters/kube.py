@@ -41,7 +41,7 @@ def load_config(connections: int = 16) -> client.ApiClient:
 
 
 class GuardFailed(Exception):
-    """The guarded status patch found a phase other than the one it read."""
+    """The guarded status patch found a phase (or object version) other than the one it read."""
 
 
 @dataclass(frozen=True)
@@ -122,10 +122,23 @@ class Kube:
             {"status": fields},
         )
 
-    async def guarded_status(self, job: JobRef, expected_phase: str | None, fields: dict[str, Any]) -> None:
-        """A JSON patch whose `test` op checks the phase we read: a concurrent writer makes it fail."""
+    async def guarded_status(
+        self,
+        job: JobRef,
+        expected_phase: str | None,
+        fields: dict[str, Any],
+        resource_version: str | None = None,
+    ) -> None:
+        """A JSON patch whose `test` op checks the phase we read: a concurrent writer makes it fail.
+
+        With no phase read (`expected_phase` None) the patch replaces the whole status, so it
+        tests the `resource_version` of the object read instead: any write since then (a
+        status the reader never saw) makes it fail rather than be wiped."""
         ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/uid", "value": job.uid}]
         if expected_phase is None:
+            if not resource_version:
+                raise ValueError("a status with no phase is replaced only at the resourceVersion read")
+            ops.append({"op": "test", "path": "/metadata/resourceVersion", "value": resource_version})
             ops.append({"op": "add", "path": "/status", "value": {}})
         else:
             ops.append({"op": "test", "path": "/status/phase", "value": expected_phase})
