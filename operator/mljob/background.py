@@ -38,16 +38,18 @@ def _uid_of(subject: str) -> str:
 class Background:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: seconds the tasks get to finish their current batch once asked to stop
+    grace: float = STOP_TIMEOUT_SECONDS
 
-    async def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
-        """Ask every task to stop, give them `timeout` to finish their batch, cancel the rest and
+    async def stop(self) -> None:
+        """Ask every task to stop, give them `grace` to finish their batch, cancel the rest and
         wait for them: the caller closes the connections they use right after."""
         self.stop_event.set()
         if not self.tasks:
             return
-        _, late = await asyncio.wait(self.tasks, timeout=timeout)
+        _, late = await asyncio.wait(self.tasks, timeout=self.grace)
         for task in late:
-            log.warning("%s did not stop within %gs; cancelling it", task.get_name(), timeout)
+            log.warning("%s did not stop within %gs; cancelling it", task.get_name(), self.grace)
             task.cancel()
         if late:
             _, stuck = await asyncio.wait(late, timeout=CANCEL_TIMEOUT_SECONDS)
