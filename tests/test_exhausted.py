@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 import pytest
@@ -55,7 +55,10 @@ async def advisories(nc: NATS) -> AsyncIterator[str]:
     await js.delete_consumer(protocol.ADVISORY_STREAM, name)
 
 
-NewJob = Callable[[list[str], str], Awaitable["Job"]]
+class NewJob(Protocol):
+    def __call__(
+        self, items: list[str], first: str, registered: list[str] | None = None
+    ) -> Awaitable[Job]: ...
 
 
 @dataclass
@@ -126,7 +129,7 @@ async def new_job(nc: NATS, store: ResultsStore, state: JobState) -> AsyncIterat
     js = nc.jetstream()
     made: list[str] = []
 
-    async def make(items: list[str], first: str) -> Job:
+    async def make(items: list[str], first: str, registered: list[str] | None = None) -> Job:
         uid = str(uuid.uuid4())
         made.append(uid)
         settings = jetstream.JobStreamSettings(
@@ -140,7 +143,7 @@ async def new_job(nc: NATS, store: ResultsStore, state: JobState) -> AsyncIterat
         await jetstream.ensure_job_stream(js, settings)
         register = getattr(store, "register_items", None)
         if register is not None:  # a ledger with an item registry accepts outcomes only for items
-            await register(uid, items)
+            await register(uid, items if registered is None else registered)
         assert await state.initialize(uid, items)
         job = Job(nc, js, uid, items)
         for item_id in [first, *(i for i in items if i != first)]:
@@ -305,6 +308,32 @@ async def test_postgres_unavailable_nothing_acked_retried_until_recorded(
     assert row[0] == "failed"
     assert await state.failed_ids(job.uid) == {"a"}
     assert not await job.message_exists("a")
+
+
+async def test_a_failure_the_ledger_refuses_keeps_the_task_and_the_advisory_is_retried(
+    nc: NATS, advisories: str, store: ResultsStore, state: JobState, new_job: NewJob
+) -> None:
+    js = nc.jetstream()
+    job = await new_job(["a", "b"], "a", registered=["b"])  # "a" is not (yet) an item of the job
+    loop = ExhaustedDeliveries(js, nc, store, state, consumer=advisories, refused_retry_seconds=0.2)
+    async with running(loop):
+        await job.exhaust("a")
+
+        async def refused_or_deleted() -> bool:
+            info = await js.consumer_info(protocol.ADVISORY_STREAM, advisories)
+            return info.num_redelivered > 0 or not await job.message_exists("a")
+
+        await wait_until(refused_or_deleted, "the advisory to be retried (or a's task deleted)")
+        assert await job.message_exists("a"), "the task of an item whose failure was refused was deleted"
+        assert await result_row(store, job.uid, "a") is None
+        assert await state.pending_ids(job.uid) == {"a", "b"}
+
+        await store.register_items(job.uid, ["a"])  # what was refused is accepted now
+        row = await wait_until(lambda: result_row(store, job.uid, "a"), "a's failed row on a retry")
+        await wait_until(lambda: _not(job.message_exists("a")), "a's task message to be deleted")
+        await wait_until(lambda: _all_acked(js, advisories), "the advisory to be acked")
+    assert row[0] == "failed"
+    assert await state.failed_ids(job.uid) == {"a"}
 
 
 class FlakyStore(ResultsStore):

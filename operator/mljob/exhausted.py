@@ -8,7 +8,7 @@ own (``protocol.ADVISORY_STREAM``), so one published while it is down is handled
 No decision here depends on consumer counters such as ``num_ack_pending`` (row 3): they differ
 between server versions.
 
-Per advisory: read the task by sequence -> fail its item through ``ledger.fail_items`` (the
+Per advisory: read the task by sequence -> fail its item through ``ledger.record`` (the
 ledger's primary key arbitrates against a real result landing at the same moment: the first
 outcome stands, never both) -> delete the task message -> ack the advisory -> wake the job.
 
@@ -17,6 +17,10 @@ outcome stands, never both) -> delete the task message -> ack the advisory -> wa
   the job was cleaned up, or this advisory was already handled), or the sequence holds another
   job's task (the stream was recreated since): acked, nothing to do.
 * Malformed advisories, and tasks that name no item: one log line, acked.
+* The ledger refuses the item's failure (it is not a registered item of the job, or Postgres
+  refuses the row): the task is kept, the advisory NAKed for a retry in
+  ``REFUSED_RETRY_SECONDS``, the rest of the batch handled. Deleting the task would drop an item
+  whose outcome nobody recorded.
 * NATS, Postgres or Redis unavailable: nothing acked, the advisory comes back; the loop backs off
   (0.5 s doubling to 5 s) and resumes by itself. Every step is idempotent, so a replay is harmless.
 """
@@ -38,7 +42,7 @@ from nats.js import JetStreamContext
 
 from mljob import ledger, logs, metrics, protocol
 from mljob.adapters import jetstream
-from mljob.adapters.redis_state import JobState
+from mljob.adapters.redis_state import JobState, RecordStatus
 from mljob.adapters.results_store import RejectedResult, ResultsStore
 from mljob.outage import Outage, ack, consume
 
@@ -47,10 +51,16 @@ __all__ = ["REASON", "Advisory", "ExhaustedDeliveries", "parse_advisory"]
 log = logging.getLogger(__name__)
 
 REASON = "MaxDeliveriesExceeded"
+#: Delay before an advisory whose failure the ledger refused is handled again.
+REFUSED_RETRY_SECONDS = 60.0
 
 
 class MalformedAdvisory(ValueError):
     """An advisory without the fields we need; it can never become valid."""
+
+
+class RefusedRecord(Exception):
+    """The ledger refused to record the exhausted item's failure: its task must stay."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,13 @@ def item_of(uid: str, data: bytes | None, headers: dict[str, Any] | None) -> str
     return None
 
 
+def _delivery(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:  # not a JetStream message (tests), or no metadata: count it as the first
+        return 1
+
+
 def job_of(uid: str, data: bytes | None) -> tuple[str, str, str]:
     """(namespace, name, uid) of a task's job for log lines; the task names it (else blanks)."""
     try:
@@ -133,6 +150,7 @@ class ExhaustedDeliveries:
         fetch_timeout: float = 1.0,
         consumer: str = protocol.ADVISORY_CONSUMER,
         ensure: Callable[[], Awaitable[None]] | None = None,
+        refused_retry_seconds: float = REFUSED_RETRY_SECONDS,
     ) -> None:
         self.js = js
         self.nc = nc
@@ -144,6 +162,7 @@ class ExhaustedDeliveries:
         self.consumer = consumer
         #: recreates the stream and consumer after an outage (None: they are someone else's)
         self.ensure = ensure
+        self.refused_retry_seconds = refused_retry_seconds
         self._outage = Outage(log, "max-deliveries advisories")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -159,6 +178,9 @@ class ExhaustedDeliveries:
         for index, msg in enumerate(msgs):
             try:
                 await self.handle(msg.data)
+            except RefusedRecord as err:
+                await self._retry_later(msg, err)
+                continue
             except Exception as err:
                 self._outage.report("handling a max-deliveries advisory failed; it will be retried", err)
                 await self._outage.nak(msgs[index:])
@@ -166,10 +188,21 @@ class ExhaustedDeliveries:
             await ack(msg, log)
         return True
 
+    async def _retry_later(self, msg: Msg, err: RefusedRecord) -> None:
+        """Keep a refused advisory (and its task) for another try; warn on its first delivery."""
+        delay = self.refused_retry_seconds
+        first = _delivery(msg) <= 1
+        (log.warning if first else log.debug)("%s; task kept, advisory retried every %gs", err, delay)
+        try:
+            await msg.nak(delay=delay)
+        except Exception as nak_err:
+            log.debug("nak failed (redelivery after ack_wait instead): %s", nak_err)
+
     async def handle(self, data: bytes) -> str | None:
         """Settle one advisory; returns the failed item id, or None when there was nothing to fail.
 
-        Raises only when a dependency failed (the advisory must then be retried).
+        Raises when a dependency failed or the ledger refused the failure (RefusedRecord): the
+        advisory must then be retried, and its task is still there.
         """
         try:
             advisory = parse_advisory(data)
@@ -215,13 +248,16 @@ class ExhaustedDeliveries:
     async def _fail(self, uid: str, item_id: str, advisory: Advisory) -> None:
         n = advisory.deliveries
         message = f"item {item_id} was delivered {n} times without an answer (the worker crashed or hung)"
+        refused = f"job {uid}: the ledger refused item {item_id}'s {REASON} failure"
         try:
-            newly = await ledger.fail_items(
-                self.store, self.state, uid, [item_id], REASON, message, attempts=n
+            outcomes = await ledger.record(
+                self.store, self.state, [ledger.failure(uid, item_id, REASON, message, n)]
             )
-        except RejectedResult as err:  # refused data can never be stored: do not retry forever
-            log.warning("job %s: cannot record item %s as failed: %s", uid, item_id, err)
-            return
+        except RejectedResult as err:
+            raise RefusedRecord(f"{refused} ({err})") from err
+        if not outcomes:  # `record` leaves out what the ledger refused (and logged why)
+            raise RefusedRecord(f"{refused} (not a registered item of the job)")
+        newly = sum(1 for o in outcomes if o.status is RecordStatus.NEW)
         metrics.items_failed_by_operator(REASON, newly)
         latency = ""
         if advisory.timestamp is not None:
