@@ -17,7 +17,7 @@ from typing import Any
 
 from nats.js.errors import NotFoundError
 
-from mljob import protocol
+from mljob import logs, protocol
 from mljob.adapters.kube import Kube
 from mljob.services import Services, assemble
 from mljob.settings import OperatorSettings, load
@@ -93,6 +93,7 @@ def _job_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    logs.drop_noise()  # no logging set up here: asyncio's TLS teardown line would reach stderr
     try:
         code: int = asyncio.run(args.action(args, load(OperatorSettings)))
     except ChaosError as err:

@@ -237,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("--metrics-url", help="the operator's /metrics (omit: no metrics section)")
     rep.add_argument("--metrics-before", type=Path, help="a scrape taken before the job")
     args = parser.parse_args(argv)
+    from mljob import logs
 
+    logs.drop_noise()  # its NATS connection's TLS teardown would print asyncio's warning
     if args.command == "scrape":
         try:
             sys.stdout.write(scrape(args.url))

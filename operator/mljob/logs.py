@@ -30,6 +30,10 @@ QUIET = {
     "psycopg.pool": logging.ERROR,  # "cannot reach Postgres" is logged by us, once
     "aiohttp.access": logging.WARNING,
 }
+#: (logger, exact message) of lines that report nothing a user did or can change. asyncio's
+#: sslproto logs the first when a TLS peer closes a connection whose protocol asked to stay
+#: half-open: nats-py's does, and every TLS connection to NATS says it once when it closes.
+NOISE = {("asyncio", "returning true from eof_received() has no effect when using ssl")}
 
 
 @contextmanager
@@ -66,6 +70,22 @@ class JobFilter(logging.Filter):
         if job is not None:
             record.mljob_namespace, record.mljob_name, record.mljob_uid = job
         return True
+
+
+class DropNoise(logging.Filter):
+    """Drops the records listed in `NOISE` (exact messages), lets every other one through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (record.name, record.getMessage()) not in NOISE
+
+
+def drop_noise() -> None:
+    """Filter `NOISE` at its loggers, so it is dropped whatever handler would print it (also
+    logging's last-resort handler in a process that configured none). Idempotent."""
+    for name in {name for name, _ in NOISE}:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropNoise) for f in logger.filters):
+            logger.addFilter(DropNoise())
 
 
 class TextFormatter(logging.Formatter):
@@ -118,3 +138,4 @@ def setup(level: str, fmt: str = "text") -> None:
     root.setLevel(getattr(logging, level))
     for name, quiet in QUIET.items():
         logging.getLogger(name).setLevel(quiet)
+    drop_noise()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
@@ -52,6 +51,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from mljob import logs
     from mljob.settings import WorkerSettings, load
     from mljob.worker.handler import HandlerLoadError, load_handler
     from mljob.worker.worker import run_worker
@@ -68,11 +68,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id,
         log_level=args.log_level,
     )  # SettingsError: `mljob` prints it and exits 2
-    logging.basicConfig(
-        level=getattr(logging, config.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(config.log_level)  # the processes' one logging set-up (it filters asyncio's TLS noise)
     try:
         handler = load_handler(args.handler)
     except HandlerLoadError as err:
