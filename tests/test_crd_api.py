@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, Kubectl
+from conftest import ROOT, Kubectl, StackEnv
 from e2e_support.harness import wait_for
+from mljob.api.models import Phase
+from mljob.core.phases import can_transition
 
 EXAMPLES = ROOT / "examples"
 VALID = sorted(EXAMPLES.glob("mljob-*.yaml"))  # worker-deployment.yaml is tested with the chart
@@ -135,6 +138,37 @@ def test_status_guard_is_enforced_by_the_apiserver(
     status = kubectl.json("-n", namespace, "get", "mljob", "guarded")["status"]
     for key, value in before.items():
         assert status[key] == value
+
+
+def test_the_apiserver_allows_exactly_the_phase_moves_of_the_table(
+    stack: StackEnv, kubectl: Kubectl, namespace: str
+) -> None:
+    """Every (current, target) pair of phases, written to a real API server: it accepts a move
+    if and only if `core.phases` allows it (the CRD's rule is generated from that table), so no
+    writer, the operator or anyone else, can move a phase the table refuses (Running -> Pending,
+    Dispatching -> Pending, Running -> Dispatching ...)."""
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.client.rest import ApiException
+    from kubernetes.config import new_client_from_config
+
+    api = CustomObjectsApi(new_client_from_config(config_file=stack.kubeconfig))
+    where = ("mljob.dev", "v1alpha1", namespace, "mljobs")
+    accepted: dict[tuple[Phase, Phase], bool] = {}
+    refusals: list[str] = []
+    for n, (current, target) in enumerate(itertools.product(Phase, Phase)):
+        name = f"move-{n}"
+        api.create_namespaced_custom_object(*where, json.loads(_job(name)))
+        api.patch_namespaced_custom_object_status(*where, name, {"status": {"phase": current.value}})
+        try:
+            api.patch_namespaced_custom_object_status(*where, name, {"status": {"phase": target.value}})
+            accepted[(current, target)] = True
+        except ApiException as err:
+            assert err.status == 422, err
+            accepted[(current, target)] = False
+            refusals.append(str(err.body))
+    expected = {(current, target): can_transition(current, target) for current, target in accepted}
+    assert accepted == expected, {pair: ok for pair, ok in accepted.items() if ok != expected[pair]}
+    assert all("a move the phase table refuses" in body for body in refusals), refusals[:1]
 
 
 def test_allowed_status_transitions_pass(kubectl: Kubectl, namespace: str) -> None:

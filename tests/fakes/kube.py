@@ -11,7 +11,8 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from mljob.adapters.kube import GuardFailed, JobRef
-from mljob.api.models import GROUP, KIND, TERMINAL_PHASES, VERSION, Phase
+from mljob.api.models import GROUP, KIND, VERSION, Phase
+from mljob.core.phases import CEL_TRANSITION_MESSAGE, can_transition
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,8 @@ def server_rule_violation(old: Mapping[str, Any], new: Mapping[str, Any]) -> str
     if old_phase is not None:
         if new_phase is None:
             return "status.phase cannot be removed"
-        if old_phase in TERMINAL_PHASES and new_phase != old_phase:
-            return f"status.phase: a terminal phase ({old_phase}) never changes (to {new_phase})"
-        if old_phase == Phase.CANCELING and new_phase not in (Phase.CANCELING, Phase.CANCELLED):
-            return f"status.phase: Canceling can only become Cancelled (not {new_phase})"
+        if not can_transition(Phase(old_phase), Phase(new_phase)):
+            return f"{CEL_TRANSITION_MESSAGE} ({old_phase} -> {new_phase})"
     for key in ("processed", "failed"):
         if key in old and (key not in new or int(new[key]) < int(old[key])):
             return f"status.{key} never decreases ({old[key]} -> {new.get(key)})"

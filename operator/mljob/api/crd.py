@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel
 
 from mljob.api import models
+from mljob.core import phases
 
 _DROP_KEYS = {"title"}
 _OVERRIDE_KEY = "x-mljob-schema"
@@ -83,6 +84,8 @@ def render() -> dict[str, Any]:
     """The complete CRD as a dict."""
     spec_schema = structural_schema(models.MLJobSpec)
     status_schema = structural_schema(models.MLJobStatus)
+    phase_rule = {"message": phases.CEL_TRANSITION_MESSAGE, "rule": phases.cel_transition_rule()}
+    status_schema[_RULES] = [phase_rule, *status_schema.get(_RULES, [])]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

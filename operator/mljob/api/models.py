@@ -44,10 +44,6 @@ TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED})
 FINALIZABLE_PHASES = frozenset({Phase.PENDING, Phase.DISPATCHING, Phase.RUNNING})
 
 
-def _cel_list(values: frozenset[Phase]) -> str:
-    return "[" + ", ".join(f"'{v.value}'" for v in sorted(values)) + "]"
-
-
 class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
@@ -257,18 +253,11 @@ class Diagnostic(_Model):
 
 
 class MLJobStatus(_Model):
-    """What the operator observed. The CEL rules make the terminal verdict absorbing on the server."""
+    """What the operator observed. CEL rules guard it on the server (the phase rule: core.phases)."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                {
-                    "rule": "!has(oldSelf.phase) || (has(self.phase) && "
-                    f"(oldSelf.phase in {_cel_list(TERMINAL_PHASES)} ? self.phase == oldSelf.phase : "
-                    "(oldSelf.phase != 'Canceling' || self.phase in ['Canceling', 'Cancelled'])))",
-                    "message": "status.phase: a terminal phase (Succeeded, Failed, Cancelled) never "
-                    "changes, and Canceling can only become Cancelled",
-                },
                 {
                     "rule": "!has(oldSelf.processed) || (has(self.processed) && "
                     "self.processed >= oldSelf.processed)",

@@ -39,3 +39,25 @@ def moves_to(current: Phase, target: Phase) -> bool:
 def finalizable_from(target: Phase) -> frozenset[Phase]:
     """The phases from which the guarded terminal write to `target` may fire."""
     return frozenset(phase for phase in Phase if phase != target and target in _ALLOWED[phase])
+
+
+#: Why the API server refuses a status write whose phase move the table refuses.
+CEL_TRANSITION_MESSAGE = (
+    "status.phase: a move the phase table refuses: a terminal phase (Succeeded, Failed, Cancelled) "
+    "never changes, Canceling can only become Cancelled, and no phase goes back"
+)
+
+
+def cel_transition_rule() -> str:
+    """The CRD's CEL rule on the status, generated from this table, so the API server refuses
+    every phase move the table refuses, whoever writes (`mljob crd` renders it)."""
+    moves = " || ".join(
+        f"(oldSelf.phase == '{current.value}' && self.phase in {_cel_list(targets)})"
+        for current, targets in _ALLOWED.items()
+        if current is not None and targets
+    )
+    return f"!has(oldSelf.phase) || (has(self.phase) && (self.phase == oldSelf.phase || {moves}))"
+
+
+def _cel_list(phases: frozenset[Phase]) -> str:
+    return "[" + ", ".join(f"'{phase.value}'" for phase in sorted(phases)) + "]"
