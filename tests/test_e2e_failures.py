@@ -8,9 +8,12 @@ import re
 import signal
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import redis as redis_sync
+from kubernetes.client.rest import ApiException
 
 from e2e_support.env import E2E
 from e2e_support.harness import wait_for
@@ -107,11 +110,16 @@ def test_terminal_verdict_survives_stale_writers_cancel_and_late_results(e2e: E2
 
     wait_for(refused, 20, what="the late non-item result to be dead-lettered")
     assert e2e.result_rows(uid)["g-00"] == "succeeded"
-    time.sleep(3)  # several reconcile intervals
-    after = e2e.status("guarded")
-    assert after["phase"] == "Succeeded"
-    assert (after["processed"], after["failed"]) == (30, 0)
-    assert after["completionTime"] == status["completionTime"]
+    # The finished job's loop sleeps until woken: a TTL set now wakes it (a tick that sees the
+    # cancel and the late results), and its delete a few seconds later shows the loop ran. Every
+    # status seen until then is the verdict as it was.
+    seen = _statuses_until_deleted(e2e, "guarded", ttl_from_now=4)
+    assert seen, "the MLJob was never read before its TTL delete"
+    for after in seen:
+        assert after["phase"] == "Succeeded"
+        assert (after["processed"], after["failed"]) == (30, 0)
+        assert after["completionTime"] == status["completionTime"]
+        assert _reasons(after) == _reasons(status)
     job = e2e.job_row(uid)
     assert job is not None and (job["phase"], job["processed"]) == ("Succeeded", 30)
     assert e2e.redis_keys(uid) == [], "a late result must not resurrect the job's state"
@@ -121,6 +129,32 @@ def test_terminal_verdict_survives_stale_writers_cancel_and_late_results(e2e: E2
             (uid, [Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.CANCELLED.value]),
         ).fetchone()
     assert terminal_rows == (1,)
+
+
+def _reasons(status: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {(c["type"], c["status"], c["reason"]) for c in status.get("conditions", [])}
+
+
+def _statuses_until_deleted(e2e: E2E, name: str, ttl_from_now: int) -> list[dict[str, Any]]:
+    """Set `ttlSecondsAfterFinished` so the finished MLJob is due `ttl_from_now` seconds from
+    now (the change wakes its sleeping loop), then read its status until the TTL deletes it."""
+    finished = datetime.fromisoformat(e2e.status(name)["completionTime"].replace("Z", "+00:00"))
+    ttl = int((datetime.now(UTC) - finished).total_seconds()) + ttl_from_now
+    patch = json.dumps({"spec": {"ttlSecondsAfterFinished": ttl}})
+    e2e.kubectl.run("-n", e2e.namespace, "patch", "mljob", name, "--type=merge", "-p", patch)
+    seen: list[dict[str, Any]] = []
+
+    def deleted() -> bool:
+        try:
+            seen.append(e2e.status(name))
+        except ApiException as err:
+            if err.status == 404:
+                return True
+            raise
+        return False
+
+    wait_for(deleted, 60, what=f"the woken loop of {name} to delete it at its TTL")
+    return seen
 
 
 def test_concurrent_finishers_exactly_one_wins_and_the_cr_mirrors_it(e2e: E2E) -> None:
