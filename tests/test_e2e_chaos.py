@@ -227,68 +227,77 @@ def test_results_postgres_refuses_fail_their_items_with_result_rejected(e2e: E2E
 # --- cancel racing completion -----------------------------------------------------------------
 
 
-def _assert_one_verdict(e2e: E2E, name: str, uid: str, items: list[str], pipeline: str) -> str:
-    """One terminal verdict, kept once every result is in; then the invariants."""
+def _assert_verdict(e2e: E2E, name: str, uid: str, items: list[str], pipeline: str, expected: str) -> None:
+    """The verdict the order of events dictates, in both stores, every result recorded (late
+    ones too); then the invariants."""
     status = e2e.wait_terminal(name, timeout=60)
-    phase = status["phase"]
-    assert phase in ("Succeeded", "Cancelled"), status
-    if phase == "Cancelled":  # results still in flight are recorded and change nothing
-        wait_for(lambda: _rows(e2e, uid) == len(items), 30, what=f"the late results of {name}")
-        time.sleep(1.5)  # a tick of the (finished) job's loop
-        status = e2e.status(name)
+    assert status["phase"] == expected, status
+    wait_for(lambda: _rows(e2e, uid) == len(items), 30, what=f"every result of {name}")
+    status = e2e.status(name)
     job = e2e.job_row(uid)
-    assert job is not None and (status["phase"], job["phase"]) == (phase, phase), (status, job)
+    assert job is not None and (status["phase"], job["phase"]) == (expected, expected), (status, job)
     assert_job_invariants(e2e, uid, items, pipeline, status)
-    return str(phase)
 
 
-def test_cancel_patched_as_the_last_results_land(e2e: E2E) -> None:
-    """Race (a): spec.cancel is set the moment all but one result are in, while the last item
-    takes 0 to 1.2 s more; either verdict may win, only one does, and it stays."""
-    pipeline = "race-last"
-    e2e.start_worker(pipeline, "sleep_from_id", "--concurrency", "16", MLJOB_TEST_SLEEP="0.01")
-    jobs = {}
-    for j, delay in enumerate((0.0, 0.1, 0.25, 0.4, 0.6, 0.9, 1.2)):
-        items = [f"rl{j}-{i}" for i in range(8)] + [f"rl{j}-last@{delay}"]
-        jobs[f"race-last-{j}"] = (e2e.apply(f"race-last-{j}", pipeline, items), items)
-    pending = dict(jobs)
-    deadline = time.monotonic() + 60
-    while pending and time.monotonic() < deadline:
-        for name, (uid, items) in list(pending.items()):
-            if _rows(e2e, uid) >= len(items) - 1:
-                _cancel(e2e, name)
-                del pending[name]
-        time.sleep(0.02)
-    assert not pending, f"never reached total-1: {sorted(pending)}"
-    verdicts = [_assert_one_verdict(e2e, name, uid, items, pipeline) for name, (uid, items) in jobs.items()]
-    print("verdicts of race (a):", verdicts)
+def _cancel_now(e2e: E2E, name: str) -> None:
+    """spec.cancel through the API client: no kubectl start between the event and the cancel."""
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.config import new_client_from_config
+
+    api = CustomObjectsApi(new_client_from_config(config_file=e2e.stack.kubeconfig))
+    api.patch_namespaced_custom_object(
+        "mljob.dev", "v1alpha1", e2e.namespace, "mljobs", name, {"spec": {"cancel": True}}
+    )
 
 
-def test_results_landing_while_the_cancel_is_processed(e2e: E2E) -> None:
-    """Race (b): every task is held by the worker; each job's results are released from 0.3 s
-    before to 0.3 s after its cancel is patched, so completion meets Canceling both ways."""
-    pipeline = "race-gate"
+def _job_phase(e2e: E2E, uid: str) -> str | None:
+    job = e2e.job_row(uid)
+    return None if job is None else str(job["phase"])
+
+
+def _held_jobs(e2e: E2E, prefix: str, count: int) -> tuple[str, Path, dict[str, tuple[str, list[str]]]]:
+    """`count` running jobs whose tasks a gated worker holds until the test opens their gate."""
+    pipeline = f"race-{prefix}"
     gates = Path(tempfile.mkdtemp(prefix="gates-", dir=e2e.log_dir))
-    e2e.start_worker(pipeline, "gated", "--concurrency", "48", MLJOB_TEST_GATE_DIR=str(gates))
-    offsets = (-0.3, -0.1, 0.0, 0.1, 0.3)
+    e2e.start_worker(pipeline, "gated", "--concurrency", str(6 * count), MLJOB_TEST_GATE_DIR=str(gates))
     jobs = {}
-    for j in range(len(offsets)):
-        items = [f"rg{j}-{i}" for i in range(6)]
-        jobs[f"race-gate-{j}"] = (e2e.apply(f"race-gate-{j}", pipeline, items), items)
+    for j in range(count):
+        items = [f"{prefix}{j}-{i}" for i in range(6)]
+        jobs[f"race-{prefix}-{j}"] = (e2e.apply(f"race-{prefix}-{j}", pipeline, items), items)
     for name in jobs:
         e2e.wait_phase(name, {"Running"}, timeout=30)
-    time.sleep(2)  # the worker holds every task
-    for j, (name, offset) in enumerate(zip(jobs, offsets, strict=True)):
-        if offset < 0:
-            (gates / f"rg{j}").touch()
-            time.sleep(-offset)
-            _cancel(e2e, name)
-        else:
-            _cancel(e2e, name)
-            time.sleep(offset)
-            (gates / f"rg{j}").touch()
-    verdicts = [_assert_one_verdict(e2e, name, uid, items, pipeline) for name, (uid, items) in jobs.items()]
-    print("verdicts of race (b):", verdicts)
+    return pipeline, gates, jobs
+
+
+def test_cancel_patched_the_moment_postgres_holds_the_completion(e2e: E2E) -> None:
+    """Completion first, driven: each job's results are released, and spec.cancel is patched as
+    soon as Postgres (the arbiter) holds Succeeded, before or while the MLJob is written. The
+    cancel comes second: Succeeded, in both stores, never Cancelled."""
+    pipeline, gates, jobs = _held_jobs(e2e, "done", 3)
+    for j, (name, (uid, _)) in enumerate(jobs.items()):
+        (gates / f"done{j}").touch()
+        wait_for(lambda: _job_phase(e2e, uid) == "Succeeded", 30, 0.01, what=f"{name} decided")  # noqa: B023
+        _cancel_now(e2e, name)
+    for name, (uid, items) in jobs.items():
+        _assert_verdict(e2e, name, uid, items, pipeline, "Succeeded")
+
+
+def test_results_released_the_moment_postgres_holds_the_cancel(e2e: E2E) -> None:
+    """Cancel first, driven: every task is held; spec.cancel is patched and each job's results
+    are released as soon as Postgres holds Canceling (or already Cancelled), so they land while
+    the cancel is carried out. The results come second: Cancelled, every late result recorded."""
+    pipeline, gates, jobs = _held_jobs(e2e, "cancel", 3)
+    for j, (name, (uid, _)) in enumerate(jobs.items()):
+        _cancel_now(e2e, name)
+        wait_for(
+            lambda: _job_phase(e2e, uid) in ("Canceling", "Cancelled"),  # noqa: B023
+            30,
+            0.01,
+            what=f"{name}'s cancel decided",
+        )
+        (gates / f"cancel{j}").touch()
+    for name, (uid, items) in jobs.items():
+        _assert_verdict(e2e, name, uid, items, pipeline, "Cancelled")
 
 
 def _cancelled_then_results(e2e: E2E, name: str) -> tuple[str, list[str], dict[str, Any]]:
