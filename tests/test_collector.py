@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -186,6 +187,7 @@ def collector_for(
     rs: ResultsStream,
     *,
     batch: int = 256,
+    loops: int = 1,
     on_drained: Callable[[str], Awaitable[None]] | None = None,
 ) -> Collector:
     return Collector(
@@ -194,6 +196,7 @@ def collector_for(
         state,
         store,
         batch=batch,
+        loops=loops,
         fetch_timeout=0.5,
         on_drained=on_drained,
         stream=rs.stream,
@@ -286,6 +289,46 @@ async def test_end_to_end_duplicates_and_malformed(
     assert await stream_messages(js, results) == 0
     assert drained[0] == protocol.drained_subject(uid)
     assert callbacks[0] == (uid, 0)  # announced only once nothing was pending
+
+
+async def test_loops_store_batches_at_once_and_count_exactly(
+    js: JetStreamContext,
+    nc: NATS,
+    state: JobState,
+    store: ResultsStore,
+    results: ResultsStream,
+) -> None:
+    """MLJOB_COLLECTOR_LOOPS: two loops share the consumer, each with its own fetches, so one
+    batch is stored while another waits for Postgres; replays across loops still count once."""
+    uid = str(uuid.uuid4())
+    items = [f"img-{n:04d}" for n in range(400)]
+    assert await dispatched(state, store, uid, items)
+    subject = results.subject(uid)
+    for item in [*items, *items[:100]]:  # 100 replays, which may land in the other loop's batch
+        await js.publish(subject, body(uid, item, OK))
+    upsert, storing, most = store.upsert, 0, 0
+
+    async def slow_upsert(rows: list[protocol.Result]) -> Any:
+        nonlocal storing, most
+        storing += 1
+        most = max(most, storing)
+        try:
+            await asyncio.sleep(0.2)  # a Postgres round trip long enough for the other loop to fetch
+            return await upsert(rows)
+        finally:
+            storing -= 1
+
+    store.upsert = slow_upsert  # type: ignore[method-assign]
+    try:
+        async with running(collector_for(js, nc, state, store, results, batch=50, loops=2)):
+            await until(lambda: settled(js, results), what="every message acked")
+    finally:
+        store.upsert = upsert  # type: ignore[method-assign]
+    assert most == 2, f"at most {most} batch(es) were stored at once"
+    assert await store.count(uid) == (400, 0)
+    counts = await state.counts(uid)
+    assert counts is not None
+    assert (counts.total, counts.pending, counts.succeeded) == (400, 0, 400)
 
 
 async def test_redis_down_mid_flight_nothing_acked_then_exact(

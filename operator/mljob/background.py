@@ -80,6 +80,7 @@ async def start(services: Services) -> Background:
             services.state,
             services.results,
             batch=services.settings.collector_batch,
+            loops=services.settings.collector_loops,
             ensure=lambda: jetstream.ensure_results_stream(services.js, replicas),
         )
         background.tasks.append(asyncio.create_task(collector.run(stop), name="mljob-collector"))

@@ -97,6 +97,7 @@ class Collector:
         store: ResultsStore,
         *,
         batch: int = 256,
+        loops: int = 1,
         fetch_timeout: float = 1.0,
         on_drained: Callable[[str], Awaitable[None]] | None = None,
         stream: str = protocol.RESULTS_STREAM,
@@ -109,6 +110,7 @@ class Collector:
         self.state = state
         self.store = store
         self.batch = batch
+        self.loops = max(1, loops)
         self.fetch_timeout = fetch_timeout
         self.on_drained = on_drained
         self.stream = stream
@@ -130,10 +132,25 @@ class Collector:
             self._report_refusals(force=True)  # no flood to protect the log from
 
         try:
-            await consume(
-                self.js, self.stream, self.consumer, self.process, self._outage, stop,
-                batch=self.batch, fetch_timeout=self.fetch_timeout, on_idle=idle, ensure=self.ensure,
-            )  # fmt: skip
+            # Each loop has a pull subscription of its own (nats-py's fetches on one must not
+            # overlap); they share the consumer as replicas do, every write being idempotent.
+            await asyncio.gather(
+                *(
+                    consume(
+                        self.js,
+                        self.stream,
+                        self.consumer,
+                        self.process,
+                        self._outage,
+                        stop,
+                        batch=self.batch,
+                        fetch_timeout=self.fetch_timeout,
+                        on_idle=idle,
+                        ensure=self.ensure,
+                    )
+                    for _ in range(self.loops)
+                )
+            )
         finally:
             self._report_refusals(force=True)
 

@@ -41,6 +41,10 @@ def add_parser(subparsers: Any) -> None:
         "--postgres-schema", help="schema for the tables (default: $MLJOB_POSTGRES_SCHEMA, else search_path)"
     )
     parser.add_argument("--batch", help="results per fetch (default: $MLJOB_COLLECTOR_BATCH, else 256)")
+    parser.add_argument(
+        "--loops",
+        help="batches stored at once, each fetched on its own (default: $MLJOB_COLLECTOR_LOOPS, else 2)",
+    )
     parser.add_argument("--redis-prefix", help="default: $MLJOB_REDIS_PREFIX, else mljob")
     parser.add_argument("--log-level", help="default: $MLJOB_LOG_LEVEL, else INFO")
     parser.set_defaults(func=_cmd_collector)
@@ -65,6 +69,7 @@ def _cmd_collector(args: argparse.Namespace) -> int:
         postgres_dsn=args.postgres_dsn,
         postgres_schema=args.postgres_schema,
         collector_batch=args.batch,
+        collector_loops=args.loops,
         redis_prefix=args.redis_prefix,
         log_level=args.log_level,
     )  # SettingsError: `mljob` prints it and exits 2
@@ -189,9 +194,10 @@ async def collect(settings: CollectorSettings, readiness: Readiness) -> None:
             JobState(redis, prefix=settings.redis_prefix),
             ResultsStore(pool),
             batch=settings.collector_batch,
+            loops=settings.collector_loops,
             ensure=lambda: ensure_results_stream(js, settings.stream_replicas),
         )
-        log.info("collector running (batch %d)", settings.collector_batch)
+        log.info("collector running (batch %d, %d loops)", settings.collector_batch, settings.collector_loops)
         await collector.run(stop)
         log.info("collector stopped")
     finally:

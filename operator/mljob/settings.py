@@ -102,6 +102,15 @@ class CollectorSettings(NatsSettings):
     collector_batch: int = _var(
         "COLLECTOR_BATCH", 256, "results per fetch of the collector (`--batch`)", flag="--batch", ge=1
     )
+    collector_loops: int = _var(
+        "COLLECTOR_LOOPS",
+        2,
+        "batches the collector stores at once, each fetched on its own (`--loops`): one waits "
+        "for Postgres while another is fetched",
+        flag="--loops",
+        ge=1,
+        le=16,
+    )
     metrics_port: int = _var(
         "METRICS_PORT",
         9090,
