@@ -26,8 +26,8 @@ tools: deps venv
 	$(BIN)/mljob dev tools
 
 lint: venv
-	$(BIN)/ruff check operator tests
-	$(BIN)/ruff format --check operator tests
+	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff format --check operator tests bench
 
 typecheck: venv
 	$(BIN)/mypy
@@ -46,7 +46,7 @@ demo: deps venv tools
 
 # Baselines (later mljob too) on one local stack, one markdown table each; e.g. BENCH_ARGS="--items 2000".
 bench: deps venv tools
-	@$(BIN)/python -c 'import celery, psutil' 2>/dev/null || $(BIN)/pip install -q -e '.[operator,devstack,dev,bench]'
+	@$(BIN)/python -c 'import celery, psutil' 2>/dev/null && test -x $(BIN)/py-spy || $(BIN)/pip install -q -e '.[operator,devstack,dev,bench]'
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
 stack-up: deps venv tools

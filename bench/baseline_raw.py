@@ -1,25 +1,38 @@
-"""End-to-end baseline with no framework: the same NATS, Redis and Postgres work per item as mljob.
+"""End-to-end baseline with no framework: the same NATS, Redis and Postgres work per item as mljob,
+done the fastest correct way we know on these servers.
 
-Three roles, each its own process and NATS identity, as in mljob, on mljob's stream, consumer and
-subject names (bench/wire.py):
+The guarantees mljob gives, kept here: every task durable in the stream before it counts, every
+result durable in the results stream before its task is acked, one Postgres row per item (a
+redelivered result changes nothing), the Redis pending set updated per item, no wait without a
+bound. Three roles, each its own process and NATS identity, as in mljob, on mljob's stream,
+consumer and subject names (bench/wire.py). Per role, each choice and why it keeps them:
 
-* producer (mljob: the operator's dispatch): adds the N item ids to a Redis pending set, then
-  publishes N task messages (mljob-sized, `Nats-Msg-Id`) to the job's subject of its pipeline's
-  work-queue stream with `publish_async` and one wait for all acks.
-* K workers (mljob: `mljob worker` with a no-op handler): pull-fetch batches from the job's
-  durable consumer; per task, publish a result to the results stream and wait for its PubAck,
-  then ack the task with a confirmed ack (`ack_sync`), up to `--concurrency` tasks at once.
-* collector (mljob: the collector): fetches results in batches through the collector's consumer
-  of the shared results stream; per batch, one `INSERT ... SELECT FROM unnest(...) ON CONFLICT
-  DO NOTHING` into a table keyed (job, item), one SREM of the batch's items from the pending set
-  (with SCARD in the same round trip), then acks the batch. It says "done" when the pending set
-  is empty.
+* producer (mljob: the operator's dispatch): adds the N item ids to a Redis pending set (SADDs of
+  5,000 ids, ten per round trip) before any task exists, so no result can arrive for an item
+  not yet pending; then publishes the N tasks as bench/baseline_dispatch.py's limit row does
+  (`publish_async` in nats-py's window, no per-message timer, one bounded wait for every PubAck).
+* K workers (mljob: `mljob worker`): `--loops` fetch loops per process, each: pull-fetch up to
+  `--batch` tasks of the job's durable consumer; run the handler on all of them at once (the
+  no-op, or `--handler-ms` of `asyncio.sleep`: up to loops x batch tasks in flight per worker);
+  publish every result of the batch with `publish_async` (each with its `Nats-Msg-Id`, so a
+  redelivered task's result is dropped by the stream) and wait once, bounded, for all their
+  PubAcks; then ack each task whose result was confirmed with a plain ack. A plain ack is
+  enough: if it is lost the task is redelivered after `ack_wait`, its result is deduplicated by
+  the stream and by the collector's `ON CONFLICT`, so nothing counts twice; a confirmed
+  `ack_sync` per task would only add a round trip each. A task whose result was not confirmed
+  is NAKed (redelivered). Several loops keep the stream busy while one loop waits for acks.
+* collector (mljob: the collector): `--collector-loops` loops, each with its own Postgres
+  connection: fetch up to `--collector-batch` results of the collector's consumer of the shared
+  results stream; store the batch with one `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO
+  NOTHING` (one round trip, keyed (job, item): a result stored twice is one row) and one Redis
+  pipeline (SREM of the batch's items and SCARD); only then plain-ack the batch (lost acks:
+  redelivery, idempotent as above). It says "done" when the pending set is empty.
 
 Not done here and done by mljob: validating messages against a schema, checking results against
-the registered items, the failed-item set, heartbeats, metrics. The clock runs from "go" to the
-producer (apply) until the collector found the pending set empty (every result stored).
+the registered items, the failed-item set, heartbeats, metrics, status. The clock runs from "go"
+to the producer (apply) until the collector found the pending set empty (every result stored).
 
-    python -m bench.baseline_raw --items 20000 --workers 1,2,4
+    python -m bench.baseline_raw --items 20000 --workers 1,2,4 [--handler-ms 20 --concurrency 64]
 """
 
 from __future__ import annotations
@@ -27,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import json
 import os
 import sys
 import time
@@ -35,7 +47,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from nats.errors import TimeoutError as NatsTimeoutError
+from pydantic_core import from_json, to_json
 
 from . import common, wire
 from .baseline_dispatch import publish_async_all
@@ -52,6 +64,8 @@ ON CONFLICT (job_uid, item_id) DO NOTHING
 #: Ids per SADD and SADDs per round trip when the producer fills the pending set (as mljob).
 SADD_CHUNK = 5000
 SADDS_PER_ROUND_TRIP = 10
+#: The bound of every wait for PubAcks of a worker's batch of results.
+PUBLISH_TIMEOUT_SECONDS = 10.0
 
 
 def pending_key(job: wire.Job) -> str:
@@ -80,81 +94,102 @@ async def producer(job: wire.Job, items: int) -> None:
     await asyncio.to_thread(common.role_wait_go)  # stay (and countable) until stopped
 
 
-async def worker(job: wire.Job, batch: int, concurrency: int) -> None:
+async def worker(job: wire.Job, batch: int, loops: int, handler_ms: float) -> None:
     nc = await common.nats_connect(f"bench-raw-worker-{os.getpid()}")
     js = nc.jetstream()
-    sub = await js.pull_subscribe_bind(durable=job.task_consumer, stream=job.task_stream)
-    slots = asyncio.Semaphore(concurrency)
     worker_id = f"bench-raw-{os.getpid()}"
+    subject, uid = job.results_subject, job.uid
 
-    async def handle(msg: Any) -> None:
-        async with slots:
-            task = json.loads(msg.data)
-            item_id = task["item"]["id"]
-            result = {
-                "version": 2,
-                "job_uid": job.uid,
-                "item_id": item_id,
-                "outcome": "succeeded",
-                "result": None,  # the no-op handler's value
-                "error": None,
-                "attempts": msg.metadata.num_delivered,
-                "worker": worker_id,
-                "finished_at": datetime.now(UTC).isoformat(),
+    async def handle(msg: Any) -> tuple[Any, bytes, str]:
+        item_id = from_json(msg.data)["item"]["id"]
+        if handler_ms:
+            await asyncio.sleep(handler_ms / 1000)
+        result = {
+            "version": 2,
+            "job_uid": uid,
+            "item_id": item_id,
+            "outcome": "succeeded",
+            "result": None,  # the handler's value
+            "error": None,
+            "attempts": msg.metadata.num_delivered,
+            "worker": worker_id,
+            "finished_at": datetime.now(UTC).isoformat(),
+        }
+        return msg, to_json(result), f"result:{uid}:{item_id}"
+
+    async def loop() -> None:
+        # a pull subscription (an inbox) per loop: nats-py's fetches on one must not overlap
+        sub = await js.pull_subscribe_bind(durable=job.task_consumer, stream=job.task_stream)
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except TimeoutError:  # nats-py raises its own and asyncio's: nothing there yet
+                continue
+            if not msgs:
+                continue
+            done = await asyncio.gather(*(handle(m) for m in msgs))
+            acks = {
+                await js.publish_async(subject, body, headers={"Nats-Msg-Id": msg_id}): msg
+                for msg, body, msg_id in done
             }
-            body = json.dumps(result, separators=(",", ":")).encode()
-            headers = {"Nats-Msg-Id": f"result:{job.uid}:{item_id}"}
-            await js.publish(job.results_subject, body, headers=headers)
-            await msg.ack_sync()
+            confirmed, missing = await asyncio.wait(acks, timeout=PUBLISH_TIMEOUT_SECONDS)
+            for future in missing:
+                future.cancel()
+            for future, msg in acks.items():
+                if future in confirmed and future.exception() is None:
+                    await msg.ack()
+                else:
+                    await msg.nak()
 
     common.role_say("ready")
-    while True:
-        try:
-            msgs = await sub.fetch(batch, timeout=1.0)
-        except NatsTimeoutError:
-            continue
-        await asyncio.gather(*(handle(m) for m in msgs))
+    await asyncio.gather(*(loop() for _ in range(loops)))
 
 
-async def collector(job: wire.Job, batch: int) -> None:
+async def collector(job: wire.Job, batch: int, loops: int) -> None:
     import psycopg
     from redis.asyncio import Redis
 
     nc = await common.nats_connect(f"bench-raw-collector-{os.getpid()}")
     js = nc.jetstream()
-    sub = await js.pull_subscribe_bind(durable=wire.RESULTS_CONSUMER, stream=wire.RESULTS_STREAM)
-    pg = await psycopg.AsyncConnection.connect(os.environ["MLJOB_POSTGRES_DSN"], autocommit=True)
+    dsn = os.environ["MLJOB_POSTGRES_DSN"]
+    connections = [await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(loops)]
     redis = Redis.from_url(os.environ["MLJOB_REDIS_URL"])
     await redis.ping()
+    done = asyncio.Event()
+
+    async def loop(pg: Any) -> None:
+        sub = await js.pull_subscribe_bind(durable=wire.RESULTS_CONSUMER, stream=wire.RESULTS_STREAM)
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except TimeoutError:  # nats-py raises its own and asyncio's: nothing there yet
+                continue
+            if not msgs:
+                continue
+            results = [from_json(m.data) for m in msgs]
+            columns: tuple[list[Any], ...] = (
+                [r["job_uid"] for r in results],
+                [r["item_id"] for r in results],
+                [r["outcome"] for r in results],
+                [None if r["result"] is None else to_json(r["result"]).decode() for r in results],
+                [r["error"] for r in results],
+                [r["attempts"] for r in results],
+                [r["worker"] for r in results],
+                [datetime.fromisoformat(r["finished_at"]) for r in results],
+            )
+            await pg.execute(INSERT, columns)
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.srem(pending_key(job), *(r["item_id"] for r in results))
+                pipe.scard(pending_key(job))
+                _, left = await pipe.execute()
+            for m in msgs:
+                await m.ack()
+            if left == 0 and not done.is_set():
+                done.set()
+                common.role_say("done", time.monotonic())
+
     common.role_say("ready")
-    announced = False
-    while True:
-        try:
-            msgs = await sub.fetch(batch, timeout=1.0)
-        except NatsTimeoutError:
-            continue
-        results = [json.loads(m.data) for m in msgs]
-        columns: tuple[list[Any], ...] = (
-            [r["job_uid"] for r in results],
-            [r["item_id"] for r in results],
-            [r["outcome"] for r in results],
-            [None if r["result"] is None else json.dumps(r["result"]) for r in results],
-            [r["error"] for r in results],
-            [r["attempts"] for r in results],
-            [r["worker"] for r in results],
-            [datetime.fromisoformat(r["finished_at"]) for r in results],
-        )
-        await pg.execute(INSERT, columns)
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.srem(pending_key(job), *(r["item_id"] for r in results))
-            pipe.scard(pending_key(job))
-            _, left = await pipe.execute()
-        for m in msgs:
-            await m.ack()
-        await nc.flush()
-        if left == 0 and not announced:
-            common.role_say("done", time.monotonic())
-            announced = True
+    await asyncio.gather(*(loop(pg) for pg in connections))
 
 
 # ---------------------------------------------------------------------- the benchmark
@@ -200,7 +235,8 @@ def measure(stack: common.BenchStack, args: argparse.Namespace, workers: int) ->
     asyncio.run(setup(job))
     base = [sys.executable, "-m", "bench.baseline_raw", "--run", job.uid, "--items", str(args.items)]
     base += ["--batch", str(args.batch), "--concurrency", str(args.concurrency)]
-    base += ["--collector-batch", str(args.collector_batch)]
+    base += ["--collector-batch", str(args.collector_batch), "--collector-loops", str(args.collector_loops)]
+    base += ["--handler-ms", str(args.handler_ms)]
     limit = common.stage_timeout(args.items)
     try:
         with common.children() as kids:
@@ -244,16 +280,29 @@ def measure(stack: common.BenchStack, args: argparse.Namespace, workers: int) ->
 
 def build_parser() -> argparse.ArgumentParser:
     p = common.parser(__doc__.splitlines()[0], default_items=20_000)
-    p.add_argument("--batch", type=int, default=16, help="tasks per worker fetch (mljob's default: 16)")
+    p.add_argument("--batch", type=int, default=128, help="most tasks per worker fetch (default 128)")
     p.add_argument(
-        "--concurrency", type=int, default=8, help="tasks in flight per worker (mljob's default: 8)"
+        "--concurrency",
+        type=int,
+        default=512,
+        help="tasks in flight per worker: concurrency / batch fetch loops (default 512)",
     )
     p.add_argument(
-        "--collector-batch", type=int, default=256, help="results per collector fetch (mljob's default: 256)"
+        "--handler-ms", type=float, default=0.0, help="the handler's asyncio.sleep (default 0: no-op)"
     )
+    p.add_argument(
+        "--collector-batch", type=int, default=256, help="results per collector fetch (default 256)"
+    )
+    p.add_argument("--collector-loops", type=int, default=2, help="collector fetch-store loops (default 2)")
     p.add_argument("--role", choices=["producer", "worker", "collector"], help=argparse.SUPPRESS)
     p.add_argument("--run", help=argparse.SUPPRESS)
     return p
+
+
+def loops_of(batch: int, concurrency: int) -> tuple[int, int]:
+    """(tasks per fetch, fetch loops) for at most `concurrency` tasks in flight per worker."""
+    batch = max(1, min(batch, concurrency))
+    return batch, max(1, concurrency // batch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,14 +312,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.role == "producer":
             asyncio.run(producer(job, args.items))
         elif args.role == "worker":
-            asyncio.run(worker(job, args.batch, args.concurrency))
+            asyncio.run(worker(job, *loops_of(args.batch, args.concurrency), args.handler_ms))
         else:
-            asyncio.run(collector(job, args.collector_batch))
+            asyncio.run(collector(job, args.collector_batch, args.collector_loops))
         return 0
     with common.local_stack(args) as stack:
         description = common.machine(stack)
         shown = [common.repeat(args.repeat, functools.partial(measure, stack, args, k)) for k in args.workers]
-    title = f"End-to-end baseline, raw script: {args.items:,} items, no-op handler"
+    handler = f"{args.handler_ms:g} ms handler" if args.handler_ms else "no-op handler"
+    flight = f"{args.concurrency} in flight per worker"
+    title = f"End-to-end baseline, raw script: {args.items:,} items, {handler}, {flight}"
     print(description + "\n\n" + common.report(title, shown, args.json_path))
     return 0
 

@@ -332,13 +332,22 @@ class Session:
     def worker_cmd(self, pipeline: str, handler: str) -> list[str]:
         return [sys.executable, "-m", "mljob.cli", "worker", "--pipeline", pipeline, "--handler", handler]
 
-    def start_workers(self, pipeline: str, handler: str, count: int) -> list[Proc]:
-        """`count` `mljob worker` processes on the stack's worker identity."""
+    def start_collector(self) -> Proc:
+        """`mljob collector` on the stack's collector identity (for an operator started with
+        MLJOB_RUN_COLLECTOR=false), kept with the workers so that the session checks and stops it."""
+        cmd = [sys.executable, "-m", "mljob.cli", "collector"]
+        proc = Proc(f"{self.label}-collector", cmd, self.env("collector"), self.log_dir)
+        self.workers.append(proc)
+        return proc
+
+    def start_workers(self, pipeline: str, handler: str, count: int, **extra: str) -> list[Proc]:
+        """`count` `mljob worker` processes on the stack's worker identity (`extra`: more of
+        their environment, e.g. MLJOB_WORKER_CONCURRENCY)."""
         started = [
             Proc(
                 f"{self.label}-worker-{i}",
                 self.worker_cmd(pipeline, handler),
-                self.env("worker"),
+                self.env("worker", **extra),
                 self.log_dir,
             )
             for i in range(count)
@@ -394,13 +403,19 @@ class Session:
         state: str,
         roles: Mapping[str, Sequence[int]],
         profile: str | None,
+        items_from: Mapping[str, Any] | None = None,
     ) -> tuple[JobTimes, dict[str, float], dict[str, int]]:
-        """One MLJob of `items` items from ConfigMaps, applied and waited for until `state`, under
-        the CPU meter of `roles` (and py-spy on each of their processes with `profile`, a
-        directory). The ConfigMaps are applied first, before the clock runs. Returns the job's
-        times, the CPU seconds and the apiserver requests from apply to `state`."""
-        maps, docs = configmaps(name, items)
-        apply(self.stack, self.namespace, docs)
+        """One MLJob of `items` items from ConfigMaps (or `items_from`, e.g. a URL manifest's
+        `{url, sha256}`), applied and waited for until `state`, under the CPU meter of `roles`
+        (and py-spy on each of their processes with `profile`, a directory). The ConfigMaps are
+        applied first, before the clock runs. Returns the job's times, the CPU seconds and the
+        apiserver requests from apply to `state`."""
+        if items_from is None:
+            maps, docs = configmaps(name, items)
+            apply(self.stack, self.namespace, docs)
+            doc = mljob(name, pipeline, config_maps=maps)
+        else:
+            doc = mljob(name, pipeline, itemsFrom=dict(items_from))
         meter = common.meter(self.stack, roles)
         profilers = [
             Profiler(pid, Path(profile), f"{self.label}-{role}")
@@ -410,7 +425,7 @@ class Session:
         ]
         requests = apiserver_requests(self.stack)
         meter.start()
-        apply(self.stack, self.namespace, [mljob(name, pipeline, config_maps=maps)])
+        apply(self.stack, self.namespace, [doc])
         try:
             job = watch.wait([name], state, common.stage_timeout(items))[0]
         except common.BenchError:

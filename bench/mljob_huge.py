@@ -144,15 +144,6 @@ class Measured:
         return self.peaks.get(name, 0) - self.before.get(name, 0)
 
 
-def start_collector(run: mljob_common.Session) -> mljob_common.Proc:
-    """`mljob collector` on the stack's collector identity, kept with the session's workers so
-    that the session checks it and stops it."""
-    cmd = [sys.executable, "-m", "mljob.cli", "collector"]
-    proc = mljob_common.Proc(f"{run.label}-collector", cmd, run.env("collector"), run.log_dir)
-    run.workers.append(proc)
-    return proc
-
-
 def check_counts(run: mljob_common.Session, job: mljob_common.JobTimes, items: int) -> None:
     """Exact counts in the status and in Postgres, or BenchError."""
     status = job.status
@@ -184,7 +175,7 @@ def measure(
     with mljob_common.session(stack, logs, label) as run:
         procs = {"operator": run.start_operator(**extra).pid}
         if args.separate_collector:
-            procs["collector"] = start_collector(run).pid
+            procs["collector"] = run.start_collector().pid
         workers_started = run.start_workers(PIPELINE, HANDLER, workers)
         procs.update({f"worker {i + 1}": p.pid for i, p in enumerate(workers_started)})
         with mljob_common.JobWatch(stack, run.namespace) as watch:
@@ -212,7 +203,7 @@ def measure(
         tables = table_sizes(run)
     assert job.created is not None and job.dispatched is not None and job.terminal is not None
     moments = {"first chunk published": job.first_chunk, "Running": job.dispatched, "Succeeded": job.terminal}
-    timeline = {
+    timeline: dict[str, tuple[float | None, int | None]] = {
         label: (t[1] - job.created[1], sampler.rss_at(t[1])) if t else (None, None)
         for label, t in moments.items()
     }
