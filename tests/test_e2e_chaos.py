@@ -24,6 +24,7 @@ import redis as redis_sync
 from e2e_support.env import E2E
 from e2e_support.harness import mljob_cmd, wait_for
 from e2e_support.invariants import assert_job_invariants
+from mljob import protocol
 
 # --- servers of the shared stack --------------------------------------------------------------
 
@@ -264,9 +265,27 @@ def _held_jobs(e2e: E2E, prefix: str, count: int) -> tuple[str, Path, dict[str, 
     for j in range(count):
         items = [f"{prefix}{j}-{i}" for i in range(6)]
         jobs[f"race-{prefix}-{j}"] = (e2e.apply(f"race-{prefix}-{j}", pipeline, items), items)
-    for name in jobs:
+    for name, (uid, items) in jobs.items():
         e2e.wait_phase(name, {"Running"}, timeout=30)
+        wait_for(lambda: _held_tasks(e2e, pipeline, uid) == len(items), 30, what=f"{name}'s tasks held")  # noqa: B023
     return pipeline, gates, jobs
+
+
+def _held_tasks(e2e: E2E, pipeline: str, uid: str) -> int:
+    """Tasks of the job a worker holds unacknowledged, with none left undelivered (else -1): a
+    cancel's cleanup purges undelivered tasks, whose results would then never come."""
+
+    async def ask() -> int:
+        nc = await e2e.stack.nats()
+        try:
+            info = await nc.jetstream().consumer_info(
+                protocol.task_stream(pipeline), protocol.task_consumer(uid)
+            )
+        finally:
+            await nc.close()
+        return int(info.num_ack_pending or 0) if not info.num_pending else -1
+
+    return asyncio.run(ask())
 
 
 def test_cancel_patched_the_moment_postgres_holds_the_completion(e2e: E2E) -> None:
