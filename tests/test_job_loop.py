@@ -674,7 +674,7 @@ async def test_nothing_pending_and_no_ledger_items_is_said_once_and_backs_off(
                     settings.idle_reconcile_interval,
                 )
             )
-    warnings = [r for r in caplog.records if "ledger has no items" in r.getMessage()]
+    warnings = [r for r in caplog.records if "Redis shows nothing pending" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     shown = condition(body, "StateAvailable")
     assert shown is not None and (shown["status"], shown["reason"]) == ("False", "LedgerMissing")
