@@ -59,6 +59,9 @@ async def test_shutdown_cancels_a_background_task_that_outlives_its_grace_before
     await handlers.shutdown(memo=kopf.Memo(background=running, services=services))
 
     assert stuck.cancelled() and unwound == ["long query"]
+    # the collector's NATS connection is its own (never queued behind dispatch), closed with it
+    assert [c is not services.nc for c in running.connections] == [True]
+    assert running.connections[0].is_closed
     assert all(task.done() for task in running.tasks), [t.get_name() for t in running.tasks if not t.done()]
     assert services.pool.closed
 

@@ -16,7 +16,7 @@ from nats.js.errors import APIError
 
 from mljob import protocol
 from mljob.adapters import jetstream
-from mljob.jspublish import ConfirmedPublisher, Outgoing, PubAckTimeout, publish_confirmed
+from mljob.jspublish import YIELD_EVERY, ConfirmedPublisher, Outgoing, PubAckTimeout, publish_confirmed
 
 
 class AckControlledJS:
@@ -52,6 +52,25 @@ async def test_every_message_confirmed_means_no_failures() -> None:
     js = AckControlledJS("ack")
     assert await publish_confirmed(js, messages(10), timeout=1.0) == {}
     assert js.sent == [f"u:{i}" for i in range(10)]
+
+
+@pytest.mark.unit
+async def test_a_long_send_gives_the_process_other_work_turns() -> None:
+    """The operator's in-process collector shares the event loop with dispatch: a send of
+    thousands of messages whose acks keep up must not hold the loop from start to end."""
+    js = AckControlledJS("ack")
+    seen: list[int] = []
+
+    async def other_work() -> None:
+        while True:
+            seen.append(len(js.sent))
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    assert await publish_confirmed(js, messages(4 * YIELD_EVERY), timeout=1.0) == {}
+    other.cancel()
+    assert any(0 < sent < 4 * YIELD_EVERY for sent in seen), seen  # it ran in the middle
 
 
 @pytest.mark.unit

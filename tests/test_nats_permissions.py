@@ -36,7 +36,7 @@ from nats.js.api import (
 from mljob import nats_permissions, protocol
 from mljob.devstack import nats_config, tools
 from mljob.devstack.stack import free_port
-from mljob.worker.puller import JobPuller
+from mljob.jspull import JobPuller
 
 PIPELINE, OTHER = "resize", "other"
 SCOPED_WORKER = "mljob-worker-resize"

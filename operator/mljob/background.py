@@ -2,7 +2,10 @@
 
 - wake-ups: the collector's `drained` event wakes a job's loop, so a verdict lands at once;
 - heartbeats: workers busy on long tasks say so, so such a job is not stalled (row 5);
-- the results collector, unless it runs as its own Deployment (`--no-collector`);
+- the results collector, unless it runs as its own Deployment (`--no-collector`), on a NATS
+  connection of its own: on the operator's, its fetches and acks queued behind dispatch's
+  thousands of outstanding publishes (a round trip of a second or more each), so results
+  were barely stored while a big job dispatched;
 - exhausted deliveries: items NATS gave up on are failed within seconds (rows 2, 3);
 - the orphan sweep: streams, registry entries and keys no live MLJob owns (row 13).
 """
@@ -15,7 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mljob import protocol
+from nats.aio.client import Client as NATS
+
+from mljob import natsconn, protocol
 from mljob.adapters import jetstream
 from mljob.collector import Collector
 from mljob.exhausted import ExhaustedDeliveries
@@ -40,11 +45,23 @@ class Background:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: seconds the tasks get to finish their current batch once asked to stop
     grace: float = STOP_TIMEOUT_SECONDS
+    #: connections of the background's own (the collector's), closed once the tasks are done
+    connections: list[NATS] = field(default_factory=list)
 
     async def stop(self) -> None:
         """Ask every task to stop, give them `grace` to finish their batch, cancel the rest and
         wait for them: the caller closes the connections they use right after."""
         self.stop_event.set()
+        try:
+            await self._stop_tasks()
+        finally:
+            for nc in self.connections:
+                try:
+                    await nc.drain()
+                except Exception as err:
+                    log.warning("error while closing the collector's NATS connection: %s", err)
+
+    async def _stop_tasks(self) -> None:
         if not self.tasks:
             return
         _, late = await asyncio.wait(self.tasks, timeout=self.grace)
@@ -74,9 +91,12 @@ async def start(services: Services) -> Background:
     stop = background.stop_event
     replicas = services.settings.stream_replicas
     if services.settings.run_collector:
+        nc = await natsconn.connect(services.settings, name="mljob-operator-collector", log=log)
+        assert nc is not None  # no stop event: connect returns only once connected
+        background.connections.append(nc)
         collector = Collector(
-            services.js,
-            services.nc,
+            nc.jetstream(),
+            nc,
             services.state,
             services.results,
             batch=services.settings.collector_batch,

@@ -132,12 +132,12 @@ class Collector:
             self._report_refusals(force=True)  # no flood to protect the log from
 
         try:
-            # Each loop has a pull subscription of its own (nats-py's fetches on one must not
-            # overlap); they share the consumer as replicas do, every write being idempotent.
+            # Each loop pulls through an inbox of its own; they share the consumer as replicas
+            # do, every write being idempotent.
             await asyncio.gather(
                 *(
                     consume(
-                        self.js,
+                        self.nc,
                         self.stream,
                         self.consumer,
                         self.process,

@@ -168,7 +168,7 @@ class ExhaustedDeliveries:
     async def run(self, stop: asyncio.Event) -> None:
         """Handle advisories until ``stop`` is set; never stops on bad input or outages."""
         await consume(
-            self.js, protocol.ADVISORY_STREAM, self.consumer, self.process, self._outage, stop,
+            self.nc, protocol.ADVISORY_STREAM, self.consumer, self.process, self._outage, stop,
             batch=self.batch, fetch_timeout=self.fetch_timeout, ensure=self.ensure,
         )  # fmt: skip
 

@@ -30,6 +30,8 @@ from mljob import protocol
 #: Outstanding PubAcks per call. Must stay below the JetStream context's own limit
 #: (`publish_async_max_pending`, 4,000 by default in nats-py), so its semaphore never blocks.
 DEFAULT_WINDOW = 2048
+#: Messages sent between two turns given to the event loop's other tasks.
+YIELD_EVERY = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,8 @@ class ConfirmedPublisher:
                 self._fail_rest(messages, offset, err)
                 return False
             self._track(future)
+            if self.sent % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let the process's other work run (the collector, acks)
         return not self.failures
 
     def _track(self, future: asyncio.Future[Any]) -> None:

@@ -15,6 +15,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mljob.jspull import JobPuller
+
 BACKOFF_INITIAL_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 5.0
 
@@ -74,7 +76,7 @@ class Outage:
 
 
 async def consume(
-    js: Any,
+    nc: Any,
     stream: str,
     consumer: str,
     process: Callable[[list[Any]], Awaitable[bool]],
@@ -89,8 +91,10 @@ async def consume(
     """Fetch batches from a durable pull consumer and hand them to `process` until `stop`.
 
     `process` returns False when a dependency failed and it left the batch for redelivery: the
-    loop then backs off. Binding and fetching failures (consumer missing, connection lost) are
-    outages too. Nothing here ever ends the loop but `stop`.
+    loop then backs off. Pull failures (consumer missing, connection lost) are outages too.
+    Nothing here ever ends the loop but `stop`. Batches come through `jspull.JobPuller` (one
+    turn of the event loop per batch, not per message, see there), each request lingering
+    `fetch_timeout` seconds on the server while nothing is waiting.
     """
 
     async def recover() -> None:
@@ -101,37 +105,38 @@ async def consume(
             except Exception as err:
                 outage.report(f"cannot recreate {stream}/{consumer}", err)
 
-    sub: Any = None
+    puller: JobPuller | None = None
     try:
         while not stop.is_set():
-            if sub is None:
+            if puller is None:
+                puller = JobPuller(nc, stream, consumer)
                 try:
-                    sub = await js.pull_subscribe_bind(durable=consumer, stream=stream)
+                    await puller.start()
                 except Exception as err:
-                    outage.report(f"cannot bind to {stream}/{consumer}", err)
+                    puller = None
+                    outage.report(f"cannot subscribe for {stream}/{consumer}", err)
                     await outage.sleep(stop)
-                    await recover()
                     continue
             try:
-                msgs: list[Any] = await sub.fetch(batch, timeout=fetch_timeout)
-            except TimeoutError:  # nothing to do (nats' timeout errors subclass TimeoutError)
-                if on_idle is not None:
-                    on_idle()
-                continue
+                msgs: list[Any] = await puller.fetch(batch, linger=fetch_timeout)
             except Exception as err:
                 outage.report(f"fetching from {stream}/{consumer} failed", err)
                 await outage.sleep(stop)
                 await recover()
                 with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-                sub = None  # bind again: the consumer may be a new one
+                    await puller.close()
+                puller = None  # pull again on a new inbox: the consumer may be a new one
+                continue
+            if not msgs:  # nothing to do
+                if on_idle is not None:
+                    on_idle()
                 continue
             if await process(msgs):
                 outage.recovered()
             else:
                 await outage.sleep(stop)
     finally:
-        if sub is not None:
-            # Late deliveries to a dead inbox would sit un-acked until ack_wait.
+        if puller is not None:
+            # Deliveries kept for the next fetch go back at once instead of waiting for ack_wait.
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await puller.close()

@@ -29,11 +29,11 @@ from nats.js import JetStreamContext
 
 from mljob import natsconn, protocol
 from mljob.jspublish import Outgoing, publish_confirmed
+from mljob.jspull import JobPuller, PullError
 from mljob.worker.batching import BatchAssembler, Quarantine, is_redelivery
 from mljob.worker.config import WorkerConfig
 from mljob.worker.handler import Handler, batch_spec, load_handler
 from mljob.worker.outcome import describe
-from mljob.worker.puller import JobPuller, PullError
 from mljob.worker.registry_watch import RegistryWatcher
 from mljob.worker.results import ResultPublisher, settle_bound
 from mljob.worker.runner import JobBinding, TaskRunner

@@ -1,10 +1,23 @@
-"""Pulling tasks from one job's durable consumer without ever waiting on an empty job.
+"""Pulling batches from a durable JetStream consumer through one inbox subscription.
 
-A worker serves every active job of its pipeline in turn. A lingering pull request on an empty
-job would stall that rotation (or hold capacity) for its whole expiry, so each fetch here is a
-JetStream `no_wait` pull request: the server answers at once with up to `batch` messages, or
-with a `404 No Messages` status. Each request gets its own reply subject under the puller's
-inbox, so a late status for an old request can never end a newer one early.
+Used by workers (a job's tasks) and by the operator's consumers (the collector's results, the
+advisories). Why not nats-py's `fetch`: it takes each message of a batch with an
+`asyncio.wait_for` of its own, one turn of the event loop per message, so on a busy loop (the
+operator dispatching a big job) a batch of 256 results took seconds to arrive. Here a callback
+subscription queues what the server delivers, and a fetch takes it all in one turn.
+
+Two kinds of request:
+
+* `no_wait` (a worker): a worker serves every active job of its pipeline in turn, and a
+  lingering pull request on an empty job would stall that rotation (or hold capacity) for its
+  whole expiry, so the server answers at once with up to `batch` messages or a `404 No
+  Messages` status.
+* `linger` seconds (a consumer with nothing else to do): the request stays open on the server
+  that long; the fetch returns as soon as anything arrived. Messages the open request delivers
+  afterwards are kept for the next fetch (and NAKed by `close`).
+
+Each request gets its own reply subject under the puller's inbox, so a late status for an old
+request can never end a newer one early.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ def is_task_message(msg: Msg) -> bool:
 
 
 class JobPuller:
-    """no_wait pull requests against one durable consumer, read through one inbox subscription."""
+    """Pull requests against one durable consumer, read through one inbox subscription."""
 
     def __init__(self, nc: Client, stream: str, consumer: str, reply_timeout: float = 2.0) -> None:
         self._nc = nc
@@ -66,24 +79,29 @@ class JobPuller:
         (self._tasks if is_task_message(msg) else self._statuses).append(msg)
         self._arrived.set()
 
-    async def fetch(self, batch: int) -> list[Msg]:
-        """Up to `batch` tasks available now; [] when the job has none. Raises PullError."""
+    async def fetch(self, batch: int, linger: float | None = None) -> list[Msg]:
+        """Up to `batch` messages: those available now (`linger` None), or the first to arrive
+        within `linger` seconds. [] when there were none. Raises PullError."""
         async with self._lock:
             if self._closed:
                 return []
             msgs = self._take(batch)
-            if len(msgs) >= batch:
+            if len(msgs) >= batch or (msgs and linger is not None):
                 return msgs
             self._request += 1
             reply = f"{self._inbox}.{self._request}"
             self._statuses.clear()
-            request = {"batch": batch - len(msgs), "no_wait": True}
+            request: dict[str, object] = {"batch": batch - len(msgs)}
+            if linger is None:
+                request["no_wait"] = True
+            else:
+                request["expires"] = int(linger * 1e9)  # nanoseconds
             await self._nc.publish(self._next_subject, json.dumps(request).encode(), reply=reply)
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._reply_timeout
+            deadline = loop.time() + self._reply_timeout + (linger or 0.0)
             while len(msgs) < batch:
                 msgs.extend(self._take(batch - len(msgs)))
-                if len(msgs) >= batch:
+                if len(msgs) >= batch or (msgs and linger is not None):
                     break
                 status = self._status_for(reply)
                 if status is not None:
@@ -116,7 +134,11 @@ class JobPuller:
         return None
 
     async def close(self) -> int:
-        """Stop pulling; NAK tasks that arrived but were never handed out. Returns how many."""
+        """Stop pulling; NAK tasks that arrived but were never handed out. Returns how many.
+
+        A lingering request still open on the server delivers nothing more once the inbox has
+        no subscriber (the server drops a waiting request without interest), so what is NAKed
+        here goes to the next fetch of any puller at once."""
         async with self._lock:
             self._closed = True
             if self._sub is not None:
