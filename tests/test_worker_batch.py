@@ -448,3 +448,31 @@ def test_a_batch_handler_worker_holds_concurrency_times_batch_size_tasks() -> No
     worker = Worker(config, batch_handler(max_size=32)(lambda tasks: tasks))
     assert worker.batching == (4, DEFAULT_BATCH_WAIT_SECONDS) and worker._slots.capacity == 8
     assert Worker(config, lambda ctx: 1)._slots.capacity == 2
+
+
+async def test_a_result_never_settled_is_nakked_after_the_bound() -> None:
+    """The settle bound is a safety net for a bug (a publish that never returns): the task is
+    NAKed for redelivery and `settle` returns, one sweep for every waiting call (no timer each)."""
+    from mljob.worker.outcome import Publish
+    from mljob.worker.results import ResultPublisher
+
+    events: Events = []
+
+    async def never(messages: Any) -> dict[int, BaseException]:
+        await asyncio.Event().wait()  # a bug: this publish never returns
+        return {}
+
+    async def flush() -> None:
+        return None
+
+    publisher = ResultPublisher(never, flush, wait_bound=0.2, crash_after_result=None)
+    loop_task = asyncio.create_task(publisher.run())
+    try:
+        (msg,) = msgs(events, ["stuck"])
+        result = protocol.Result(
+            job_uid="u1", item_id="stuck", outcome=protocol.Outcome.SUCCEEDED, attempts=1, worker="unit"
+        )
+        await asyncio.wait_for(publisher.settle("p", [(TaskMsg(msg), Publish(result))]), 10)
+    finally:
+        loop_task.cancel()
+    assert settled(events) == [("nak", None)]

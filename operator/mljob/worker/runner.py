@@ -98,9 +98,16 @@ class TaskRunner:
         gate: AbstractAsyncContextManager[Any],
     ) -> None:
         tasks = [TaskMsg(m) for m in msgs]
-        beat = asyncio.create_task(
-            heartbeat(tasks, heartbeat_interval(job.ack_wait), job.entry, self.announce, self.heartbeats)
-        )
+        # The heartbeat starts only for tasks still running after one interval: a timer costs a
+        # fraction of a task created and cancelled for each of thousands of quick tasks a second.
+        interval = heartbeat_interval(job.ack_wait)
+        beating: list[asyncio.Task[None]] = []
+
+        def start_beating() -> None:
+            beat = heartbeat(tasks, interval, job.entry, self.announce, self.heartbeats, first=0.0)
+            beating.append(asyncio.create_task(beat))
+
+        timer = asyncio.get_running_loop().call_later(interval, start_beating)
         try:
             async with gate:
                 decisions: list[Decision] = await decide(job, tasks)
@@ -114,7 +121,9 @@ class TaskRunner:
             for task in tasks:
                 await task.nak()
         finally:
-            beat.cancel()
+            timer.cancel()
+            for beat in beating:
+                beat.cancel()
 
     # ------------------------------------------------------------------ deciding
 

@@ -108,16 +108,20 @@ async def heartbeat(
     entry: protocol.RegistryEntry,
     announce: Announcer | None,
     failures: HeartbeatLog,
+    first: float | None = None,
 ) -> None:
     """Tell NATS the tasks are still being worked on, so ack_wait does not expire under a live
     handler, and tell the operator the job is alive, so a long task is not taken for a stall.
-    One loop for a whole batch: a +WPI per unsettled task, one heartbeat message per interval;
-    each failure is reported for the task (or job) it concerns, see HeartbeatLog."""
+    One loop for a whole batch: a +WPI per unsettled task, one heartbeat message per interval
+    (the first after `first` seconds, default `interval`); each failure is reported for the task
+    (or job) it concerns, see HeartbeatLog."""
     uid = entry.uid
     subject = protocol.heartbeat_subject(entry.pipeline, uid)
+    delay = interval if first is None else first
     try:
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
+            delay = interval
             for task in tasks:
                 if not task.settled:
                     await _beat(failures, task, partial(task_name, task.msg, uid), task.msg.in_progress)
