@@ -163,8 +163,10 @@ async def nats_connect(name: str) -> Any:
     """A NATS connection from the MLJOB_NATS_* environment (URL, user, password, CA), as mljob's."""
     import nats
 
-    from mljob import natsconn
+    from mljob import logs, natsconn
     from mljob.settings import NatsSettings
+
+    logs.drop_noise()  # nats-py's TLS teardown warning: nothing the benchmark did
 
     return await nats.connect(**natsconn.options(NatsSettings(), name=name))
 
