@@ -12,14 +12,16 @@ stored. mljob's own "last result stored" (the largest `recorded_at` of the job's
 `mljob_results`, the collector's insert time) is shown beside its apply → Succeeded.
 
     python -m bench.mljob_e2e --items 20000 --workers 1,2,4 [--profile DIR]
-    python -m bench.mljob_e2e --items 20000 --handler-ms 20 --concurrency 64
+    python -m bench.mljob_e2e --items 20000 --handler-ms 20 --concurrency 64 --fetch-batch 0
 
 Handlers: the no-op (`bench.handlers:noop_async`, an async function: the raw script runs its
 no-op inline on the event loop, so both pay the same for it; `--sync-handler` runs mljob's as a
 plain function instead, which the worker calls in a thread, to show what that hop costs) or, with
 `--handler-ms`, an `asyncio.sleep` of that long (`bench.handlers:sleep`, as the raw script's).
-`--concurrency` is every worker's tasks in flight (mljob: MLJOB_WORKER_CONCURRENCY; default: each
-system's own default).
+`--concurrency` is every worker's tasks in flight (mljob: MLJOB_WORKER_CONCURRENCY) and
+`--fetch-batch` the most tasks per fetch (MLJOB_WORKER_BATCH), the same for both systems: 256 and
+128 by default, as in docs/benchmarks.md (mljob's own defaults, 8 and 16, suit real handlers);
+0 leaves each system its own default.
 
 `--profile DIR` attaches py-spy to the operator and to every worker for the measured interval and
 prints their top functions (figures of a profiled run are slower: compare them with nothing).
@@ -195,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fetch-batch",
         type=int,
-        help="most tasks per fetch, every system (mljob: MLJOB_WORKER_BATCH; default: each one's own)",
+        default=128,
+        help="most tasks per fetch, every system (mljob: MLJOB_WORKER_BATCH; default 128; 0: each one's own)",
     )
     p.add_argument(
         "--separate-collector",
@@ -208,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="mljob runs the no-op as a plain function (a thread hop per call; the raw script stays inline)",
     )
     p.add_argument(
-        "--concurrency", type=int, help="tasks in flight per worker, every system (default: each one's own)"
+        "--concurrency",
+        type=int,
+        default=256,
+        help="tasks in flight per worker, every system (default 256; 0: each one's own default)",
     )
     return p
 
