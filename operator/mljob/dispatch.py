@@ -101,14 +101,15 @@ class TaskEncoder:
         )
         template = protocol.Task(job=job, item={"id": "-"}, params=target.spec.params or {})
         head = template.model_dump_json(include={"version", "job"}).encode()
-        tail = to_json(template.params)
+        tail = to_json(template.params, inf_nan_mode="null")
         self._prefix = head[:-1] + b',"item":'
         self._suffix = b',"params":' + tail + b"}"
         self._uid = target.uid
         self.subject = protocol.task_subject(target.spec.pipeline, target.uid)
 
     def body(self, item: item_rules.Item) -> bytes:
-        return self._prefix + to_json(item) + self._suffix
+        # NaN and infinities as null, as the model's encoding writes them: bare `NaN` is not JSON
+        return self._prefix + to_json(item, inf_nan_mode="null") + self._suffix
 
     def messages(self, items: Sequence[item_rules.Item]) -> list[Outgoing]:
         subject, uid, body = self.subject, self._uid, self.body

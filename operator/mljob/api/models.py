@@ -40,8 +40,6 @@ class Phase(StrEnum):
 
 
 TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED})
-#: Phases that may still move to a terminal phase (Canceling only to Cancelled).
-FINALIZABLE_PHASES = frozenset({Phase.PENDING, Phase.DISPATCHING, Phase.RUNNING})
 
 
 class _Model(BaseModel):
