@@ -11,9 +11,11 @@ consumer and subject names (bench/wire.py). Per role, each choice and why it kee
   5,000 ids, ten per round trip) before any task exists, so no result can arrive for an item
   not yet pending; then publishes the N tasks as bench/baseline_dispatch.py's limit row does
   (`publish_async` in nats-py's window, no per-message timer, one bounded wait for every PubAck).
-* K workers (mljob: `mljob worker`): `--loops` fetch loops per process, each: pull-fetch up to
-  `--batch` tasks of the job's durable consumer; run the handler on all of them at once (the
-  no-op, or `--handler-ms` of `asyncio.sleep`: up to loops x batch tasks in flight per worker);
+* K workers (mljob: `mljob worker`): fetch loops per process (`--concurrency` / `--batch`), each:
+  pull up to `--batch` tasks of the job's durable consumer (through `mljob.jspull`, which takes
+  a delivered batch in one turn of the event loop: nats-py's `fetch` takes one per message);
+  run the handler on all of them at once (the no-op, or `--handler-ms` of `asyncio.sleep`: up
+  to loops x batch tasks in flight per worker);
   publish every result of the batch with `publish_async` (each with its `Nats-Msg-Id`, so a
   redelivered task's result is dropped by the stream) and wait once, bounded, for all their
   PubAcks; then ack each task whose result was confirmed with a plain ack. A plain ack is
@@ -22,11 +24,12 @@ consumer and subject names (bench/wire.py). Per role, each choice and why it kee
   `ack_sync` per task would only add a round trip each. A task whose result was not confirmed
   is NAKed (redelivered). Several loops keep the stream busy while one loop waits for acks.
 * collector (mljob: the collector): `--collector-loops` loops, each with its own Postgres
-  connection: fetch up to `--collector-batch` results of the collector's consumer of the shared
-  results stream; store the batch with one `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO
-  NOTHING` (one round trip, keyed (job, item): a result stored twice is one row) and one Redis
-  pipeline (SREM of the batch's items and SCARD); only then plain-ack the batch (lost acks:
-  redelivery, idempotent as above). It says "done" when the pending set is empty.
+  connection and puller, as the workers': fetch up to `--collector-batch` results of the
+  collector's consumer of the shared results stream; store the batch with one `INSERT ...
+  SELECT FROM unnest(...) ON CONFLICT DO NOTHING` (one round trip, keyed (job, item): a result
+  stored twice is one row) and one Redis pipeline (SREM of the batch's items and SCARD); only
+  then plain-ack the batch (lost acks: redelivery, idempotent as above). It says "done" when
+  the pending set is empty.
 
 Not done here and done by mljob: validating messages against a schema, checking results against
 the registered items, the failed-item set, heartbeats, metrics, status. The clock runs from "go"
@@ -44,10 +47,13 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic_core import from_json, to_json
+
+from mljob.jspull import JobPuller
 
 from . import common, wire
 from .baseline_dispatch import publish_async_all
@@ -73,6 +79,18 @@ def pending_key(job: wire.Job) -> str:
 
 
 # ---------------------------------------------------------------------- roles
+async def batches(nc: Any, stream: str, consumer: str, batch: int) -> AsyncIterator[list[Any]]:
+    """Batches of a durable consumer, forever, through an inbox of this loop's own: mljob's
+    puller (`mljob.jspull`), whose callback subscription takes a delivered batch in one turn of
+    the event loop; nats-py's `fetch` takes one turn per message."""
+    puller = JobPuller(nc, stream, consumer)
+    await puller.start()
+    while True:
+        msgs = await puller.fetch(batch, linger=1.0)
+        if msgs:
+            yield msgs
+
+
 async def producer(job: wire.Job, items: int) -> None:
     from redis.asyncio import Redis
 
@@ -118,15 +136,7 @@ async def worker(job: wire.Job, batch: int, loops: int, handler_ms: float) -> No
         return msg, to_json(result), f"result:{uid}:{item_id}"
 
     async def loop() -> None:
-        # a pull subscription (an inbox) per loop: nats-py's fetches on one must not overlap
-        sub = await js.pull_subscribe_bind(durable=job.task_consumer, stream=job.task_stream)
-        while True:
-            try:
-                msgs = await sub.fetch(batch, timeout=1.0)
-            except TimeoutError:  # nats-py raises its own and asyncio's: nothing there yet
-                continue
-            if not msgs:
-                continue
+        async for msgs in batches(nc, job.task_stream, job.task_consumer, batch):
             done = await asyncio.gather(*(handle(m) for m in msgs))
             acks = {
                 await js.publish_async(subject, body, headers={"Nats-Msg-Id": msg_id}): msg
@@ -150,7 +160,6 @@ async def collector(job: wire.Job, batch: int, loops: int) -> None:
     from redis.asyncio import Redis
 
     nc = await common.nats_connect(f"bench-raw-collector-{os.getpid()}")
-    js = nc.jetstream()
     dsn = os.environ["MLJOB_POSTGRES_DSN"]
     connections = [await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(loops)]
     redis = Redis.from_url(os.environ["MLJOB_REDIS_URL"])
@@ -158,14 +167,7 @@ async def collector(job: wire.Job, batch: int, loops: int) -> None:
     done = asyncio.Event()
 
     async def loop(pg: Any) -> None:
-        sub = await js.pull_subscribe_bind(durable=wire.RESULTS_CONSUMER, stream=wire.RESULTS_STREAM)
-        while True:
-            try:
-                msgs = await sub.fetch(batch, timeout=1.0)
-            except TimeoutError:  # nats-py raises its own and asyncio's: nothing there yet
-                continue
-            if not msgs:
-                continue
+        async for msgs in batches(nc, wire.RESULTS_STREAM, wire.RESULTS_CONSUMER, batch):
             results = [from_json(m.data) for m in msgs]
             columns: tuple[list[Any], ...] = (
                 [r["job_uid"] for r in results],
