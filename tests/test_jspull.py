@@ -35,6 +35,12 @@ async def consumer(nc: NATS) -> AsyncIterator[tuple[str, str, str]]:
     await js.delete_stream(name)
 
 
+async def delivered(nc: NATS, stream: str, durable: str, count: int) -> None:
+    """Until `count` messages are out with a puller (delivered, not acked)."""
+    while (await nc.jetstream().consumer_info(stream, durable)).num_ack_pending != count:
+        await asyncio.sleep(0.05)
+
+
 async def test_a_lingering_fetch_returns_as_soon_as_a_message_arrives(
     nc: NATS, consumer: tuple[str, str, str]
 ) -> None:
@@ -73,11 +79,7 @@ async def test_later_deliveries_of_the_open_request_are_kept_and_close_hands_the
     for n in (1, 2, 3):  # delivered on the request still open (batch 5, one taken)
         await js.publish(subject, f"m{n}".encode())
 
-    async def delivered(count: int) -> None:
-        while (await js.consumer_info(stream, durable)).num_ack_pending != count:
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(delivered(4), BOUND)
+    await asyncio.wait_for(delivered(nc, stream, durable, 4), BOUND)
     assert await puller.close() == 3  # kept, never handed out: NAKed
     again = JobPuller(nc, stream, durable)  # the next consumer gets them now, not after ack_wait
     await again.start()
@@ -108,8 +110,7 @@ async def test_the_next_fetch_hands_out_what_the_open_request_delivered(
     assert len(await asyncio.wait_for(puller.fetch(5, linger=600), BOUND)) == 1
     for n in (1, 2):
         await js.publish(subject, f"m{n}".encode())
-    while (await js.consumer_info(stream, durable)).num_ack_pending != 3:
-        await asyncio.sleep(0.05)
+    await asyncio.wait_for(delivered(nc, stream, durable, 3), BOUND)
     later = await asyncio.wait_for(puller.fetch(5, linger=600), BOUND)
     assert [m.data for m in later] == [b"m1", b"m2"]
     for msg in later:
