@@ -28,6 +28,7 @@ tools: deps venv
 lint: venv
 	$(BIN)/ruff check operator tests bench
 	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/lint-imports
 
 typecheck: venv
 	$(BIN)/mypy

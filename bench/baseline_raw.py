@@ -12,7 +12,7 @@ consumer and subject names (bench/wire.py). Per role, each choice and why it kee
   not yet pending; then publishes the N tasks as bench/baseline_dispatch.py's limit row does
   (`publish_async` in nats-py's window, no per-message timer, one bounded wait for every PubAck).
 * K workers (mljob: `mljob worker`): fetch loops per process (`--concurrency` / `--batch`), each:
-  pull up to `--batch` tasks of the job's durable consumer (through `mljob.jspull`, which takes
+  pull up to `--batch` tasks of the job's durable consumer (through `mljob.transport.jspull`, which takes
   a delivered batch in one turn of the event loop: nats-py's `fetch` takes one per message);
   run the handler on all of them at once (the no-op, or `--handler-ms` of `asyncio.sleep`: up
   to loops x batch tasks in flight per worker);
@@ -53,7 +53,7 @@ from typing import Any
 
 from pydantic_core import from_json, to_json
 
-from mljob.jspull import JobPuller
+from mljob.transport.jspull import JobPuller
 
 from . import common, wire
 from .baseline_dispatch import publish_async_all
@@ -81,7 +81,7 @@ def pending_key(job: wire.Job) -> str:
 # ---------------------------------------------------------------------- roles
 async def batches(nc: Any, stream: str, consumer: str, batch: int) -> AsyncIterator[list[Any]]:
     """Batches of a durable consumer, forever, through an inbox of this loop's own: mljob's
-    puller (`mljob.jspull`), whose callback subscription takes a delivered batch in one turn of
+    puller (`mljob.transport.jspull`), whose callback subscription takes a delivered batch in one turn of
     the event loop; nats-py's `fetch` takes one turn per message."""
     puller = JobPuller(nc, stream, consumer)
     await puller.start()

@@ -121,7 +121,7 @@ class BenchStack:
 @contextlib.contextmanager
 def local_stack(args: argparse.Namespace) -> Iterator[BenchStack]:
     """The stack to measure on; its variables are exported into this process's environment."""
-    from mljob.devstack import stack as devstack
+    from mljob_dev.devstack import stack as devstack
 
     started = None
     if all(os.environ.get(v) for v in STACK_VARS):
@@ -163,8 +163,9 @@ async def nats_connect(name: str) -> Any:
     """A NATS connection from the MLJOB_NATS_* environment (URL, user, password, CA), as mljob's."""
     import nats
 
-    from mljob import logs, natsconn
+    from mljob.ops import logs
     from mljob.settings import NatsSettings
+    from mljob.transport import natsconn
 
     logs.drop_noise()  # nats-py's TLS teardown warning: nothing the benchmark did
 

@@ -325,17 +325,26 @@ class Session:
     def start_operator(self, **extra: str) -> Proc:
         """`mljob operator --namespace <ns>` on the stack's operator identity (its default)."""
         kubectl(self.stack, "create", "namespace", self.namespace)
-        cmd = [sys.executable, "-m", "mljob.cli", "operator", "--namespace", self.namespace]
+        cmd = [sys.executable, "-m", "mljob.cli.main", "operator", "--namespace", self.namespace]
         self.operator = Proc(f"{self.label}-operator", cmd, self.env(**extra), self.log_dir)
         return self.operator
 
     def worker_cmd(self, pipeline: str, handler: str) -> list[str]:
-        return [sys.executable, "-m", "mljob.cli", "worker", "--pipeline", pipeline, "--handler", handler]
+        return [
+            sys.executable,
+            "-m",
+            "mljob.cli.main",
+            "worker",
+            "--pipeline",
+            pipeline,
+            "--handler",
+            handler,
+        ]
 
     def start_collector(self) -> Proc:
         """`mljob collector` on the stack's collector identity (for an operator started with
         MLJOB_RUN_COLLECTOR=false), kept with the workers so that the session checks and stops it."""
-        cmd = [sys.executable, "-m", "mljob.cli", "collector"]
+        cmd = [sys.executable, "-m", "mljob.cli.main", "collector"]
         proc = Proc(f"{self.label}-collector", cmd, self.env("collector"), self.log_dir)
         self.workers.append(proc)
         return proc
@@ -359,7 +368,7 @@ class Session:
         """`count` workers kept alive by mljob's demo supervisor (a dead one is started again),
         all on the stack's worker identity, their logs in `worker_logs`; returns the supervisor."""
         state = self.log_dir / f"{self.label}-supervisor.json"
-        cmd = [sys.executable, "-m", "mljob.demo_supervise", "--workers", str(count)]
+        cmd = [sys.executable, "-m", "mljob_dev.demo.supervise", "--workers", str(count)]
         cmd += ["--log-dir", str(worker_logs), "--state", str(state)]
         cmd += ["--", *self.worker_cmd(pipeline, handler)]
         supervisor = Proc(f"{self.label}-supervisor", cmd, self.env("worker"), self.log_dir)

@@ -46,7 +46,7 @@ from . import common, mljob_common
 
 PIPELINE = "bench-mljob-latency"
 HANDLER = "bench.handlers:noop_or_crash"
-#: The operator's log line for an exhausted item (mljob/exhausted.py).
+#: The operator's log line for an exhausted item (mljob/controller/exhausted.py).
 FAILED_LINE = re.compile(
     r"item (?P<item>\S+) failed \(MaxDeliveriesExceeded, (?P<n>\d+) deliveries, "
     r"(?P<s>[0-9.]+)s after exhaustion\)"
@@ -91,9 +91,10 @@ class Advisories:
     async def _main(self) -> None:
         import nats
 
-        from mljob import natsconn, protocol
-        from mljob.exhausted import parse_advisory
+        from mljob import protocol
+        from mljob.controller.exhausted import parse_advisory
         from mljob.settings import NatsSettings
+        from mljob.transport import natsconn
 
         kwargs = natsconn.options(NatsSettings(), name=f"bench-advisories-{os.getpid()}")
         if os.environ.get("MLJOB_DEV_NATS_ADMIN_USER"):

@@ -25,9 +25,10 @@ MACHINERY = frozenset({"asyncio", "threading", "concurrent", "runpy", "<frozen r
 #: The processes' entry points: on every stack of the main thread.
 ENTRY_POINTS = frozenset(
     {
-        "main (mljob/cli.py)",
-        "run (mljob/operator_cli.py)",
-        "_cmd_worker (mljob/worker/cli.py)",
+        "main (mljob/cli/main.py)",
+        "run (mljob/cli/operator.py)",
+        "run_operator (mljob/controller/main.py)",
+        "_cmd_worker (mljob/cli/worker.py)",
         "run_worker (mljob/worker/worker.py)",
     }
 )
@@ -50,7 +51,10 @@ THROUGH: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("BaseSelectorEventLoop._write_to_self",),
     ),
     ("collector (Collector.process)", ("Collector.process (mljob/",)),
-    ("dispatch action (mljob/actions/dispatch.py)", ("dispatch (mljob/actions/dispatch.py)",)),
+    (
+        "dispatch action (mljob/controller/actions/dispatch.py)",
+        ("dispatch (mljob/controller/actions/dispatch.py)",),
+    ),
     ("job loops (JobLoop.run)", ("JobLoop.run (mljob/",)),
     ("kopf (innermost frame in kopf)", ()),
     ("pydantic (innermost frame in pydantic)", ()),

@@ -22,7 +22,7 @@ from nats.js.errors import NotFoundError
 
 from mljob import protocol
 from mljob.adapters import jetstream
-from mljob.devstack import nats_config
+from mljob_dev.devstack import nats_config
 
 
 @dataclass(frozen=True)

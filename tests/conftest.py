@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from redis.asyncio import Redis
 
-from e2e_support.harness import ROLE_VARS, connect_nats, nats_identity
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import ResultsStore, make_pool
 from mljob.db.migrate import apply_migrations
+from support.harness import ROLE_VARS, connect_nats, nats_identity
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
-    from e2e_support.env import E2E
+    from support.env import E2E
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = ROOT / "crds"
@@ -76,7 +76,7 @@ class StackEnv:
 @pytest.fixture(scope="session")
 def stack() -> Iterator[StackEnv]:
     """The running local stack: the one `make test` started, or a fresh one for this session."""
-    from mljob.devstack import stack as devstack
+    from mljob_dev.devstack import stack as devstack
 
     owned = None
     if all(os.environ.get(v) for v in SERVICE_VARS) and os.environ.get("MLJOB_STACK_DIR"):
@@ -135,7 +135,7 @@ def crd_installed(kubectl: Kubectl) -> None:
     """The committed CRD, applied and Established."""
     kubectl.run("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
     kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/mljobs.mljob.dev")
-    from e2e_support.harness import wait_for
+    from support.harness import wait_for
 
     # discovery lags Established by a moment
     wait_for(
@@ -168,8 +168,8 @@ def pg_schema(stack: StackEnv) -> Iterator[str]:
 def e2e(
     stack: StackEnv, kubectl: Kubectl, crd_installed: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[E2E]:
-    """One operator per test module, watching its own namespace (see e2e_support.env)."""
-    from e2e_support.env import make_e2e
+    """One operator per test module, watching its own namespace (see support.env)."""
+    from support.env import make_e2e
 
     env_iter = make_e2e(stack, kubectl, Path(tmp_path_factory.mktemp("e2e")))
     env = next(env_iter)

@@ -4,7 +4,7 @@ Everything a worker (in any language) and the operator must agree on lives here,
 docs/protocol.md describes the same contract. Every per-job name carries the MLJob UID, so a
 re-created MLJob with the same name is a different job with different consumers and keys. Every
 name a worker touches also carries its pipeline, so a NATS credential can be scoped to one
-pipeline (see mljob.nats_permissions).
+pipeline (see mljob.ops.permissions).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, NoScriptError
 
 from mljob.core.counts import ItemCounts
-from mljob.natsconn import cause
+from mljob.transport.natsconn import cause
 
 __all__ = ["JobKeys", "JobState", "RecordOutcome", "RecordStatus", "StoredJob", "connect"]
 

@@ -1,6 +1,6 @@
 """Reconcile decisions: pure functions from an observed snapshot to what should happen next.
 
-The shell (mljob.lifecycle and the modules in mljob.actions) observes Kubernetes, Redis,
+The shell (mljob.controller.loop and the modules in mljob.controller.actions) observes Kubernetes, Redis,
 NATS and Postgres, calls `decide`, and carries out the returned plan. Every fact a decision
 uses, the clock included, is in the `Snapshot`, so each choice is testable in a table.
 

@@ -34,7 +34,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from mljob.natsconn import cause
+from mljob.transport.natsconn import cause
 
 __all__ = [
     "MIGRATION_LOCK_KEY",

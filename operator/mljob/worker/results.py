@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from mljob import protocol
-from mljob.jspublish import DEFAULT_WINDOW, Outgoing
+from mljob.transport.jspublish import DEFAULT_WINDOW, Outgoing
 from mljob.worker.outcome import Publish, describe, encode_bounded, publish_retry_delay
 from mljob.worker.taskmsg import TaskMsg
 

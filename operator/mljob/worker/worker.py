@@ -27,9 +27,10 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
-from mljob import natsconn, protocol
-from mljob.jspublish import Outgoing, publish_confirmed
-from mljob.jspull import JobPuller, PullError
+from mljob import protocol
+from mljob.transport import natsconn
+from mljob.transport.jspublish import Outgoing, publish_confirmed
+from mljob.transport.jspull import JobPuller, PullError
 from mljob.worker.batching import BatchAssembler, Quarantine, is_redelivery
 from mljob.worker.config import WorkerConfig
 from mljob.worker.handler import Handler, batch_spec, load_handler

@@ -1,0 +1,1 @@
+"""Command-line entry points: argument parsing, handing over to the package that does the work."""

@@ -1,0 +1,1 @@
+"""The results collector: worker results into the ledger (Postgres) and Redis."""

@@ -1,0 +1,1 @@
+"""The controller: kopf wiring, the reconcile loop, its observation and its actions."""

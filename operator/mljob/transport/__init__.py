@@ -1,0 +1,1 @@
+"""NATS client helpers shared by every process, workers included: connect, publish, pull."""
