@@ -13,7 +13,7 @@ import socket
 from collections.abc import Iterator
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic.config import JsonDict
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -36,6 +36,19 @@ def _var(
 def default_worker_id() -> str:
     """Host name (the pod name in Kubernetes) and process id."""
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+#: Where Kubernetes mounts a pod's namespace (with its service account token).
+NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def pod_namespace() -> str:
+    """The namespace this pod runs in (its service account's), else `default` (out of a cluster)."""
+    try:
+        with open(NAMESPACE_FILE, encoding="utf-8") as file:
+            return file.read().strip() or "default"
+    except OSError:
+        return "default"
 
 
 class SettingsError(ValueError):
@@ -189,14 +202,43 @@ class OperatorSettings(CollectorSettings):
         "comma-separated namespaces to watch (`--namespace`, repeatable)",
         shown="(all)",
     )
-    peering: bool = _var("PEERING", False, "kopf peering for HA replicas (`--peering`)")
-    priority: int | None = _var(
-        "PRIORITY",
-        None,
-        "kopf peering priority (`--priority`): the highest live peer works, equal ones pause each other",
-        shown="with `--peering`: derived from host name and pid",
+    leader_election: bool = Field(
+        False,
+        validation_alias=AliasChoices("MLJOB_LEADER_ELECTION", "MLJOB_PEERING"),
+        description="HA replicas: only the holder of a coordination.k8s.io Lease reconciles, "
+        "all watch (`--leader-elect`; `--peering` and `MLJOB_PEERING` are deprecated aliases)",
+        json_schema_extra={"flag": "--leader-elect"},
     )
-    peering_name: str = _var("PEERING_NAME", "default", "the (Cluster)KopfPeering to join (`--peering-name`)")
+    lease_name: str = _var("LEASE_NAME", "mljob-operator", "the leader Lease (`--lease-name`)")
+    lease_namespace: str = Field(
+        default_factory=lambda: pod_namespace(),
+        validation_alias=AliasChoices("MLJOB_LEASE_NAMESPACE", "MLJOB_POD_NAMESPACE"),
+        description="namespace of the leader Lease (`--lease-namespace`)",
+        json_schema_extra={
+            "shown": "`$MLJOB_POD_NAMESPACE`, else the pod's namespace (service account), else `default`"
+        },
+    )
+    lease_duration_seconds: int = _var(
+        "LEASE_DURATION_SECONDS",
+        15,
+        "how long a standby waits, after the leader's last renewal it saw, before taking over "
+        "(the failover time of a crashed leader)",
+        ge=1,
+    )
+    renew_deadline_seconds: float = _var(
+        "RENEW_DEADLINE_SECONDS",
+        10.0,
+        "a leader that could not renew its Lease for this long stops reconciling "
+        "(shorter than `MLJOB_LEASE_DURATION_SECONDS`)",
+        gt=0,
+    )
+    retry_period_seconds: float = _var(
+        "RETRY_PERIOD_SECONDS",
+        2.0,
+        "how often the leader renews and a standby tries to acquire "
+        "(shorter than `MLJOB_RENEW_DEADLINE_SECONDS`)",
+        gt=0,
+    )
     liveness_endpoint: str | None = _var(
         "LIVENESS_ENDPOINT",
         None,
@@ -226,10 +268,32 @@ class OperatorSettings(CollectorSettings):
         ge=0,
     )
 
-    @field_validator("priority", "liveness_endpoint", mode="before")
+    @field_validator("liveness_endpoint", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("renew_deadline_seconds")
+    @classmethod
+    def _renew_before_expiry(cls, value: float, info: ValidationInfo) -> float:
+        duration = info.data.get("lease_duration_seconds")
+        if duration is not None and not value < duration:
+            raise ValueError(
+                f"must be shorter than MLJOB_LEASE_DURATION_SECONDS ({duration}), got {value:g}: a "
+                "leader must stop before a standby may take over"
+            )
+        return value
+
+    @field_validator("retry_period_seconds")
+    @classmethod
+    def _retry_before_deadline(cls, value: float, info: ValidationInfo) -> float:
+        deadline = info.data.get("renew_deadline_seconds")
+        if deadline is not None and not value < deadline:
+            raise ValueError(
+                f"must be shorter than MLJOB_RENEW_DEADLINE_SECONDS ({deadline:g}), got {value:g}: a "
+                "leader must get more than one try to renew"
+            )
+        return value
 
     @field_validator("namespaces", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""Metric names, labels and recorders; readiness; log formats; the peering priority. No services."""
+"""Metric names, labels and recorders; readiness; log formats; the single-replica leadership. No services."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from mljob import protocol
 from mljob.adapters.redis_state import RecordOutcome, RecordStatus
 from mljob.api.models import Phase
-from mljob.controller.main import peering_priority
+from mljob.controller.main import make_leadership
 from mljob.core.counts import ItemCounts
 from mljob.ops import logs, metrics
 from mljob.ops.health import HealthServer, Readiness
@@ -217,12 +217,12 @@ def test_text_lines_stay_readable_and_name_the_job_once() -> None:
     assert named.endswith("mljob.controller.loop: job uid-1: item 7 failed")
 
 
-def test_peering_priority_is_given_or_derived_for_peers_only() -> None:
-    assert peering_priority(OperatorSettings(priority=7, peering=True)) == 7
-    assert peering_priority(OperatorSettings(peering=False)) == 0
-    derived = peering_priority(OperatorSettings(peering=True))
-    assert 0 <= derived < 2**31
-    assert derived == peering_priority(OperatorSettings(peering=True))  # stable within a process
+def test_without_leader_election_one_replica_leads_from_the_start_without_the_api() -> None:
+    metrics.LEADER.set(0)
+    leadership = make_leadership(OperatorSettings(leader_election=False))
+    assert leadership.leading.is_set() and not leadership.lost.is_set()
+    assert not leadership.elected
+    assert sample("mljob_leader") == 1
 
 
 async def test_the_server_answers_and_a_taken_port_does_not_stop_the_process(

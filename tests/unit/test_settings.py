@@ -40,9 +40,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_booleans_as_people_write_them(monkeypatch: pytest.MonkeyPatch, text: str, expected: bool) -> None:
     monkeypatch.setenv("MLJOB_RUN_COLLECTOR", text)
-    monkeypatch.setenv("MLJOB_PEERING", text)
+    monkeypatch.setenv("MLJOB_LEADER_ELECTION", text)
     settings = load(OperatorSettings)
-    assert (settings.run_collector, settings.peering) == (expected, expected)
+    assert (settings.run_collector, settings.leader_election) == (expected, expected)
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -53,7 +53,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.postgres_schema is None
     assert (settings.redis_prefix, settings.reconcile_interval, settings.dispatch_chunk) == ("mljob", 5, 1000)
     assert (settings.stream_replicas, settings.max_ack_pending, settings.run_collector) == (1, 1000, True)
-    assert (settings.namespaces, settings.peering, settings.actor) == ([], False, "mljob-operator")
+    assert (settings.namespaces, settings.leader_election, settings.actor) == ([], False, "mljob-operator")
     assert settings.max_stream_recreations == 3
     assert (settings.orphan_sweep_interval, settings.orphan_grace_seconds) == (60, 300)
     assert (settings.collector_batch, settings.log_level) == (256, "INFO")
@@ -127,6 +127,69 @@ def test_a_bad_flag_is_named_as_the_flag() -> None:
         load(CollectorSettings, collector_batch="0")
     with pytest.raises(SettingsError, match=r"^--reconcile-interval: input should be a valid number"):
         load(OperatorSettings, reconcile_interval="soon")
+
+
+def test_leader_election_defaults_are_client_go_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLJOB_POD_NAMESPACE", raising=False)
+    settings = load(OperatorSettings)
+    assert (settings.lease_name, settings.lease_namespace) == ("mljob-operator", "default")
+    assert (
+        settings.lease_duration_seconds,
+        settings.renew_deadline_seconds,
+        settings.retry_period_seconds,
+    ) == (15, 10, 2)
+    monkeypatch.setenv("MLJOB_POD_NAMESPACE", "ops")
+    assert load(OperatorSettings).lease_namespace == "ops"
+    monkeypatch.setenv("MLJOB_LEASE_NAMESPACE", "mljob")
+    assert load(OperatorSettings).lease_namespace == "mljob"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"MLJOB_RENEW_DEADLINE_SECONDS": "15"},
+            "MLJOB_RENEW_DEADLINE_SECONDS: must be shorter than MLJOB_LEASE_DURATION_SECONDS (15), got 15",
+        ),
+        (
+            {"MLJOB_LEASE_DURATION_SECONDS": "3", "MLJOB_RENEW_DEADLINE_SECONDS": "5"},
+            "MLJOB_RENEW_DEADLINE_SECONDS: must be shorter than MLJOB_LEASE_DURATION_SECONDS (3), got 5",
+        ),
+        (
+            {"MLJOB_RETRY_PERIOD_SECONDS": "10"},
+            "MLJOB_RETRY_PERIOD_SECONDS: must be shorter than MLJOB_RENEW_DEADLINE_SECONDS (10), got 10",
+        ),
+    ],
+)
+def test_lease_timings_that_could_let_two_lead_are_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as refused:
+        load(OperatorSettings)
+    assert str(refused.value).startswith(message)
+
+
+def test_peering_is_a_deprecated_alias_of_leader_elect(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The flag (and MLJOB_PEERING) still turn HA on, with one warning; stopped before any I/O."""
+    from mljob.controller import main as controller_main
+
+    seen: list[bool] = []
+    monkeypatch.setattr(
+        controller_main, "run_operator", lambda config: seen.append(config.leader_election) or 0
+    )
+    monkeypatch.delenv("MLJOB_PEERING", raising=False)
+    assert cli.main(["operator", "--peering"]) == 0
+    assert cli.main(["operator", "--leader-elect"]) == 0
+    assert cli.main(["operator"]) == 0
+    monkeypatch.setenv("MLJOB_PEERING", "true")
+    assert cli.main(["operator"]) == 0
+    assert seen == [True, True, False, True]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    assert len(warnings) == 2 and "--leader-elect" in warnings[0]
 
 
 def test_worker_settings(monkeypatch: pytest.MonkeyPatch) -> None:

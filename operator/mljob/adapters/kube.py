@@ -21,6 +21,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from mljob.api.models import GROUP, KIND, PLURAL, VERSION
+from mljob.core.leases import LeaseRecord
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,108 @@ class Kube:
             why = err.reason if isinstance(err, ApiException) else f"{type(err).__name__}: {err}"
             log.warning("could not post event %s for %s/%s: %s", reason, job.namespace, job.name, why)
 
+    # Leases (leader election). The operator gives its Leadership a Kube of its own (two
+    # threads), so a renewal never queues behind a thousand MLJobs' status writes.
+
+    @functools.cached_property
+    def _coordination(self) -> client.CoordinationV1Api:
+        return client.CoordinationV1Api(self.api)
+
+    async def get_lease(self, namespace: str, name: str, timeout: float) -> LeaseObject | None:
+        """The Lease, or None when there is none."""
+        try:
+            lease = await self._call(
+                self._coordination.read_namespaced_lease, name, namespace, _request_timeout=timeout
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return _lease_object(lease)
+
+    async def create_lease(
+        self, namespace: str, name: str, record: LeaseRecord, timeout: float
+    ) -> LeaseObject:
+        """Raises LeaseConflict when another replica created it first."""
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": _lease_spec(record),
+        }
+        try:
+            lease = await self._call(
+                self._coordination.create_namespaced_lease, namespace, body, _request_timeout=timeout
+            )
+        except ApiException as err:
+            if err.status == 409:
+                raise LeaseConflict(_reason(err)) from err
+            raise
+        return _lease_object(lease)
+
+    async def replace_lease(
+        self, namespace: str, name: str, record: LeaseRecord, resource_version: str, timeout: float
+    ) -> LeaseObject:
+        """Write the spec only if the Lease is still at `resource_version` (LeaseConflict if not:
+        someone else wrote it since it was read)."""
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": resource_version},
+            "spec": _lease_spec(record),
+        }
+        try:
+            lease = await self._call(
+                self._coordination.replace_namespaced_lease, name, namespace, body, _request_timeout=timeout
+            )
+        except ApiException as err:
+            if err.status == 409:
+                raise LeaseConflict(_reason(err)) from err
+            raise
+        return _lease_object(lease)
+
+
+class LeaseConflict(Exception):
+    """Someone else wrote the Lease since it was read (or created it first): read it again."""
+
+
+@dataclass(frozen=True)
+class LeaseObject:
+    """A Lease as read: its spec and the resourceVersion a replace must carry."""
+
+    record: LeaseRecord
+    resource_version: str
+
+
+def _micro_time(stamp: datetime | None) -> str | None:
+    """A MicroTime as the apiserver parses it: always six fraction digits and a `Z` (the client's
+    own isoformat drops the fraction at .000000, which the apiserver refuses)."""
+    if stamp is None:
+        return None
+    return stamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _lease_spec(record: LeaseRecord) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "holderIdentity": record.holder or None,
+        "leaseDurationSeconds": record.duration_seconds,
+        "acquireTime": _micro_time(record.acquire_time),
+        "renewTime": _micro_time(record.renew_time),
+        "leaseTransitions": record.transitions,
+    }
+    return {key: value for key, value in spec.items() if value is not None}
+
+
+def _lease_object(lease: Any) -> LeaseObject:
+    spec = lease.spec
+    record = LeaseRecord(
+        holder=(spec.holder_identity or None) if spec else None,
+        duration_seconds=spec.lease_duration_seconds if spec else None,
+        acquire_time=spec.acquire_time if spec else None,
+        renew_time=spec.renew_time if spec else None,
+        transitions=(spec.lease_transitions or 0) if spec else 0,
+    )
+    return LeaseObject(record, str(lease.metadata.resource_version))
 
 def _reason(err: ApiException) -> str:
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any
 
 from mljob.settings import OperatorSettings, load
@@ -17,11 +19,19 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="watch only this namespace (repeatable); default: cluster-wide",
     )
-    parser.add_argument("--peering", action="store_true", help="enable kopf peering for HA replicas")
     parser.add_argument(
-        "--priority", help="kopf peering priority (default: $MLJOB_PRIORITY, else from host name and pid)"
+        "--leader-elect",
+        action="store_true",
+        help="HA replicas: only the holder of the leader Lease reconciles (all of them watch)",
     )
-    parser.add_argument("--peering-name", help="the (Cluster)KopfPeering to join (default: default)")
+    parser.add_argument("--lease-name", help="the leader Lease (default: mljob-operator)")
+    parser.add_argument(
+        "--lease-namespace", help="namespace of the leader Lease (default: the pod's namespace)"
+    )
+    # Deprecated: kopf peering is gone; --peering means --leader-elect, the others are ignored.
+    parser.add_argument("--peering", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--priority", help=argparse.SUPPRESS)
+    parser.add_argument("--peering-name", help=argparse.SUPPRESS)
     parser.add_argument(
         "--liveness", help="serve kopf's liveness endpoint at this URL, e.g. http://0.0.0.0:8080/healthz"
     )
@@ -39,6 +49,17 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.peering or os.environ.get("MLJOB_PEERING"):
+        print(
+            "warning: --peering (MLJOB_PEERING) is deprecated: it now means --leader-elect "
+            "(MLJOB_LEADER_ELECTION); kopf peering is no longer used",
+            file=sys.stderr,
+        )
+    if args.priority is not None or args.peering_name is not None:
+        print(
+            "warning: --priority and --peering-name are ignored (kopf peering is no longer used)",
+            file=sys.stderr,
+        )
     config = load(
         OperatorSettings,
         nats_url=args.nats_url,
@@ -46,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
         postgres_dsn=args.postgres_dsn,
         reconcile_interval=args.reconcile_interval,
         namespaces=args.namespace,
-        peering=True if args.peering else None,
-        priority=args.priority,
-        peering_name=args.peering_name,
+        leader_election=True if (args.leader_elect or args.peering) else None,
+        lease_name=args.lease_name,
+        lease_namespace=args.lease_namespace,
         liveness_endpoint=args.liveness,
         run_collector=False if args.no_collector else None,
         log_level="DEBUG" if args.verbose else None,

@@ -1,11 +1,10 @@
-"""Run the operator: kopf embedded, with the health server, until it stops."""
+"""Run the operator: kopf embedded, with the health server and leader election, until it stops."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import zlib
 
+from mljob.controller.leader import Leadership
 from mljob.settings import OperatorSettings, default_worker_id
 
 
@@ -19,28 +18,33 @@ def run_operator(config: OperatorSettings) -> int:
 
     logs.setup(config.log_level, config.log_format)
     readiness = Readiness()
-    memo = kopf.Memo(config=config, readiness=readiness)
-    priority = peering_priority(config)
-    if config.peering:
-        logging.getLogger("mljob.operator").info(
-            "kopf peering %r with priority %d", config.peering_name, priority
-        )
+    # In the memo before kopf starts: the handlers and the scheduler read memo.leadership.
+    leadership = make_leadership(config)
+    memo = kopf.Memo(config=config, readiness=readiness, leadership=leadership)
 
     async def main() -> None:
         server = HealthServer(config.metrics_port, readiness)
         await server.start()
+        stop = asyncio.Event()
+        electing = asyncio.create_task(leadership.run(stop), name="leader-election")
         try:
+            # Always standalone: every replica watches (its index stays warm); only the
+            # Lease holder reconciles, whatever kopf peering would have paused.
             await kopf.operator(
                 clusterwide=not config.namespaces,
                 namespaces=config.namespaces,
-                standalone=not config.peering,
-                # Given at all, these make kopf wait for the peering CRDs: only with --peering.
-                priority=priority if config.peering else None,
-                peering_name=config.peering_name if config.peering else None,
+                standalone=True,
                 liveness_endpoint=config.liveness_endpoint,
                 memo=memo,
             )
         finally:
+            stop.set()  # a leader releases the Lease: a standby takes over at its next try
+            try:
+                await asyncio.wait_for(electing, config.renew_deadline_seconds + 1)
+            except TimeoutError:
+                pass  # the lease expires instead
+            finally:
+                leadership.close()
             await server.stop()
 
     try:
@@ -50,6 +54,25 @@ def run_operator(config: OperatorSettings) -> int:
             raise
         return 1  # kopf logged the startup handler's PermanentError: the one line saying why
     return 0
+
+
+def make_leadership(config: OperatorSettings) -> Leadership:
+    """Leadership.always() for one replica; with --leader-elect, the Lease, through a Kube
+    adapter of its own (two threads: renewals never queue behind the reconcile's calls)."""
+    if not config.leader_election:
+        return Leadership.always(default_worker_id())
+    from mljob.adapters.kube import Kube, load_config
+    from mljob.core.leases import Timing
+
+    return Leadership(
+        Kube(load_config(2), threads=2),
+        default_worker_id(),
+        name=config.lease_name,
+        namespace=config.lease_namespace,
+        timing=Timing(
+            config.lease_duration_seconds, config.renew_deadline_seconds, config.retry_period_seconds
+        ),
+    )
 
 
 def cannot_start(err: BaseException) -> bool:
@@ -62,17 +85,3 @@ def cannot_start(err: BaseException) -> bool:
             return True
         seen = seen.__cause__
     return False
-
-
-def peering_priority(config: OperatorSettings) -> int:
-    """The configured priority, else one derived from host name (the pod name) and pid.
-
-    kopf pauses every peer while two live ones share a priority, so HA replicas need distinct
-    ones; a Deployment's pods have no ordinal, but distinct names: a 31-bit hash of the name
-    makes a tie between a few replicas about a one-in-a-billion event.
-    """
-    if config.priority is not None:
-        return config.priority
-    if not config.peering:
-        return 0
-    return zlib.crc32(default_worker_id().encode()) & 0x7FFFFFFF

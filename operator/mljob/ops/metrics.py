@@ -71,6 +71,8 @@ COLLECTOR_BATCH = Histogram(
     "Result messages per collector batch",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
 )
+#: 1 while this replica holds the leader Lease (it reconciles), 0 while it stands by (it watches).
+LEADER = Gauge("mljob_leader", "1 while this operator replica leads (holds the Lease and reconciles), else 0")
 
 
 def failure_reason(error: str | None) -> str:
