@@ -310,23 +310,38 @@ class Session:
         self.operator: Proc | None = None
         self.workers: list[Proc] = []
         self.profilers: list[Profiler] = []
+        #: operators started after the first (restarts)
+        self.relaunches = 0
 
     def env(self, role: str | None = None, **extra: str) -> dict[str, str]:
         """A role's environment: the stack's, this session's schema and prefix, no metrics port (a
-        host may run other operators), and the stack's NATS identity for `role`."""
+        host may run other operators; `extra` may set a free one), and the stack's NATS identity
+        for `role`."""
         base = {
             "MLJOB_POSTGRES_SCHEMA": self.schema,
             "MLJOB_REDIS_PREFIX": self.prefix,
             "MLJOB_METRICS_PORT": "0",
             "PYTHONUNBUFFERED": "1",
         }
-        return self.stack.child_env(role, **base, **extra)
+        return self.stack.child_env(role, **{**base, **extra})
 
     def start_operator(self, **extra: str) -> Proc:
         """`mljob operator --namespace <ns>` on the stack's operator identity (its default)."""
         kubectl(self.stack, "create", "namespace", self.namespace)
-        cmd = [sys.executable, "-m", "mljob.cli.main", "operator", "--namespace", self.namespace]
-        self.operator = Proc(f"{self.label}-operator", cmd, self.env(**extra), self.log_dir)
+        self.operator = Proc(f"{self.label}-operator", self._operator_cmd(), self.env(**extra), self.log_dir)
+        return self.operator
+
+    def _operator_cmd(self) -> list[str]:
+        return [sys.executable, "-m", "mljob.cli.main", "operator", "--namespace", self.namespace]
+
+    def relaunch_operator(self, **extra: str) -> Proc:
+        """A new operator process on the same namespace, schema and prefix, after the previous one
+        was stopped (a restart); its log is a file of its own."""
+        if self.operator is not None and self.operator.alive():
+            raise common.BenchError("relaunch_operator: the operator still runs; stop it first")
+        self.relaunches += 1
+        name = f"{self.label}-operator-{self.relaunches + 1}"
+        self.operator = Proc(name, self._operator_cmd(), self.env(**extra), self.log_dir)
         return self.operator
 
     def worker_cmd(self, pipeline: str, handler: str) -> list[str]:
