@@ -162,6 +162,13 @@ class OperatorSettings(CollectorSettings):
         "nothing moves (results wake the loop at once)",
         gt=0,
     )
+    reconcile_workers: int = _var(
+        "RECONCILE_WORKERS",
+        32,
+        "MLJobs reconciled at once by the operator's one scheduler (a job is never reconciled "
+        "twice at once; the others wait in due order)",
+        ge=1,
+    )
     max_concurrent_dispatches: int = _var(
         "MAX_CONCURRENT_DISPATCHES",
         16,

@@ -9,7 +9,6 @@ Workers are simulated by moving tasks from the fake stream into results through 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -301,7 +300,7 @@ async def test_stall_with_every_task_delivered_fails_the_lost_items(
 
     clock.advance(STALL - 5)
     assert not await loop.step()
-    world.services.wakeups[uid] = asyncio.Event()  # a job this operator runs a loop for
+    world.services.manage({uid}, world.services.waker)  # a job this operator manages
     world.services.heartbeats.record(uid, clock.time())  # a long task is not a stall
     clock.advance(10)
     assert not await loop.step()

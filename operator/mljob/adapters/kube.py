@@ -164,6 +164,54 @@ class Kube:
             _content_type="application/json-patch+json",
         )
 
+    async def add_finalizer(
+        self, job: JobRef, finalizer: str, current: list[str], resource_version: str
+    ) -> None:
+        """A JSON patch that appends `finalizer` to the list read (`current`), only if the object
+        is still the one read: with no list yet it tests the resourceVersion (an `add` would
+        replace a list another controller just created), else the uid. Raises GuardFailed when
+        the object changed; gone is fine."""
+        ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/uid", "value": job.uid}]
+        if current:
+            ops.append({"op": "add", "path": "/metadata/finalizers/-", "value": finalizer})
+        else:
+            ops.append({"op": "test", "path": "/metadata/resourceVersion", "value": resource_version})
+            ops.append({"op": "add", "path": "/metadata/finalizers", "value": [finalizer]})
+        await self._patch_metadata(job, ops)
+
+    async def remove_finalizer(self, job: JobRef, finalizer: str, current: list[str]) -> None:
+        """Remove `finalizer` at the index it had in the list read, testing that it is still
+        there (other controllers' finalizers are never touched). Raises GuardFailed when the
+        list changed; gone is fine."""
+        if finalizer not in current:
+            return
+        at = current.index(finalizer)
+        ops = [
+            {"op": "test", "path": "/metadata/uid", "value": job.uid},
+            {"op": "test", "path": f"/metadata/finalizers/{at}", "value": finalizer},
+            {"op": "remove", "path": f"/metadata/finalizers/{at}"},
+        ]
+        await self._patch_metadata(job, ops)
+
+    async def _patch_metadata(self, job: JobRef, ops: list[dict[str, Any]]) -> None:
+        try:
+            await self._call(
+                self.custom.patch_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                job.namespace,
+                PLURAL,
+                job.name,
+                ops,
+                _content_type="application/json-patch+json",
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return
+            if err.status in (409, 422):
+                raise GuardFailed(_reason(err)) from err
+            raise
+
     async def delete_job(self, job: JobRef) -> None:
         """Delete the MLJob, only if it is still the same object (UID precondition); gone is fine."""
         options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=job.uid))
@@ -318,6 +366,7 @@ def _lease_object(lease: Any) -> LeaseObject:
         transitions=(spec.lease_transitions or 0) if spec else 0,
     )
     return LeaseObject(record, str(lease.metadata.resource_version))
+
 
 def _reason(err: ApiException) -> str:
     try:

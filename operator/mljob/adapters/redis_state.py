@@ -42,6 +42,8 @@ __all__ = ["JobKeys", "JobState", "RecordOutcome", "RecordStatus", "StoredJob", 
 STAGING_TTL_SECONDS = 3600
 #: Items per pipeline round trip in ``record``/``mark_failed``.
 RECORD_PIPELINE_SIZE = 1000
+#: Jobs read per round trip by `counts_many`.
+COUNTS_PIPELINE_SIZE = 256
 #: SADD commands (of ``chunk`` ids each) sent per pipeline round trip in ``initialize``.
 CHUNKS_PER_ROUND_TRIP = 10
 
@@ -289,6 +291,34 @@ class JobState:
             failed=int(failed),
             last_activity=float(_text(activity)) if activity is not None else None,
         )
+
+    async def counts_many(self, uids: Sequence[str]) -> dict[str, ItemCounts | None]:
+        """`counts` of many jobs in one round trip (MULTI/EXEC over all of them): the scheduler
+        reads every job due at the same moment at once (a restart, a burst of wake-ups)."""
+        found: dict[str, ItemCounts | None] = {}
+        for start in range(0, len(uids), COUNTS_PIPELINE_SIZE):
+            chunk = uids[start : start + COUNTS_PIPELINE_SIZE]
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for uid in chunk:
+                    keys = self.keys(uid)
+                    pipe.get(keys.total)
+                    pipe.scard(keys.pending)
+                    pipe.scard(keys.failed)
+                    pipe.get(keys.activity)
+                replies = await pipe.execute()
+            for n, uid in enumerate(chunk):
+                total, pending, failed, activity = replies[4 * n : 4 * n + 4]
+                found[uid] = (
+                    None
+                    if total is None
+                    else ItemCounts(
+                        total=int(_text(total)),
+                        pending=int(pending),
+                        failed=int(failed),
+                        last_activity=float(_text(activity)) if activity is not None else None,
+                    )
+                )
+        return found
 
     async def record(self, entries: Sequence[tuple[str, str, bool]], now: float) -> list[RecordOutcome]:
         """Record finished items ``(uid, item_id, failed)``: one script per job, one round trip.

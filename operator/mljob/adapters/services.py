@@ -97,21 +97,32 @@ class Services:
     jobs: JobsStore
     results: ResultsStore
     kube: Kube
-    wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
-    #: the last worker heartbeat of each job this operator runs a loop for (stall detection, row 5)
+    #: the uids of the jobs this operator manages (the scheduler's index): heartbeats of other
+    #: jobs, other installations' included, are not kept
+    managed: Container[str] = field(default_factory=set)
+    #: makes a job due for a reconcile at once (the scheduler's `wake`, once it runs)
+    waker: Callable[[str], None] = field(default=lambda uid: None)
+    #: the last worker heartbeat of each job this operator manages (stall detection, row 5)
     heartbeats: Heartbeats = field(init=False)
     #: jobs dispatching at once: ten thousand MLJobs created together otherwise all register
     #: their items at the same moment and queue on the Postgres pool until its waits time out
     dispatch_slots: asyncio.Semaphore = field(init=False)
+    #: jobs waiting for a dispatch slot, oldest first (a dict as an ordered set)
+    dispatch_line: dict[str, None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dispatch_slots = asyncio.Semaphore(self.settings.max_concurrent_dispatches)
-        self.heartbeats = Heartbeats(managed=self.wakeups)
+        self.heartbeats = Heartbeats(managed=self.managed)
+
+    def manage(self, managed: Container[str], waker: Callable[[str], None]) -> None:
+        """Hand the scheduler's index and wake-up to everything that feeds it (the collector's
+        drained signal, the advisory watcher, heartbeats)."""
+        self.managed = managed
+        self.waker = waker
+        self.heartbeats.managed = managed
 
     def wake(self, uid: str) -> None:
-        event = self.wakeups.get(uid)
-        if event is not None:
-            event.set()
+        self.waker(uid)
 
     async def close(self) -> None:
         for closing in (self.nc.drain(), self.redis.aclose(), self.pool.close()):

@@ -1,10 +1,11 @@
 """The one status view of an MLJob that the reconcile loop and its actions share.
 
-kopf keeps `body` live (spec and metadata follow the watch stream), but the status we wrote a
-moment ago may not be back from the watch yet. So the view keeps the status as we last wrote
-or read it, and takes everything else from the live body: in particular `generation`, which
-changes when `spec.cancel` or `spec.ttlSecondsAfterFinished` is edited, is read fresh every
-time a condition or observedGeneration is written.
+The scheduler replaces `body` with the slim copy of each watch event (`core.index.slim`: spec
+and metadata follow the watch stream), but the status we wrote a moment ago may not be back
+from the watch yet. So the view keeps the status as we last wrote or read it, and takes
+everything else from the latest body: in particular `generation`, which changes when
+`spec.cancel` or `spec.ttlSecondsAfterFinished` is edited, is read fresh every time a condition
+or observedGeneration is written.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from mljob.adapters.kube import JobRef, Kube
 from mljob.adapters.tasks import DispatchTarget
 from mljob.api.models import MAX_DIAGNOSTICS, TERMINAL_PHASES, MLJobSpec, Phase
-from mljob.core import reconcile
+from mljob.core import index, reconcile
 from mljob.core.conditions import same_conditions, set_condition
 
 
@@ -121,8 +122,20 @@ class JobView:
         return entries[-MAX_DIAGNOSTICS:]
 
 
-def target_of(view: JobView) -> DispatchTarget:
-    """The validated spec as dispatch and re-dispatch need it. Raises pydantic's ValidationError
-    for a spec the API server should have refused."""
-    spec = MLJobSpec.model_validate(dict(view.spec))
-    return DispatchTarget(view.ref.uid, view.ref.namespace, view.ref.name, spec)
+async def target_of(view: JobView) -> DispatchTarget:
+    """The validated spec as dispatch and re-dispatch need it. The slim body of a dispatched job
+    has no items or params: they are read from the API server (a re-dispatch, rare). Raises
+    pydantic's ValidationError for a spec the API server should have refused, and
+    `JobGone` when the MLJob no longer exists."""
+    spec: Mapping[str, Any] = view.spec
+    if not index.has_full_spec(view.body):
+        fresh = await view.kube.get_job(view.ref.namespace, view.ref.name)
+        if fresh is None or fresh["metadata"]["uid"] != view.ref.uid:
+            raise JobGone(f"the MLJob {view.ref.namespace}/{view.ref.name} no longer exists")
+        spec = fresh.get("spec") or {}
+    validated = MLJobSpec.model_validate(dict(spec))
+    return DispatchTarget(view.ref.uid, view.ref.namespace, view.ref.name, validated)
+
+
+class JobGone(Exception):
+    """The MLJob was deleted (or re-created under a new uid) while its job was being worked on."""

@@ -1,39 +1,44 @@
-"""The per-job reconcile loop: observe, decide (mljob.core.reconcile), act (mljob.controller.actions).
+"""One MLJob's reconcile: observe, decide (mljob.core.reconcile), act (mljob.controller.actions).
 
-One loop runs per MLJob (a kopf daemon). An idle tick is one Redis round trip, plus one NATS
-round trip when the job's counts did not move, and no write; a job that stays quiet is looked at
-less and less often (`reconcile.next_tick`, up to `MLJOB_IDLE_RECONCILE_INTERVAL`). The
-collector, the exhausted-deliveries watcher and workers' heartbeats wake or feed the loop, so
-the terminal status lands within about a second of the last outcome.
+The scheduler (mljob.controller.scheduler) calls `JobLoop.tick` whenever the job is due; no task
+runs per MLJob. An idle tick is one Redis round trip, plus one NATS round trip when the job's
+counts did not move, and no write; a job that stays quiet is looked at less and less often
+(`reconcile.next_tick`, up to `MLJOB_IDLE_RECONCILE_INTERVAL`). The collector, the
+exhausted-deliveries watcher and watch events make a job due at once, so the terminal status
+lands within about a second of the last outcome. The finalizer is the loop's own: added before
+anything exists in NATS or Redis, removed once a deleted job is cleaned up.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any
-
-import kopf
 
 from mljob.adapters.services import Services
 from mljob.api.models import TERMINAL_PHASES
 from mljob.controller import observe
 from mljob.controller.actions import cancel, cleanup, dispatch, fail_items, finish, redispatch, state
 from mljob.controller.jobview import JobView, iso, parse_time
-from mljob.core import reconcile
+from mljob.core import index, reconcile
 from mljob.core.counts import ItemCounts
 from mljob.ops import metrics
 
 log = logging.getLogger(__name__)
 
-#: After an unexpected error the loop backs off up to this long (a traceback is logged once).
+#: After an unexpected error the job is looked at again after a back-off doubling up to this
+#: long (a traceback is logged once).
 MAX_ERROR_BACKOFF_SECONDS = 60.0
 
 
+class CleanupFailed(Exception):
+    """A deleted MLJob's cleanup failed: retried; the message says how to remove it without."""
+
+
 class JobLoop:
-    """Drives one MLJob from Pending to a terminal phase, cleans up, and deletes it after its TTL."""
+    """Drives one MLJob from Pending to a terminal phase, cleans up, deletes it after its TTL,
+    and releases it once deleted."""
 
     def __init__(self, services: Services, body: Mapping[str, Any]) -> None:
         self.s = services
@@ -42,54 +47,97 @@ class JobLoop:
         self.previous_counts: ItemCounts | None = None
         self.cleaned = False
         self.last_error: str | None = None
+        self.backoff = services.settings.reconcile_interval
         #: consecutive ticks that found the running job as it was, and the latest snapshot
         self.quiet_ticks = 0
         self.snapshot: reconcile.Snapshot | None = None
+        self._prefetched: tuple[ItemCounts | None] | None = None
 
-    async def run(self, stopped: Any, wake: asyncio.Event) -> None:
-        """Tick until kopf stops the daemon. A finished job's loop sleeps until its TTL (or until
-        woken, e.g. when `spec.ttlSecondsAfterFinished` is set later) instead of ending, so a TTL
-        added after completion still applies. After an error it backs off, doubling to a minute."""
+    @property
+    def uid(self) -> str:
+        return self.view.ref.uid
+
+    def observe(self, body: Mapping[str, Any]) -> None:
+        """The latest body from the watch (spec, metadata; the status we keep is our own)."""
+        self.view.body = body
+
+    def watch_afresh(self) -> None:
+        """Activity is counted from now (this replica starts working on the job): a restart or a
+        failover never counts as a stall."""
+        self.watching_since = time.time()
+
+    def wants_counts(self) -> bool:
+        """Whether the next tick reads the job's Redis counts (so a batched read can serve it)."""
+        return self.view.phase not in TERMINAL_PHASES and not index.deleting(self.view.body)
+
+    def prefetched(self, counts: ItemCounts | None) -> None:
+        """Counts read for this job together with others, for its next tick only."""
+        self._prefetched = (counts,)
+
+    def woken(self) -> None:
+        """A result, an exhausted item or an edit: look closely again."""
+        self.quiet_ticks = 0
+
+    async def tick(self) -> float | None:
+        """One reconcile; seconds until the job should be looked at again, None when only a
+        wake-up can give it anything to do (finished without a TTL, or released after deletion).
+        After an error the delay backs off, doubling to a minute."""
         interval = self.s.settings.reconcile_interval
-        backoff = interval
-        stop = asyncio.ensure_future(stopped.wait())  # set when the MLJob goes away or kopf exits
         try:
-            while not stopped:
-                sleep: float | None = interval
-                wake.clear()  # before the step: a wake-up during the step is not lost
-                try:
-                    if await self.step():
-                        sleep = self._until_ttl()
-                    elif self.snapshot is not None:
-                        sleep = reconcile.next_tick(
-                            self.snapshot, self.quiet_ticks, interval, self.s.settings.idle_reconcile_interval
-                        )
-                    self.last_error, backoff = None, interval
-                except asyncio.CancelledError:
-                    raise
-                except Exception as err:
-                    self._log_error(err)
-                    backoff = min(backoff * 2, MAX_ERROR_BACKOFF_SECONDS)
-                    sleep = backoff
-                woken = asyncio.ensure_future(wake.wait())
-                await asyncio.wait({woken, stop}, timeout=sleep, return_when=asyncio.FIRST_COMPLETED)
-                if woken.done():
-                    self.quiet_ticks = 0  # a result or an exhausted item: look closely again
-                woken.cancel()
+            if index.deleting(self.view.body):
+                await self.release()
+                return None
+            await self.ensure_finalizer()
+            if await self.step():
+                sleep = self._until_ttl()
+            elif self.snapshot is not None:
+                sleep = reconcile.next_tick(
+                    self.snapshot, self.quiet_ticks, interval, self.s.settings.idle_reconcile_interval
+                )
+            else:
+                sleep = interval
+        except Exception as err:
+            self._log_error(err)
+            self.backoff = min(max(self.backoff, interval) * 2, MAX_ERROR_BACKOFF_SECONDS)
+            return self.backoff
         finally:
-            stop.cancel()
-            # kopf's `stopped` is read-only: is_set() takes no reason; the reason is a Flag.
-            reason = stopped.reason
-            if reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in reason:
-                await self._cleanup_after_deletion()
+            self._prefetched = None  # for this tick only, used or not
+        self.last_error, self.backoff = None, interval
+        return sleep
 
-    async def _cleanup_after_deletion(self) -> None:
-        """kopf runs the delete handler while a step may still be finishing; a dispatch or
-        re-dispatch in flight could recreate what the finalizer removed. Clean up once more."""
+    async def ensure_finalizer(self) -> None:
+        """Our finalizer before anything of the job exists in NATS, Redis or Postgres; one patch,
+        once per MLJob (no diff-base annotation, no progress annotations)."""
+        body = self.view.body
+        if index.finalized(body):
+            return
+        meta = body["metadata"]
+        current = list(meta.get("finalizers") or [])
+        await self.s.kube.add_finalizer(
+            self.view.ref, index.FINALIZER, current, str(meta.get("resourceVersion"))
+        )
+        meta["finalizers"] = [*current, index.FINALIZER]  # until the watch brings the object back
+
+    async def release(self) -> None:
+        """The MLJob is being deleted: clean up (a job that was not terminal is recorded as
+        Cancelled, reason Deleted, in Postgres), then remove our finalizer."""
+        body, ref = self.view.body, self.view.ref
+        meta = body["metadata"]
+        current = list(meta.get("finalizers") or [])
+        if index.FINALIZER not in current:
+            return
         try:
-            await cleanup.cleanup_job(self.s, self.view.ref.uid, self.view.pipeline)
-        except Exception as err:  # the orphan sweep removes whatever is left
-            log.warning("cleanup after the deletion of %s failed: %s", self.view.ref.name, err)
+            await cleanup.on_deleted(self.s, ref, self.view.pipeline)
+        except Exception as err:
+            raise CleanupFailed(
+                f"cleanup of {ref.namespace}/{ref.name} failed ({type(err).__name__}: {err}); retrying. "
+                "To remove the MLJob without cleanup, see docs/operations.md 'Force-delete an MLJob'"
+            ) from err
+        # GuardFailed: another controller changed the finalizers since the event we hold; the
+        # watch brings the new list and the next look (after the error back-off) removes ours.
+        await self.s.kube.remove_finalizer(ref, index.FINALIZER, current)
+        meta["finalizers"] = [f for f in current if f != index.FINALIZER]
+        metrics.JOBS.forget(ref.uid)
 
     def _until_ttl(self) -> float | None:
         """Seconds until a finished job's MLJob is due for deletion; None: sleep until woken."""
@@ -115,7 +163,7 @@ class JobLoop:
         started = metrics.started()
         view = self.view
         view.refresh_from_body()
-        counts = None if view.phase in TERMINAL_PHASES else await self.s.state.counts(view.ref.uid)
+        counts = None if view.phase in TERMINAL_PHASES else await self._counts()
         changed = counts != self.previous_counts
         self.previous_counts = counts
         plain = observe.snapshot(self.s, view, counts, None, self.watching_since)
@@ -132,6 +180,12 @@ class JobLoop:
             done = await self.act(plan, counts)
         metrics.JOBS.track(view.ref.uid, view.phase, view.pipeline, counts)
         return done
+
+    async def _counts(self) -> ItemCounts | None:
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
+            return prefetched[0]
+        return await self.s.state.counts(self.view.ref.uid)
 
     async def act(self, plan: reconcile.Plan, counts: ItemCounts | None) -> bool:
         s, view = self.s, self.view
@@ -150,8 +204,7 @@ class JobLoop:
             case reconcile.Action.CANCEL:
                 return await self._ended(await cancel.cancel(s, view, plan))
             case reconcile.Action.DISPATCH:
-                async with s.dispatch_slots:
-                    await dispatch.dispatch(s, view)
+                await self._dispatch_in_turn()
             case reconcile.Action.REBUILD_STATE:
                 if await state.rebuild(s, view):
                     return await self._ended(True)
@@ -166,6 +219,25 @@ class JobLoop:
             case reconcile.Action.PROGRESS:
                 await self.progress(plan.status, counts)
         return False
+
+    async def _dispatch_in_turn(self) -> None:
+        """Dispatch when a slot is free; else wait in line holding no reconcile worker: the job
+        that waited longest is woken when a dispatch ends."""
+        s, uid = self.s, self.view.ref.uid
+        if s.dispatch_slots.locked():
+            s.dispatch_line[uid] = None
+            return
+        s.dispatch_line.pop(uid, None)
+        try:
+            async with s.dispatch_slots:
+                await dispatch.dispatch(s, self.view)
+        finally:
+            while s.dispatch_line:  # the longest waiting job still managed (not deleted)
+                next_in_line = next(iter(s.dispatch_line))
+                del s.dispatch_line[next_in_line]
+                if next_in_line in s.managed:
+                    s.wake(next_in_line)
+                    break
 
     async def _ended(self, shown: bool) -> bool:
         """After a terminal transition: clean up at once (the TTL, if any, is waited for next)."""

@@ -62,6 +62,12 @@ ORPHANS_REMOVED = Counter(
 RESULTS_REFUSED = Counter(
     "mljob_results_refused_total", "Result messages the collector dead-lettered, by kind", ["kind"]
 )
+SCHEDULER_JOBS = Gauge("mljob_scheduler_jobs", "MLJobs in the operator's index (every one it watches)")
+SCHEDULER_BUSY = Gauge("mljob_scheduler_busy", "MLJobs handed to a reconcile worker right now")
+SCHEDULER_LATE = Gauge(
+    "mljob_scheduler_late_seconds",
+    "How long the most overdue MLJob has waited for a free reconcile worker (0: workers keep up)",
+)
 COLLECTOR_LAG = Gauge(
     "mljob_collector_lag_seconds",
     "Age of the oldest result of the latest batch when it was stored (0 when idle)",

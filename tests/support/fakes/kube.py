@@ -177,11 +177,45 @@ class FakeKube:
             raise GuardFailed(str(err.reason)) from err
 
     async def delete_job(self, job: JobRef) -> None:
+        """As the API server: an object with finalizers is only marked (deletionTimestamp) and
+        goes once the last finalizer is removed. `deleted` records the accepted request."""
         body = self.jobs.get((job.namespace, job.name))
         if body is None or body["metadata"]["uid"] != job.uid:
             return
-        del self.jobs[(job.namespace, job.name)]
         self.deleted.append(job)
+        if body["metadata"].get("finalizers"):
+            body["metadata"].setdefault("deletionTimestamp", "2026-01-01T00:00:00Z")
+            _bump(body)
+        else:
+            del self.jobs[(job.namespace, job.name)]
+
+    async def add_finalizer(
+        self, job: JobRef, finalizer: str, current: list[str], resource_version: str
+    ) -> None:
+        body = self.jobs.get((job.namespace, job.name))
+        if body is None:
+            return
+        meta = body["metadata"]
+        if meta["uid"] != job.uid:
+            raise GuardFailed("uid changed")
+        if not current and meta["resourceVersion"] != resource_version:
+            raise GuardFailed(f"resourceVersion is {meta['resourceVersion']}")
+        meta["finalizers"] = [*(meta.get("finalizers") or []), finalizer]
+        _bump(body)
+
+    async def remove_finalizer(self, job: JobRef, finalizer: str, current: list[str]) -> None:
+        body = self.jobs.get((job.namespace, job.name))
+        if body is None or finalizer not in current:
+            return
+        meta = body["metadata"]
+        at = current.index(finalizer)
+        present = meta.get("finalizers") or []
+        if meta["uid"] != job.uid or len(present) <= at or present[at] != finalizer:
+            raise GuardFailed("the finalizers changed")
+        meta["finalizers"] = present[:at] + present[at + 1 :]
+        _bump(body)
+        if not meta["finalizers"] and meta.get("deletionTimestamp"):
+            del self.jobs[(job.namespace, job.name)]
 
     async def configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
         data = self.configmaps.get((namespace, name))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic_core import to_json
+
 from mljob import protocol
 from mljob.adapters.jobs_store import FinishOutcome, JobRow
 from mljob.adapters.redis_state import RecordOutcome, RecordStatus, StoredJob
-from mljob.adapters.results_store import UpsertResult
+from mljob.adapters.results_store import RejectedResult, UpsertResult
 from mljob.api.models import TERMINAL_PHASES, Phase
 from mljob.core.counts import ItemCounts
 from mljob.core.items import fields_of, with_fields
@@ -56,6 +59,9 @@ class FakeJobState:
             return None
         return ItemCounts(job.total, len(job.pending), len(job.failed), job.activity)
 
+    async def counts_many(self, uids: Sequence[str]) -> dict[str, ItemCounts | None]:
+        return {uid: await FakeJobState.counts(self, uid) for uid in uids}
+
     async def record(self, entries: Sequence[tuple[str, str, bool]], now: float) -> list[RecordOutcome]:
         outcomes: list[RecordOutcome] = []
         for uid, item_id, failed in entries:
@@ -94,6 +100,37 @@ class FakeJobState:
         return {uid: StoredJob(uid, (f"{uid}:total",), 0.0) for uid in self.jobs}
 
 
+def _stored_fields(item: Mapping[str, Any]) -> dict[str, Any] | None:
+    """An item's free fields as the ledger's json column gives them back: encoded as the task
+    body encodes them (NaN and infinities as null), decoded again."""
+    fields = fields_of(item)
+    return None if fields is None else json.loads(to_json(fields, inf_nan_mode="null"))
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _check_storable(result: protocol.Result) -> None:
+    """What Postgres refuses (`RejectedResult`): NUL in text, and in jsonb a NUL (\\u0000) or a
+    NaN or an infinity (not JSON at all)."""
+    if any(_has_nul(text) for text in (result.job_uid, result.item_id, result.error, result.worker)):
+        raise RejectedResult("rejected by Postgres: NUL in a text column")
+    if result.result is not None:
+        try:
+            json.dumps(result.result, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise RejectedResult(f"result is not storable JSON: {err}") from err
+        if _has_nul(result.result):
+            raise RejectedResult("rejected by Postgres: \\u0000 cannot be stored in jsonb")
+
+
 class FakeResultsStore:
     """`ResultsStore`: registered items per job, one row per (job, item), the first outcome wins."""
 
@@ -108,14 +145,16 @@ class FakeResultsStore:
         return {item: row for (job, item), row in self.rows.items() if job == uid}
 
     async def register_items(self, uid: str, items: Sequence[str] | Sequence[Mapping[str, Any]]) -> None:
+        ids = [item if isinstance(item, str) else str(item["id"]) for item in items]
+        if any("\x00" in item_id for item_id in ids):  # Postgres text cannot hold NUL: nothing is kept
+            raise ValueError(f"item ids of job {uid} are not storable: NUL in an id")
         known = self.items.setdefault(uid, [])
         seen = set(known)
-        for item in items:
-            item_id = item if isinstance(item, str) else str(item["id"])
+        for item, item_id in zip(items, ids, strict=True):
             if item_id not in seen:
                 known.append(item_id)
                 seen.add(item_id)
-                self.fields[(uid, item_id)] = None if isinstance(item, str) else fields_of(item)
+                self.fields[(uid, item_id)] = None if isinstance(item, str) else _stored_fields(item)
 
     async def registered_count(self, uid: str) -> int:
         return len(self.items.get(uid, []))
@@ -127,6 +166,8 @@ class FakeResultsStore:
         return [with_fields(i, self.fields.get((uid, i))) for i in await self.unresolved_items(uid)]
 
     async def upsert(self, results: Sequence[protocol.Result]) -> UpsertResult:
+        for result in results:  # the whole batch is refused, as the one statement is
+            _check_storable(result)
         out = UpsertResult()
         for result in results:
             key = (result.job_uid, result.item_id)

@@ -47,7 +47,7 @@ DISPATCH_STATUS_INTERVAL_SECONDS = 1.0
 
 async def dispatch(services: Services, view: JobView) -> None:
     try:
-        target = target_of(view)
+        target = await target_of(view)
     except ValidationError as err:
         first = err.errors()[0]
         await fail_early(

@@ -72,7 +72,7 @@ async def end_recreation(services: Services, view: JobView, republished: int) ->
 
 async def redispatch(services: Services, view: JobView) -> int:
     """Recreate and re-publish; returns how many tasks were published again."""
-    target = target_of(view)
+    target = await target_of(view)
     await begin_recreation(services, view)
     entry = await ensure_stream_and_registry(services, target)
     republished = await republish_unresolved(services, target)
