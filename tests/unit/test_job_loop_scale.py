@@ -32,11 +32,15 @@ async def test_a_job_that_fits_one_chunk_goes_to_running_in_one_write(world: Fak
     assert {c["type"]: c["status"] for c in shown["conditions"]} == {
         "ItemsSourceReady": "True",
         "Dispatched": "True",
+        "Progressing": "True",
     }
     assert shown["startTime"] and shown["observedGeneration"] == 1
     assert [e.reason for e in world.kube.events_of(uid)] == ["Running"]
     assert world.jobs.records[uid].phase == Phase.RUNNING
     assert world.jobs.records[uid].dispatched == 4, "Postgres knows every task was dispatched"
+    loop = JobLoop(world.services, body)
+    assert not await loop.step() and not await loop.step()  # the next looks, nothing moved
+    assert len([w for w in world.kube.writes if w.uid == uid]) == 1, "and they write nothing"
 
 
 async def test_a_job_of_several_chunks_still_shows_dispatching_and_its_cursor(

@@ -112,9 +112,17 @@ def _started_fields(view: JobView, phase: Phase, total: int, published: int) -> 
         "startTime": view.status.get("startTime") or now_iso(),
         "observedGeneration": view.generation,
         "conditions": view.conditions_with(
-            ("ItemsSourceReady", "True", "ItemsLoaded", f"{total} items loaded"), dispatched
+            ("ItemsSourceReady", "True", "ItemsLoaded", f"{total} items loaded"),
+            dispatched,
+            *([_progressing(total)] if phase is Phase.RUNNING else []),
         ),
     }
+
+
+def _progressing(total: int) -> tuple[str, str, str, str]:
+    """The condition the job loop's first progress tick would add: written with Running, that
+    tick writes nothing (one status write from nothing to Running, not two)."""
+    return ("Progressing", "True", "ItemsProcessing", f"0 of {total} items processed")
 
 
 async def _mark_dispatching(services: Services, view: JobView, total: int, pipeline: str) -> None:
@@ -191,7 +199,8 @@ async def _mark_running(
             {
                 "phase": Phase.RUNNING.value,
                 "conditions": view.conditions_with(
-                    ("Dispatched", "True", "AllTasksPublished", f"{total} tasks published")
+                    ("Dispatched", "True", "AllTasksPublished", f"{total} tasks published"),
+                    _progressing(total),
                 ),
             }
         )
