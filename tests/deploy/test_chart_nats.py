@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from conftest import Kubectl, StackEnv
 from support.chart import CHART, container, docs, env_of, find, helm, one, render, set_args
+from support.stack import Kubectl, StackEnv
 
 CREDS_FILE = "/etc/mljob/nats-creds/nats.creds"
 AUTH_VARS = ("MLJOB_NATS_CREDS_FILE", "MLJOB_NATS_USER", "MLJOB_NATS_PASSWORD")

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from conftest import Kubectl, StackEnv
 from support.chart import CHART, helm, set_args
 from support.env import E2E, make_e2e
-from support.harness import wait_for
+from support.stack import Kubectl, StackEnv
+from support.waiting import wait_for
 
 RELEASE = "rbac"
 SERVICE_ACCOUNT = f"{RELEASE}-mljob-operator"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import Kubectl
 from mljob_dev.devstack import tools
-from support.harness import wait_for
+from support.stack import Kubectl
+from support.waiting import wait_for
 
 
 def test_kubectl_version_reports_the_real_server_version(kubectl: Kubectl) -> None:

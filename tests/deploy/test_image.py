@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from support.stack import ROOT
 
 pytestmark = pytest.mark.unit
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from support.stack import ROOT
 
 pytestmark = pytest.mark.install
 SKIP = (".git", ".venv", ".stack", "build", "dist", "*.egg-info", "__pycache__", ".*_cache")

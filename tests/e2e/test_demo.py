@@ -14,8 +14,8 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from conftest import ROOT
 from mljob_dev.demo import model as demo
+from support.stack import ROOT
 
 ITEMS = 300
 

@@ -12,8 +12,9 @@ import signal
 from pathlib import Path
 
 from support.env import E2E
-from support.harness import Proc, wait_for
+from support.harness import Proc
 from support.invariants import assert_job_invariants
+from support.waiting import wait_for
 
 
 def calls(path: Path) -> list[list[tuple[int, str]]]:

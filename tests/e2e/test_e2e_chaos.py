@@ -23,8 +23,9 @@ import redis as redis_sync
 
 from mljob import protocol
 from support.env import E2E
-from support.harness import mljob_cmd, wait_for
+from support.harness import mljob_cmd
 from support.invariants import assert_job_invariants
+from support.waiting import wait_for
 
 # --- servers of the shared stack --------------------------------------------------------------
 
@@ -97,7 +98,11 @@ def _rows(e2e: E2E, uid: str) -> int:
 
 
 def _wait_rows(e2e: E2E, uid: str, at_least: int, timeout: float = 40) -> int:
-    return int(wait_for(lambda: (n := _rows(e2e, uid)) >= at_least and n, timeout, 0.1, f"{at_least} rows"))
+    return int(
+        wait_for(
+            lambda: (n := _rows(e2e, uid)) >= at_least and n, timeout, interval=0.1, what=f"{at_least} rows"
+        )
+    )
 
 
 def _cancel(e2e: E2E, name: str) -> None:
@@ -295,7 +300,7 @@ def test_cancel_patched_the_moment_postgres_holds_the_completion(e2e: E2E) -> No
     pipeline, gates, jobs = _held_jobs(e2e, "done", 3)
     for j, (name, (uid, _)) in enumerate(jobs.items()):
         (gates / f"done{j}").touch()
-        wait_for(lambda: _job_phase(e2e, uid) == "Succeeded", 30, 0.01, what=f"{name} decided")  # noqa: B023
+        wait_for(lambda: _job_phase(e2e, uid) == "Succeeded", 30, interval=0.01, what=f"{name} decided")  # noqa: B023
         _cancel_now(e2e, name)
     for name, (uid, items) in jobs.items():
         _assert_verdict(e2e, name, uid, items, pipeline, "Succeeded")
@@ -311,7 +316,7 @@ def test_results_released_the_moment_postgres_holds_the_cancel(e2e: E2E) -> None
         wait_for(
             lambda: _job_phase(e2e, uid) in ("Canceling", "Cancelled"),  # noqa: B023
             30,
-            0.01,
+            interval=0.01,
             what=f"{name}'s cancel decided",
         )
         (gates / f"cancel{j}").touch()

@@ -6,7 +6,7 @@ import signal
 from pathlib import Path
 
 from support.env import E2E, configmap_manifests, job_tasks
-from support.harness import wait_for
+from support.waiting import wait_for
 
 
 def test_operator_killed_mid_dispatch_resumes_exactly_once(e2e: E2E, tmp_path: Path) -> None:

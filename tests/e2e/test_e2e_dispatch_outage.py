@@ -13,8 +13,9 @@ import subprocess
 import pytest
 
 from support.env import E2E, configmap_manifests
-from support.harness import mljob_cmd, wait_for
+from support.harness import mljob_cmd
 from support.invariants import assert_job_invariants
+from support.waiting import wait_for
 
 ITEMS = 20_000
 

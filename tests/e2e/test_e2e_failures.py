@@ -18,7 +18,7 @@ from kubernetes.client.rest import ApiException
 from mljob import protocol
 from mljob.api.models import Phase
 from support.env import E2E
-from support.harness import wait_for
+from support.waiting import wait_for
 
 
 def _read_lines(path: Path) -> list[str]:

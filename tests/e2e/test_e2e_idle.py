@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from support.env import E2E, apiserver_status_patches
-from support.harness import wait_for
+from support.waiting import wait_for
 
 
 def test_idle_running_job_causes_no_status_writes(e2e: E2E) -> None:

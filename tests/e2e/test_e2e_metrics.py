@@ -14,7 +14,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.env import E2E
-from support.harness import Proc, wait_for
+from support.harness import Proc
+from support.waiting import wait_for
 
 ITEMS = [f"m-{i:04d}" for i in range(200)]  # tenth_fail fails the ids ending in 7: 20 of them
 FAILED = sum(1 for i in range(200) if i % 10 == 7)

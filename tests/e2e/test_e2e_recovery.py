@@ -12,8 +12,8 @@ import redis as redis_sync
 
 from mljob import protocol
 from support.env import E2E, configmap_manifests
-from support.harness import wait_for
 from support.invariants import assert_job_invariants
+from support.waiting import wait_for
 
 
 def _condition(status: dict, type_: str) -> dict | None:  # type: ignore[type-arg]

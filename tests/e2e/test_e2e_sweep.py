@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Kubectl, StackEnv
 from support.env import E2E, make_e2e
-from support.harness import mljob_cmd, wait_for
+from support.harness import mljob_cmd
+from support.stack import Kubectl, StackEnv
+from support.waiting import wait_for
 
 PIPELINE = "sweep"
 

@@ -17,9 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,71 +25,31 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from redis.asyncio import Redis
 
-from conftest import ROOT, StackEnv
 from mljob import protocol
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import ResultsStore, make_pool
 from mljob.collector.results import Collector
 from mljob_dev.devstack.stack import free_port
+from support.collecting import (
+    FAILED,
+    OK,
+    ResultsStream,
+    body,
+    collector_for,
+    dead_letters,
+    dispatched,
+    drained_listener,
+    make_results_stream,
+    running,
+    settled,
+    stream_messages,
+)
+from support.stack import ROOT, StackEnv
+from support.waiting import eventually, wait_for
 
-OK = protocol.Outcome.SUCCEEDED
-FAILED = protocol.Outcome.FAILED
-#: The pipeline of the collector tests' jobs (the second-to-last token of their result subjects).
-PIPELINE = "test"
-
-
-# --- fixtures ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ResultsStream:
-    """A private stand-in for MLJOB_RESULTS and its durable."""
-
-    stream: str
-    consumer: str
-    prefix: str
-
-    def subject(self, uid: str, pipeline: str = PIPELINE) -> str:
-        return f"{self.prefix}.{pipeline}.{uid}"
-
-
-async def make_results_stream(js: JetStreamContext, ack_wait: float = 30.0) -> ResultsStream:
-    tag = uuid.uuid4().hex[:12]
-    made = ResultsStream(f"MLJOB_RESULTS_T{tag}", f"collector-{tag}", f"mljob.testresults.{tag}")
-    await js.add_stream(
-        StreamConfig(
-            name=made.stream,
-            subjects=[f"{made.prefix}.>"],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.MEMORY,
-        )
-    )
-    await js.add_consumer(
-        made.stream,
-        ConsumerConfig(
-            durable_name=made.consumer,
-            ack_policy=AckPolicy.EXPLICIT,
-            max_deliver=-1,
-            ack_wait=ack_wait,
-            max_ack_pending=20_000,
-        ),
-    )
-    return made
-
-
-@pytest.fixture
-async def js(nc: NATS) -> JetStreamContext:
-    return nc.jetstream()
-
-
-@pytest.fixture
-async def results(js: JetStreamContext) -> AsyncIterator[ResultsStream]:
-    made = await make_results_stream(js)
-    yield made
-    await js.delete_stream(made.stream)
+# --- a private redis-server ------------------------------------------------------------------
 
 
 class RedisServer:
@@ -114,16 +72,12 @@ class RedisServer:
         cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         cmd += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("private redis-server did not start")
+        wait_for(self._pong, 20, interval=0.05, what="the private redis-server to answer PING")
+
+    def _pong(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -138,98 +92,6 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.kill()
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def running(collector: Collector) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(collector.run(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=20)
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.1)
-
-
-async def stream_messages(js: JetStreamContext, rs: ResultsStream) -> int:
-    """Messages still in the work-queue stream: acked ones are removed."""
-    return int((await js.stream_info(rs.stream)).state.messages)
-
-
-async def settled(js: JetStreamContext, rs: ResultsStream) -> bool:
-    info = await js.consumer_info(rs.stream, rs.consumer)
-    return bool(info.num_pending == 0 and info.num_ack_pending == 0 and await stream_messages(js, rs) == 0)
-
-
-def body(uid: str, item: str, outcome: protocol.Outcome, **extra: object) -> bytes:
-    fields: dict[str, object] = {"job_uid": uid, "item_id": item, "outcome": outcome, **extra}
-    if outcome is FAILED:
-        fields.setdefault("error", "model said no")
-    return protocol.Result.model_validate(fields).encode()
-
-
-def collector_for(
-    js: JetStreamContext,
-    nc: NATS,
-    state: JobState,
-    store: ResultsStore,
-    rs: ResultsStream,
-    *,
-    batch: int = 256,
-    loops: int = 1,
-    on_drained: Callable[[str], Awaitable[None]] | None = None,
-) -> Collector:
-    return Collector(
-        js,
-        nc,
-        state,
-        store,
-        batch=batch,
-        loops=loops,
-        fetch_timeout=0.5,
-        on_drained=on_drained,
-        stream=rs.stream,
-        consumer=rs.consumer,
-        subject_prefix=rs.prefix,
-    )
-
-
-async def drained_listener(nc: NATS, uid: str) -> list[str]:
-    """Subscribe (before anything runs) to the job's drained subject; returns the live list."""
-    seen: list[str] = []
-
-    async def on_msg(msg: Msg) -> None:
-        seen.append(msg.subject)
-
-    await nc.subscribe(protocol.drained_subject(uid), cb=on_msg)
-    await nc.flush()
-    return seen
-
-
-async def dispatched(state: JobState, store: ResultsStore, uid: str, items: list[str]) -> bool:
-    """What dispatch does before the first task goes out: items registered in the ledger (results
-    for anything else are refused), then the job's Redis state."""
-    await store.register_items(uid, items)
-    return await state.initialize(uid, items)
-
-
-async def dead_letters(store: ResultsStore) -> list[tuple[str, str, bytes, str]]:
-    async with store.pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT source, subject, payload, reason FROM mljob_dead_letters ORDER BY id"
-        )
-        return [(r[0], r[1], bytes(r[2]), r[3]) for r in await cur.fetchall()]
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -267,8 +129,8 @@ async def test_end_to_end_duplicates_and_malformed(
                 await js.publish(subject, malformed[(100, 300, 499).index(n)])
         for item in items[:50]:  # replays, e.g. a worker that re-posted after a lost reply
             await js.publish(subject, body(uid, item, FAILED if item in failed else OK))
-        await until(lambda: settled(js, results), what="every message acked")
-        await until(lambda: asyncio.sleep(0, result=bool(drained and callbacks)), timeout=10, what="drained")
+        await eventually(lambda: settled(js, results), 60, what="every message acked")
+        await eventually(lambda: asyncio.sleep(0, result=bool(drained and callbacks)), 10, what="drained")
 
     assert await store.count(uid) == (500, 50)
     outcomes = await store.item_outcomes(uid)
@@ -321,7 +183,7 @@ async def test_loops_store_batches_at_once_and_count_exactly(
     store.upsert = slow_upsert  # type: ignore[method-assign]
     try:
         async with running(collector_for(js, nc, state, store, results, batch=50, loops=2)):
-            await until(lambda: settled(js, results), what="every message acked")
+            await eventually(lambda: settled(js, results), 60, what="every message acked")
     finally:
         store.upsert = upsert  # type: ignore[method-assign]
     assert most == 2, f"at most {most} batch(es) were stored at once"
@@ -357,7 +219,7 @@ async def test_redis_down_mid_flight_nothing_acked_then_exact(
         async with running(collector_for(js, nc, state, store, results, batch=32)):
             for item in items[:40]:
                 await js.publish(subject, result_of(item))
-            await until(lambda: settled(js, results), what="first 40 acked")
+            await eventually(lambda: settled(js, results), 60, what="first 40 acked")
             counts = await state.counts(uid)
             assert counts is not None and counts.pending == 60
 
@@ -374,8 +236,8 @@ async def test_redis_down_mid_flight_nothing_acked_then_exact(
             assert not drained
 
             redis_server.start()  # same port, same data; the script cache is empty now
-            await until(lambda: settled(js, results), what="all acked after Redis returned")
-            await until(lambda: asyncio.sleep(0, result=bool(drained)), timeout=10, what="drained")
+            await eventually(lambda: settled(js, results), 60, what="all acked after Redis returned")
+            await eventually(lambda: asyncio.sleep(0, result=bool(drained)), 10, what="drained")
     finally:
         await client.aclose()
 
@@ -421,7 +283,7 @@ async def test_postgres_down_nothing_acked_nothing_recorded(
     assert await store.count(uid) == (0, 0)
 
     async with running(collector_for(js, nc, state, store, results)):
-        await until(lambda: settled(js, results), what="redelivered batch acked")
+        await eventually(lambda: settled(js, results), 60, what="redelivered batch acked")
     counts = await state.counts(uid)
     assert counts is not None and (counts.pending, counts.failed) == (0, 3)
     assert await store.count(uid) == (20, 3)
@@ -442,7 +304,7 @@ async def test_late_result_after_cleanup_is_stored_acked_and_creates_no_keys(
     for item, outcome in (("a", OK), ("b", FAILED), ("c", OK)):
         await js.publish(results.subject(uid), body(uid, item, outcome))
     async with running(collector_for(js, nc, state, store, results)):
-        await until(lambda: settled(js, results), what="acked")
+        await eventually(lambda: settled(js, results), 60, what="acked")
         await asyncio.sleep(0.3)
     assert await store.count(uid) == (3, 1)
     assert [k async for k in redis.scan_iter(match=f"{prefix}:*{uid}*")] == []
@@ -472,8 +334,8 @@ async def test_result_postgres_refuses_is_dead_lettered_alone(
     await js.publish(results.subject(uid), poison)
     await js.publish(results.subject(uid), body(uid, "b", FAILED))
     async with running(collector_for(js, nc, state, store, results)):
-        await until(lambda: settled(js, results), what="acked")
-        await until(lambda: asyncio.sleep(0, result=bool(drained)), timeout=10, what="drained")
+        await eventually(lambda: settled(js, results), 60, what="acked")
+        await eventually(lambda: asyncio.sleep(0, result=bool(drained)), 10, what="drained")
     assert await store.count(uid) == (2, 1)
     letters = await dead_letters(store)
     assert len(letters) == 1 and letters[0][2] == poison
@@ -511,14 +373,14 @@ async def test_crash_between_record_and_ack_redelivers_and_counts_once(
             fetch_timeout=0.5,
         )  # fmt: skip
         async with running(crashing):
-            await until(lambda: state_pending_is(state, uid, 0), what="recorded")
+            await eventually(lambda: state_pending_is(state, uid, 0), 60, what="recorded")
         assert await stream_messages(js, rs) == 30  # recorded, never acked
         assert drained == []
 
         async with running(collector_for(js, nc, state, store, rs)):
-            await until(lambda: settled(js, rs), what="redeliveries acked")
+            await eventually(lambda: settled(js, rs), 60, what="redeliveries acked")
             # The replay finds nothing pending and re-announces what the crash swallowed.
-            await until(lambda: asyncio.sleep(0, result=bool(drained)), timeout=10, what="drained")
+            await eventually(lambda: asyncio.sleep(0, result=bool(drained)), 10, what="drained")
         counts = await state.counts(uid)
         assert counts is not None and (counts.total, counts.pending, counts.failed) == (30, 0, 10)
         assert await store.count(uid) == (30, 10)

@@ -4,9 +4,6 @@ A refused result is dead-lettered with its reason and acked, stores no result ro
 keeps the item's genuine result (published after it) from counting. Fixtures and helpers are
 the collector tests' own: a private results stream per test, Redis by prefix, Postgres by schema.
 """
-# The fixtures js and results are imported from test_collector (nc is conftest's), and pytest
-# finds a fixture by the module attribute's name, so the test parameters must shadow those imports:
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -18,7 +15,11 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from redis.asyncio import Redis
-from test_collector import (  # noqa: F401 (js, results: fixtures)
+
+from mljob import protocol
+from mljob.adapters.redis_state import JobState
+from mljob.adapters.results_store import ResultsStore
+from support.collecting import (
     FAILED,
     OK,
     PIPELINE,
@@ -27,17 +28,11 @@ from test_collector import (  # noqa: F401 (js, results: fixtures)
     collector_for,
     dead_letters,
     dispatched,
-    js,
-    results,
     running,
     settled,
     stream_messages,
-    until,
 )
-
-from mljob import protocol
-from mljob.adapters.redis_state import JobState
-from mljob.adapters.results_store import ResultsStore
+from support.waiting import eventually
 
 
 async def result_keys(store: ResultsStore) -> set[tuple[str, str, str]]:
@@ -48,7 +43,7 @@ async def result_keys(store: ResultsStore) -> set[tuple[str, str, str]]:
 
 
 async def all_acked(js: JetStreamContext, rs: ResultsStream) -> None:
-    await until(lambda: settled(js, rs), what="every message acked")
+    await eventually(lambda: settled(js, rs), 60, what="every message acked")
     info = await js.consumer_info(rs.stream, rs.consumer)
     assert (info.num_pending, info.num_ack_pending) == (0, 0)
     assert await stream_messages(js, rs) == 0

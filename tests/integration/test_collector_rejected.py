@@ -3,9 +3,6 @@ registered item is recorded as that item's failure (`ResultRejected: <reason>`, 
 the job can end with a clear per-item reason instead of waiting for its stall timeout. Against
 REAL NATS, Redis and Postgres, with the collector tests' fixtures.
 """
-# The fixtures js and results are imported from test_collector (nc is conftest's), and pytest
-# finds a fixture by the module attribute's name, so the test parameters must shadow those imports:
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -16,7 +13,12 @@ from collections.abc import Sequence
 import psycopg
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from test_collector import (  # noqa: F401 (js, results: fixtures)
+
+from mljob import protocol
+from mljob.adapters.redis_state import JobState
+from mljob.adapters.results_store import ResultsStore, UpsertResult
+from mljob.collector.results import REJECTED_REASON
+from support.collecting import (
     FAILED,
     OK,
     ResultsStream,
@@ -25,17 +27,10 @@ from test_collector import (  # noqa: F401 (js, results: fixtures)
     dead_letters,
     dispatched,
     drained_listener,
-    js,
-    results,
     running,
     settled,
-    until,
 )
-
-from mljob import protocol
-from mljob.adapters.redis_state import JobState
-from mljob.adapters.results_store import ResultsStore, UpsertResult
-from mljob.collector.results import REJECTED_REASON
+from support.waiting import eventually
 
 NUL_RESULT = {"caption": "before\u0000after"}
 
@@ -60,8 +55,8 @@ async def test_a_result_postgres_refuses_fails_its_item_with_result_rejected(
     await js.publish(results.subject(uid), poison)
     await js.publish(results.subject(uid), body(uid, "c", FAILED))
     async with running(collector_for(js, nc, state, store, results)):
-        await until(lambda: settled(js, results), what="every message acked")
-        await until(lambda: asyncio.sleep(0, result=bool(drained)), timeout=10, what="drained")
+        await eventually(lambda: settled(js, results), 60, what="every message acked")
+        await eventually(lambda: asyncio.sleep(0, result=bool(drained)), 10, what="drained")
     stored = await rows(store, uid)
     assert stored["a"] == ("succeeded", None, {"n": 1})
     outcome, error, payload = stored["b"]
@@ -82,10 +77,10 @@ async def test_the_first_outcome_stands_over_a_later_rejected_result(
     await dispatched(state, store, uid, ["a", "b"])
     await js.publish(results.subject(uid), body(uid, "a", OK))
     async with running(collector_for(js, nc, state, store, results)):
-        await until(lambda: settled(js, results), what="the first result acked")
+        await eventually(lambda: settled(js, results), 60, what="the first result acked")
         await js.publish(results.subject(uid), body(uid, "a", OK, result=NUL_RESULT))
         await js.publish(results.subject(uid), body(uid, "b", OK))
-        await until(lambda: settled(js, results), what="every message acked")
+        await eventually(lambda: settled(js, results), 60, what="every message acked")
     assert {item: row[0] for item, row in (await rows(store, uid)).items()} == {
         "a": "succeeded",
         "b": "succeeded",
@@ -120,7 +115,7 @@ async def test_an_outage_while_failing_the_item_is_retried_not_taken_for_a_refus
     await js.publish(results.subject(uid), body(uid, "a", OK))
     await js.publish(results.subject(uid), poison)
     async with running(collector_for(js, nc, state, flaky, results)):
-        await until(lambda: settled(js, results), what="every message acked")
+        await eventually(lambda: settled(js, results), 60, what="every message acked")
     assert flaky.outages == 1
     stored = await rows(store, uid)
     assert (stored["a"][0], stored["b"][0]) == ("succeeded", "failed")

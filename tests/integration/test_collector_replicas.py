@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from nats.js.errors import NotFoundError
 
-from conftest import StackEnv
 from mljob import protocol
 from mljob_dev.devstack.stack import Stack
-from support.harness import Proc, child_env, connect_nats, mljob_cmd, nats_identity, wait_for
+from support.harness import Proc, child_env, connect_nats, mljob_cmd, nats_identity
+from support.stack import StackEnv
+from support.waiting import wait_for
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, Kubectl, StackEnv
 from mljob.api.models import Phase
 from mljob.core.phases import can_transition
-from support.harness import wait_for
+from support.stack import ROOT, Kubectl, StackEnv
+from support.waiting import wait_for
 
 EXAMPLES = ROOT / "examples"
 VALID = sorted(EXAMPLES.glob("mljob-*.yaml"))  # worker-deployment.yaml is tested with the chart

@@ -15,9 +15,9 @@ import psycopg
 import pytest
 import redis
 
-from conftest import ROOT
 from mljob_dev.devstack.stack import Stack
 from support.harness import connect_nats
+from support.stack import ROOT
 
 
 @pytest.fixture(scope="module")

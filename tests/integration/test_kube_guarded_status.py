@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from kubernetes import config as kube_config
 
-from conftest import Kubectl, StackEnv
 from mljob.adapters.kube import GuardFailed, JobRef, Kube
+from support.stack import Kubectl, StackEnv
 
 pytestmark = pytest.mark.usefixtures("crd_installed")
 

@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from conftest import StackEnv
 from mljob.ops import logs
 from support.harness import ROOT, child_env, mljob_cmd
+from support.stack import StackEnv
 
 NOISE = "returning true from eof_received() has no effect when using ssl"
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Kubectl, StackEnv
 from mljob_dev.devstack.stack import free_port
-from support.harness import Proc, child_env, mljob_cmd, wait_for
+from support.harness import Proc, child_env, mljob_cmd
+from support.stack import Kubectl, StackEnv
+from support.waiting import wait_for
 
 
 @pytest.mark.parametrize(

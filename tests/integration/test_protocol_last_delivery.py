@@ -1,33 +1,22 @@
 """docs/protocol.md, Acknowledgement rules: a NAK on a task's last delivery is not a retry. NATS
 delivers it no more, and the operator fails the item as `MaxDeliveriesExceeded`, exactly as if the
-worker had died holding it. Against REAL NATS, Redis and Postgres, with the fixtures of
-tests/integration/test_exhausted.py (a job stream, its items registered, an advisory consumer of its own).
+worker had died holding it. Against REAL NATS, Redis and Postgres, with the exhausted-deliveries
+fixtures (tests/integration/conftest.py, support/exhausting.py: a job stream, its items
+registered, an advisory consumer of its own).
 """
-# The fixtures are imported from test_exhausted, and pytest finds a fixture by the module
-# attribute's name, so the test parameters must shadow those imports:
-# ruff: noqa: F811
 
 from __future__ import annotations
 
 import time
 
 from nats.aio.client import Client as NATS
-from test_exhausted import (  # noqa: F401 (advisories, new_job: fixtures)
-    MAX_DELIVER,
-    PIPELINE,
-    WAIT_SECONDS,
-    NewJob,
-    advisories,
-    new_job,
-    result_row,
-    running,
-    wait_until,
-)
 
 from mljob import protocol
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import ResultsStore
 from mljob.controller.exhausted import REASON, ExhaustedDeliveries
+from support.exhausting import MAX_DELIVER, PIPELINE, WAIT_SECONDS, NewJob, result_row, running
+from support.waiting import eventually
 
 
 async def test_a_nak_on_the_last_delivery_ends_as_max_deliveries_exceeded(
@@ -56,7 +45,9 @@ async def test_a_nak_on_the_last_delivery_ends_as_max_deliveries_exceeded(
                 assert msg.metadata.num_delivered <= MAX_DELIVER, "NATS delivered past max_deliver"
                 await msg.nak()  # every delivery, the last one too
                 naks += 1
-        row = await wait_until(lambda: result_row(store, job.uid, "a"), "a's failed row")
+        row = await eventually(
+            lambda: result_row(store, job.uid, "a"), WAIT_SECONDS, interval=0.02, what="a's failed row"
+        )
     await sub.unsubscribe()
     outcome, error, attempts = row
     assert (naks, outcome, attempts) == (MAX_DELIVER, "failed", MAX_DELIVER)

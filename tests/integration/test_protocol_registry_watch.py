@@ -9,12 +9,10 @@ own NATS identity, on real nats-servers.
   `OrderedConsumer()` -> jsm.go `upsertConsumer`): a consumer named by the client with the filter
   in the subject, `$JS.API.CONSUMER.CREATE.KV_mljob-registry.<name>.$KV.mljob-registry.<keys>`,
   the ordered push config, and `$JS.API.CONSUMER.DELETE.KV_mljob-registry.<name>` on Stop().
-  These run on the private server of tests/integration/test_nats_permissions.py (its fixtures), which also
-  has a worker scoped to one pipeline, and count a refusal only when the server reports it.
+  These run on the private server of tests/support/private_nats.py (the `server`, `world` and
+  `worker` fixtures of tests/integration/conftest.py), which also has a worker scoped to one
+  pipeline, and count a refusal only when the server reports it.
 """
-# The fixtures server, world and worker are imported from test_nats_permissions, and pytest finds
-# a fixture by the module attribute's name, so the test parameters must shadow those imports:
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -27,23 +25,12 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
-from test_nats_permissions import (  # noqa: F401 (server, world, worker: fixtures)
-    OTHER,
-    PIPELINE,
-    SCOPED_WORKER,
-    Identity,
-    Server,
-    World,
-    connect,
-    server,
-    worker,
-    world,
-)
 
-from conftest import StackEnv
 from mljob import protocol
 from mljob.adapters.jetstream import registry
 from mljob.ops import permissions as nats_permissions
+from support.private_nats import OTHER, PIPELINE, SCOPED_WORKER, Identity, Server, World, connect
+from support.stack import StackEnv
 
 REGISTRY_STREAM = f"KV_{protocol.REGISTRY_BUCKET}"
 KEY_PREFIX = f"$KV.{protocol.REGISTRY_BUCKET}."

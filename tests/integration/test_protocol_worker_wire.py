@@ -24,7 +24,6 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from conftest import StackEnv
 from mljob import protocol
 from mljob.adapters.jetstream import (
     JobStreamSettings,
@@ -35,6 +34,7 @@ from mljob.adapters.jetstream import (
     registry,
     unregister_job,
 )
+from support.stack import StackEnv
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS_DIR = Path(__file__).resolve().parents[1]

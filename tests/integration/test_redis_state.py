@@ -15,10 +15,10 @@ from typing import Any, cast, overload
 import pytest
 from redis.asyncio import Redis
 
-from conftest import StackEnv
 from mljob.adapters import redis_state
 from mljob.adapters.redis_state import STAGING_TTL_SECONDS, JobState, RecordStatus
 from mljob.core.counts import Completeness, completeness
+from support.stack import StackEnv
 
 
 def new_uid() -> str:

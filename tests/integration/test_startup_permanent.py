@@ -19,9 +19,9 @@ import psycopg
 import pytest
 from redis import Redis
 
-from conftest import StackEnv
 from mljob_dev.devstack.stack import free_port
 from support.harness import ROOT, child_env, mljob_cmd
+from support.stack import StackEnv
 
 #: An upper bound against a process that retries forever, not a timing.
 EXIT_WITHIN_SECONDS = 60

@@ -14,7 +14,6 @@ import pytest
 from kubernetes import config as kube_config
 from nats.js.errors import NotFoundError
 
-from conftest import Kubectl, StackEnv
 from mljob import protocol
 from mljob.adapters import jetstream
 from mljob.adapters.kube import Kube
@@ -23,7 +22,9 @@ from mljob.controller.sweep import delete, find_orphans, sweep_orphans
 from mljob.core.orphans import Kind
 from mljob.settings import OperatorSettings
 from mljob_dev.chaos import open_services, plant
-from support.harness import child_env, mljob_cmd, mljob_manifest, wait_for
+from support.harness import child_env, mljob_cmd, mljob_manifest
+from support.stack import Kubectl, StackEnv
+from support.waiting import wait_for
 
 PIPELINE = "sweep"
 

@@ -26,7 +26,6 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from conftest import StackEnv
 from mljob import protocol
 from mljob.adapters.jetstream import (
     JobStreamSettings,
@@ -42,6 +41,8 @@ from mljob.worker import PermanentError, TaskContext, load_handler
 from mljob.worker.handler import HandlerLoadError
 from mljob.worker.outcome import nak_delay, publish_retry_delay, recover_ids
 from mljob.worker.runner import CRASH_AFTER_RESULT_ENV, JobBinding
+from support.stack import StackEnv
+from support.waiting import eventually
 from support.workers.fakes import Events, FakeMsg, process, published
 from support.workers.fakes import binding as _binding
 from support.workers.fakes import task as _task
@@ -77,26 +78,13 @@ class ResultSink:
     def count(self, item_id: str) -> int:
         return sum(1 for r, _ in self.messages if r.item_id == item_id)
 
-    async def wait_items(self, n: int, timeout: float) -> bool:
-        return await wait_until(lambda: len(self.latest()) >= n, timeout)
-
-
-async def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(interval)
-    return True
-
-
-async def wait_until_async(check: Callable[[], Any], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(interval)
-    return True
+    async def wait_items(self, n: int, timeout: float, worker: WorkerProc) -> None:
+        """Until results of `n` distinct items arrived (the worker's log in the failure)."""
+        await eventually(
+            lambda: len(self.latest()) >= n,
+            timeout,
+            what=lambda: f"results of {n} items (got {len(self.latest())}); worker log:\n{worker.log()}",
+        )
 
 
 class WorkerProc:
@@ -108,7 +96,12 @@ class WorkerProc:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     async def wait_exit(self, timeout: float) -> int | None:
-        await wait_until(lambda: self.proc.poll() is not None, timeout)
+        """The exit code, once the worker has exited."""
+        await eventually(
+            lambda: self.proc.poll() is not None,
+            timeout,
+            what=lambda: f"the worker to exit; log:\n{self.log()}",
+        )
         return self.proc.poll()
 
 
@@ -237,8 +230,8 @@ async def test_happy_path_every_item_gets_one_result_and_every_task_is_acked(
         pipeline, "support.workers.handlers:mostly_ok", "--concurrency", "8", name="w-happy"
     )
 
-    assert await sink.wait_items(n, timeout=30), worker.log()
-    assert await wait_until_async(lambda: _is_zero(jobs.stream_messages(entry)), 10), "tasks left un-acked"
+    await sink.wait_items(n, 30, worker)
+    await eventually(lambda: _is_zero(jobs.stream_messages(entry)), 10, interval=0.1, what="every task acked")
     results = sink.latest()
     assert set(results) == {str(i) for i in range(n)}
     assert len(sink.messages) == n  # one publish per item
@@ -271,11 +264,11 @@ async def test_small_job_registered_after_a_huge_one_is_not_starved(
     await jobs.publish(small, [{"id": str(i), "n": i} for i in range(20)])
     await jobs.register(huge)
     worker = spawn_worker(pipeline, "support.workers.handlers:quick", "--concurrency", "8", "--batch", "16")
-    assert await huge_sink.wait_items(50, timeout=20), worker.log()
+    await huge_sink.wait_items(50, 20, worker)
     await jobs.register(small)
 
-    assert await small_sink.wait_items(20, timeout=30), worker.log()
-    assert await huge_sink.wait_items(3000, timeout=40), worker.log()
+    await small_sink.wait_items(20, 30, worker)
+    await huge_sink.wait_items(3000, 40, worker)
     huge_done = sorted(r.finished_at for r in huge_sink.latest().values())
     small_last = max(r.finished_at for r in small_sink.latest().values())
     assert small_last < huge_done[-1]
@@ -310,7 +303,7 @@ async def test_sigterm_naks_unfinished_tasks_for_immediate_redelivery(
         info = await jobs.js.consumer_info(entry.stream, entry.consumer)
         return int(info.num_ack_pending) == 4
 
-    assert await wait_until_async(four_in_flight, 15), first.log()
+    await eventually(four_in_flight, 15, interval=0.1, what=lambda: f"4 tasks in flight; log:\n{first.log()}")
     stopped_at = time.monotonic()
     first.proc.send_signal(signal.SIGTERM)
     assert await first.wait_exit(10) == 0, first.log()
@@ -322,7 +315,7 @@ async def test_sigterm_naks_unfinished_tasks_for_immediate_redelivery(
     second = spawn_worker(
         pipeline, "support.workers.handlers:sleepy", name="w2", env={"TEST_HANDLER_SLEEP": "0"}
     )
-    assert await sink.wait_items(6, timeout=15), second.log()
+    await sink.wait_items(6, 15, second)
     assert time.monotonic() - restarted_at < 20  # far sooner than ack_wait (60 s)
     attempts = sorted(r.attempts for r in sink.latest().values())
     assert attempts == [1, 1, 2, 2, 2, 2]  # the four interrupted tasks came back at once
@@ -347,9 +340,11 @@ async def test_crash_between_result_and_ack_is_redelivered_and_deduplicated(
     assert sink.count("12") == 1  # published (durable), never acked
 
     second = spawn_worker(pipeline, "support.workers.handlers:quick", name="w-after")
-    assert await sink.wait_items(n, timeout=20), second.log()
-    assert await wait_until(lambda: sink.count("12") >= 2, 15), second.log()  # redelivered after ack_wait
-    assert await wait_until_async(lambda: _is_zero(jobs.stream_messages(entry)), 15)
+    await sink.wait_items(n, 20, second)
+    await eventually(  # redelivered after ack_wait
+        lambda: sink.count("12") >= 2, 15, what=lambda: f"12's result again; log:\n{second.log()}"
+    )
+    await eventually(lambda: _is_zero(jobs.stream_messages(entry)), 15, interval=0.1, what="every task acked")
     replays = [msg_id for r, msg_id in sink.messages if r.item_id == "12"]
     assert set(replays) == {protocol.result_msg_id(entry.uid, "12")}
     # The replay was de-duplicated by JetStream: the stream knows that message id already. (A
@@ -382,7 +377,7 @@ async def test_oversized_malformed_and_exhausted_tasks_fail_cleanly(
     await jobs.register(entry)
     worker = spawn_worker(pipeline, "support.workers.handlers:tricky")
 
-    assert await sink.wait_items(6, timeout=20), worker.log()
+    await sink.wait_items(6, 20, worker)
     results = sink.latest()
     assert set(results) == {"bad-1", "big", "flaky", "ok-1", "ok-2", "future-1"}
     assert results["future-1"].outcome is protocol.Outcome.FAILED
@@ -400,7 +395,7 @@ async def test_oversized_malformed_and_exhausted_tasks_fail_cleanly(
         info = await jobs.js.consumer_info(entry.stream, entry.consumer)
         return int(info.num_ack_pending) == 0 and int(info.num_pending) == 0
 
-    assert await wait_until_async(settled, 10), worker.log()
+    await eventually(settled, 10, interval=0.1, what=lambda: f"every task settled; log:\n{worker.log()}")
     assert "TERM a malformed task" in worker.log()
     assert "refusing item future-1" in worker.log()
     assert worker.proc.poll() is None, worker.log()
@@ -417,9 +412,13 @@ async def test_job_removed_from_registry_is_no_longer_fetched(
     worker = spawn_worker(
         pipeline, "support.workers.handlers:quick", "--concurrency", "2", env={"TEST_HANDLER_SLEEP": "0.1"}
     )
-    assert await sink.wait_items(6, timeout=15), worker.log()
+    await sink.wait_items(6, 15, worker)
     await jobs.unregister(entry)
-    assert await wait_until(lambda: "left the registry" in worker.log(), 10), worker.log()
+    await eventually(
+        lambda: "left the registry" in worker.log(),
+        10,
+        what=lambda: f"the job to leave the registry; log:\n{worker.log()}",
+    )
     await asyncio.sleep(0.5)  # the tasks in flight finish
     done = len(sink.latest())
     await asyncio.sleep(1.5)

@@ -13,7 +13,8 @@ from typing import Any
 import psycopg
 import redis
 
-from support.harness import TERMINAL, Proc, child_env, mljob_cmd, mljob_manifest, wait_for
+from support.harness import TERMINAL, Proc, child_env, mljob_cmd, mljob_manifest
+from support.waiting import wait_for
 
 
 @dataclass

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mljob_dev.devstack import nats_config
+from support.waiting import wait_for as wait_for  # re-exported: the one helper is there
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"Succeeded", "Failed", "Cancelled"}
@@ -87,17 +86,6 @@ def child_env(base: dict[str, str], **extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
-
-
-def wait_for(check: Callable[[], Any], timeout: float, interval: float = 0.3, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def mljob_manifest(name: str, pipeline: str, items: list[Any] | None = None, **spec: Any) -> str:

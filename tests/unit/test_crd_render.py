@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ROOT
 from mljob.api import crd, models
 from mljob.cli.main import main
+from support.stack import ROOT
 
 pytestmark = pytest.mark.unit
 

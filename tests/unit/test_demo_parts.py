@@ -7,7 +7,6 @@ import io
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from mljob_dev.demo import model as demo
 from mljob_dev.demo import progress as demo_progress
 from mljob_dev.demo import report as demo_report
 from mljob_dev.demo.supervise import Supervisor
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.unit
 
@@ -343,11 +343,12 @@ def test_supervisor_restarts_a_dead_worker_and_reaps_every_one_on_stop(tmp_path:
     runner = threading.Thread(target=supervisor.run)
     runner.start()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if state.exists() and json.loads(state.read_text())["crashes"] == 1:
-                break
-            time.sleep(0.05)
+        wait_for(
+            lambda: json.loads(state.read_text())["crashes"] == 1,  # an exception: no state yet
+            60,
+            interval=0.05,
+            what="the supervisor to record the crash",
+        )
     finally:
         supervisor.stopping = True
         runner.join(timeout=60)

@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-from conftest import ROOT
 from mljob.cli import main as cli
 from mljob.settings import (
     CollectorSettings,
@@ -19,6 +18,7 @@ from mljob.settings import (
     markdown_table,
     rows,
 )
+from support.stack import ROOT
 
 pytestmark = pytest.mark.unit
 

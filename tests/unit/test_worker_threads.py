@@ -8,6 +8,7 @@ import time
 import pytest
 
 from mljob.worker.handler import _DaemonThreads
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.unit
 
@@ -30,9 +31,8 @@ def test_sequential_calls_reuse_one_daemon_thread() -> None:
     for _ in range(20):
         call = run(threads, lambda: seen.append((threading.get_ident(), threading.current_thread().daemon)))
         assert call.wait(5)
-        deadline = time.monotonic() + 5
-        while threads._idle == 0 and time.monotonic() < deadline:
-            time.sleep(0.001)  # the thread goes idle just after the call returned
+        # the thread goes idle just after the call returned
+        wait_for(lambda: threads._idle, 5, interval=0.001, what="the thread to go idle")
     assert len({ident for ident, _ in seen}) == 1, "a thread per call"
     assert all(daemon for _, daemon in seen)
 
@@ -53,9 +53,7 @@ def test_idle_threads_end_and_a_later_call_still_runs() -> None:
     before = threading.active_count()
     calls = [run(threads, lambda: time.sleep(0.05)) for _ in range(4)]  # 4 threads at once
     assert all(c.wait(5) for c in calls)
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: threading.active_count() <= before, 5, interval=0.02, what="the idle threads to end")
     assert threading.active_count() == before, "idle threads were left running"
     assert run(threads, lambda: None).wait(5)
 
@@ -80,7 +78,5 @@ def test_many_concurrent_submissions_all_run_exactly_once() -> None:
         t.start()
     for t in submitters:
         t.join(10)
-    deadline = time.monotonic() + 10
-    while len(counted) < 800 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: len(counted) >= 800, 10, interval=0.01, what=lambda: f"800 calls (ran {len(counted)})")
     assert len(counted) == 800
