@@ -13,12 +13,13 @@ import kopf
 import pytest
 from kubernetes import config as kube_config
 
-from conftest import StackEnv
 from mljob.adapters.kube import Kube
 from mljob.adapters.services import Services
 from mljob.controller import background, handlers
+from mljob.controller.scheduler import Scheduler
 from mljob.settings import OperatorSettings
 from mljob_dev.chaos import open_services
+from support.stack import StackEnv
 
 
 @pytest.fixture
@@ -56,9 +57,12 @@ async def test_shutdown_cancels_a_background_task_that_outlives_its_grace_before
     await asyncio.wait_for(started.wait(), 30)  # a bound against a hang, not a timing
 
     running.grace = 0.5  # the real tasks stop at once; the stuck one would run for 10 minutes
-    await handlers.shutdown(memo=kopf.Memo(background=running, services=services))
+    scheduler = Scheduler(services, workers=2)
+    scheduler.start()
+    await handlers.shutdown(memo=kopf.Memo(scheduler=scheduler, background=running, services=services))
 
     assert stuck.cancelled() and unwound == ["long query"]
+    assert scheduler._tasks == [], "the scheduler stopped first: no reconcile after the stores closed"
     # the collector's NATS connection is its own (never queued behind dispatch), closed with it
     assert [c is not services.nc for c in running.connections] == [True]
     assert running.connections[0].is_closed
