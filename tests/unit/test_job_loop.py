@@ -10,70 +10,30 @@ Workers are simulated by moving tasks from the fake stream into results through 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from mljob import ledger, protocol
-from mljob.adapters.kube import JobRef
+from mljob import protocol
 from mljob.adapters.tasks import DispatchInterrupted
 from mljob.api.models import TERMINAL_PHASES, Phase
-from mljob.controller import loop as lifecycle
-from mljob.controller import observe
-from mljob.controller.actions import state as state_action
 from mljob.controller.loop import JobLoop
 from mljob.core import reconcile
-from mljob.settings import OperatorSettings
 from support.fakes import Clock, FakeWorld
+from support.jobloop import (
+    MAX_RECREATIONS,
+    NAMESPACE,
+    PIPELINE,
+    STALL,
+    item_ids,
+    new_job,
+    ref_of,
+    running,
+    status,
+    uid_of,
+)
 
 pytestmark = pytest.mark.unit
-
-NAMESPACE = "ml"
-PIPELINE = "embed"
-STALL = 60
-MAX_RECREATIONS = 2
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clock]:
-    """One clock for every module of the loop that reads `time.time()`."""
-    fake = Clock()
-    for module in (observe, lifecycle, ledger, state_action):
-        monkeypatch.setattr(module, "time", fake)
-    yield fake
-
-
-@pytest.fixture
-def world(clock: Clock) -> FakeWorld:
-    settings = OperatorSettings(
-        reconcile_interval=0.01,
-        dispatch_chunk=4,
-        max_stream_recreations=MAX_RECREATIONS,
-        actor="test-operator",
-    )
-    return FakeWorld(clock, settings)
-
-
-def item_ids(count: int) -> list[str]:
-    return [f"item-{n:03d}" for n in range(count)]
-
-
-def new_job(world: FakeWorld, count: int = 10, name: str = "job", **spec: Any) -> dict[str, Any]:
-    """An MLJob with `count` inline items; returns kopf's live body (held by the fake Kube)."""
-    full: dict[str, Any] = {"pipeline": PIPELINE, "stallTimeoutSeconds": STALL, **spec}
-    if "itemsFrom" not in full:
-        full["items"] = item_ids(count)
-    return world.kube.create_job(NAMESPACE, name, full)
-
-
-def uid_of(body: dict[str, Any]) -> str:
-    return str(body["metadata"]["uid"])
-
-
-def ref_of(body: dict[str, Any]) -> JobRef:
-    meta = body["metadata"]
-    return JobRef(meta["namespace"], meta["name"], meta["uid"])
 
 
 async def ticks(loop: JobLoop, count: int = 1) -> bool:
@@ -82,19 +42,6 @@ async def ticks(loop: JobLoop, count: int = 1) -> bool:
     for _ in range(count):
         ended = await loop.step()
     return ended
-
-
-async def running(world: FakeWorld, body: dict[str, Any]) -> JobLoop:
-    """A loop whose job has been dispatched (one tick) and whose counts were seen once."""
-    loop = JobLoop(world.services, body)
-    assert not await loop.step()
-    assert body["status"]["phase"] == Phase.RUNNING
-    assert not await loop.step()
-    return loop
-
-
-def status(body: dict[str, Any]) -> dict[str, Any]:
-    return dict(body.get("status") or {})
 
 
 def condition(body: dict[str, Any], type_: str) -> dict[str, Any] | None:

@@ -4,19 +4,16 @@ cursor is written once a second, not once a chunk (pacing and turns: tests/unit/
 Over the in-memory fakes (tests/support/fakes); the same behaviour against the real servers is in
 test_e2e_idle.py, and its cost is measured by bench/mljob_many.py.
 """
-# The fixtures clock and world are imported from test_job_loop, and pytest finds a fixture by the
-# module attribute's name, so the test parameters must shadow those imports:
-# ruff: noqa: F811
 
 from __future__ import annotations
 
 import pytest
-from test_job_loop import clock, new_job, running, status, uid_of, world  # noqa: F401
 
 from mljob.api.models import Phase
 from mljob.controller.actions import dispatch as dispatch_action
 from mljob.controller.loop import JobLoop
 from support.fakes import FakeWorld
+from support.jobloop import new_job, status, uid_of
 
 pytestmark = pytest.mark.unit
 

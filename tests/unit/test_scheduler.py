@@ -6,9 +6,6 @@ The test plays kopf's watch: it hands the scheduler each event (`observe`) as ko
 handler does. The same behaviour against the real servers is in tests/e2e (every job there runs
 through it) and tests/e2e/test_e2e_idle.py; its cost is measured by bench/mljob_many.py.
 """
-# The fixtures clock and world are imported from test_job_loop, and pytest finds a fixture by the
-# module attribute's name, so the test parameters must shadow those imports:
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -18,13 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from test_job_loop import PIPELINE, clock, new_job, status, uid_of, world  # noqa: F401
 
 from mljob import protocol
 from mljob.controller.loop import JobLoop
 from mljob.controller.scheduler import Scheduler
 from mljob.core import index
 from support.fakes import FakeWorld
+from support.jobloop import PIPELINE, new_job, status, uid_of
 
 pytestmark = pytest.mark.unit
 
