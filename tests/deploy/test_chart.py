@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client.rest import ApiException
 
-from conftest import Kubectl
 from support.chart import (
     CHART,
     FOREIGN_CRDS,
-    PEERING_CRDS,
     container,
     docs,
     env_of,
@@ -25,9 +24,8 @@ from support.chart import (
     render,
     set_args,
 )
-from support.harness import wait_for
-
-HA_API = ("--api-versions", "kopf.dev/v1/ClusterKopfPeering", "--api-versions", "kopf.dev/v1/KopfPeering")
+from support.stack import Kubectl
+from support.waiting import wait_for
 
 OPERATOR_RULES = [
     {
@@ -83,8 +81,8 @@ COMBINATIONS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("defaults", {}, ()),
     ("collector", {"collector": {"enabled": True, "replicas": 2}}, ()),
     ("namespaces", {"watchNamespaces": ["@ns-a", "@ns-b"]}, ()),
-    ("ha", {"ha": {"enabled": True, "replicas": 3}}, HA_API),
-    ("ha-namespaces", {"ha": {"enabled": True}, "watchNamespaces": ["@ns-a"]}, HA_API),
+    ("ha", {"ha": {"enabled": True, "replicas": 3}}, ()),
+    ("ha-namespaces", {"ha": {"enabled": True}, "watchNamespaces": ["@ns-a"]}, ()),
     ("secrets", SECRETS, ()),
     ("monitoring", MONITORING, ()),
     ("workers", WORKERS, ()),
@@ -99,11 +97,8 @@ def operator_deployment(objs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_helm_lint_passes_for_every_combination() -> None:
-    """HA needs cluster capabilities lint cannot be given (--api-versions): rendered elsewhere."""
     helm("lint", "--strict", str(CHART))
-    for name, values, extra in COMBINATIONS:
-        if extra:
-            continue
+    for name, values, _extra in COMBINATIONS:
         values = json.loads(json.dumps(values).replace("@ns-", "ns-"))
         proc = helm("lint", "--strict", str(CHART), *set_args(values), check=False)
         assert proc.returncode == 0, f"{name}: {proc.stdout}{proc.stderr}"
@@ -216,36 +211,50 @@ def test_watch_namespaces_grant_roles_there_and_pass_namespace_flags() -> None:
     assert not find(strict, "ClusterRole") and not find(strict, "ClusterRoleBinding")
 
 
-def test_ha_needs_the_peering_crds_and_then_peers_with_a_pdb() -> None:
-    refused = helm("template", "rel", str(CHART), "--set", "ha.enabled=true", check=False)
-    assert refused.returncode != 0
-    assert "kopf's peering CRDs are not installed" in refused.stderr
-    assert "kopf-peering-crds.yaml" in refused.stderr
+LEASE_RULES = [
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "resourceNames": ["rel-mljob-operator"],
+        "verbs": ["get", "update"],
+    },
+]
 
-    objs = docs(render({"ha": {"enabled": True, "replicas": 3}}, *HA_API))
-    deploy = operator_deployment(objs)
-    assert deploy["spec"]["replicas"] == 3
-    assert deploy["spec"]["strategy"]["type"] == "RollingUpdate"
-    assert "--peering" in container(deploy)["args"]
-    assert env_of(deploy)["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert one(objs, "ClusterKopfPeering", "default")
-    pdb = one(objs, "PodDisruptionBudget")
-    assert pdb["spec"]["minAvailable"] == 1
-    rules = one(objs, "ClusterRole")["rules"]
-    assert {
-        "apiGroups": ["kopf.dev"],
-        "resources": ["clusterkopfpeerings"],
-        "verbs": ["get", "list", "watch", "patch"],
-    } in rules
 
-    namespaced = docs(render({"ha": {"enabled": True}, "watchNamespaces": ["team-a"]}, *HA_API))
-    assert one(namespaced, "KopfPeering", "default")["metadata"]["namespace"] == "team-a"
-    assert {
-        "apiGroups": ["kopf.dev"],
-        "resources": ["kopfpeerings"],
-        "verbs": ["get", "list", "watch", "patch"],
-    } in one(namespaced, "Role")["rules"]
-    assert not find(docs(render()), "PodDisruptionBudget")
+def test_ha_elects_a_leader_on_a_lease_of_its_own_with_a_pdb_and_no_kopf_peering() -> None:
+    for values in (
+        {"ha": {"enabled": True, "replicas": 3}},
+        {"ha": {"enabled": True}, "watchNamespaces": ["team-a"]},
+    ):
+        objs = docs(render(values))
+        deploy = operator_deployment(objs)
+        assert deploy["spec"]["replicas"] == values["ha"].get("replicas", 2)
+        assert deploy["spec"]["strategy"]["type"] == "RollingUpdate"
+        args = container(deploy)["args"]
+        assert "--leader-elect" in args and "--peering" not in args
+        env = env_of(deploy)
+        assert env["MLJOB_LEASE_NAME"] == "rel-mljob-operator"
+        assert env["MLJOB_LEASE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+        assert one(objs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+        # The Lease's Role is in the release namespace, whatever namespaces are watched.
+        role = one(objs, "Role", "rel-mljob-operator-leader")
+        assert role["metadata"]["namespace"] == "mljob"
+        assert role["rules"] == LEASE_RULES
+        binding = one(objs, "RoleBinding", "rel-mljob-operator-leader")
+        assert binding["roleRef"]["name"] == "rel-mljob-operator-leader"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "rel-mljob-operator", "namespace": "mljob"}
+        ]
+        # No kopf peering left: no peering objects, no kopf.dev grants.
+        assert not [o for o in objs if o["apiVersion"].startswith("kopf.dev")]
+        rules = [r for o in objs if o["kind"] in ("Role", "ClusterRole") for r in o["rules"]]
+        assert not [r for r in rules if "kopf.dev" in r["apiGroups"]]
+
+    single = docs(render())
+    assert not find(single, "PodDisruptionBudget")
+    assert not find(single, "Role", "rel-mljob-operator-leader")
+    assert "--leader-elect" not in container(operator_deployment(single))["args"]
 
 
 def test_existing_secrets_and_tls_cas_are_referenced_not_copied() -> None:
@@ -379,7 +388,7 @@ def test_notes_say_how_to_check_and_how_to_upgrade_crds() -> None:
     ],
 )
 def test_schema_refuses_wrong_values_with_a_clear_message(values: dict[str, Any], message: str) -> None:
-    proc = helm("template", "rel", str(CHART), *set_args(values), *HA_API, check=False)
+    proc = helm("template", "rel", str(CHART), *set_args(values), check=False)
     assert proc.returncode != 0, f"accepted: {values}"
     assert "values don't meet the specifications of the schema" in proc.stderr
     assert message in proc.stderr, proc.stderr
@@ -394,8 +403,8 @@ def test_schema_accepts_a_secret_instead_of_a_plain_value() -> None:
 
 @pytest.fixture(scope="module")
 def foreign_crds(kubectl: Kubectl, crd_installed: None) -> None:
-    """Minimal CRDs of Prometheus Operator and KEDA, and kopf's peering CRDs, so their objects
-    can be dry-run and installed on a stack that runs neither."""
+    """Minimal CRDs of Prometheus Operator and KEDA, so their objects can be dry-run and
+    installed on a stack that runs neither."""
     kubectl.run(
         "apply",
         "--server-side",
@@ -403,17 +412,12 @@ def foreign_crds(kubectl: Kubectl, crd_installed: None) -> None:
         "-",
         stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": FOREIGN_CRDS}),
     )
-    kubectl.run("apply", "--server-side", "-f", str(PEERING_CRDS))
-    for crd in [
-        *(c["metadata"]["name"] for c in FOREIGN_CRDS),
-        "clusterkopfpeerings.kopf.dev",
-        "kopfpeerings.kopf.dev",
-    ]:
+    for crd in [c["metadata"]["name"] for c in FOREIGN_CRDS]:
         kubectl.run("wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd}")
     wait_for(
         lambda: all(
             kubectl.run("get", kind, "-A", check=False).returncode == 0
-            for kind in ("servicemonitors", "prometheusrules", "scaledobjects", "clusterkopfpeerings")
+            for kind in ("servicemonitors", "prometheusrules", "scaledobjects")
         ),
         30,
         what="the stand-in CRDs to become servable",
@@ -550,10 +554,20 @@ def test_helm_install_then_upgrade_into_the_test_apiserver(
     )
 
 
-def test_helm_install_with_ha_creates_the_peering_object(
+async def test_helm_install_with_ha_lets_the_service_account_hold_its_lease_and_no_other(
     stack: Any, kubectl: Kubectl, release: tuple[str, str]
 ) -> None:
+    """On a token of the chart's ServiceAccount (not the admin certificate): the Lease the
+    operator is told to use can be created, read and renewed; another Lease cannot."""
+    from datetime import UTC, datetime
+
+    from kubernetes import config as kube_config
+
+    from mljob.adapters.kube import Kube
+    from mljob.core.leases import LeaseRecord
+
     name, namespace = release
+    fullname = f"{name}-mljob-operator"
     helm(
         "install",
         name,
@@ -563,11 +577,44 @@ def test_helm_install_with_ha_creates_the_peering_object(
         *set_args({**INSTALL_BASE, "ha": {"enabled": True}, "watchNamespaces": [namespace]}),
         kubeconfig=stack.kubeconfig,
     )
-    kubectl.run("-n", namespace, "get", "kopfpeering", "default")
-    kubectl.run("-n", namespace, "get", "poddisruptionbudget", f"{name}-mljob-operator")
-    assert (
-        kubectl.json("-n", namespace, "get", "deployment", f"{name}-mljob-operator")["spec"]["replicas"] == 2
-    )
+    kubectl.run("-n", namespace, "get", "poddisruptionbudget", fullname)
+    deploy = kubectl.json("-n", namespace, "get", "deployment", fullname)
+    assert deploy["spec"]["replicas"] == 2
+    lease_name = next(e["value"] for e in container(deploy)["env"] if e["name"] == "MLJOB_LEASE_NAME")
+    assert lease_name == fullname
+
+    kubectl.run("-n", namespace, "create", "-f", "-", stdin=json.dumps(lease_body("someone-else")))
+    token = kubectl.run("-n", namespace, "create", "token", fullname, "--duration=1h").stdout.strip()
+    kube = Kube(kube_config.new_client_from_config(config_file=kubectl._token_kubeconfig(token)), threads=2)
+    try:
+        record = LeaseRecord("replica-a", 15, None, None, 0)
+        created = await kube.create_lease(namespace, lease_name, record, 10)
+        got = await kube.get_lease(namespace, lease_name, 10)
+        assert got is not None and got.record.holder == "replica-a"
+        stamp = datetime.now(UTC)
+        renewal = LeaseRecord("replica-a", 15, stamp, stamp, 0)
+        renewed = await kube.replace_lease(namespace, lease_name, renewal, created.resource_version, 10)
+        assert renewed.resource_version != created.resource_version
+        assert renewed.record.renew_time == stamp  # a MicroTime, to the microsecond
+        for refused in (
+            kube.get_lease(namespace, "someone-else", 10),
+            kube.replace_lease(namespace, "someone-else", record, "1", 10),
+            kube.create_lease("default", lease_name, record, 10),
+        ):
+            with pytest.raises(ApiException) as err:
+                await refused
+            assert err.value.status == 403
+    finally:
+        kube.close()
+
+
+def lease_body(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": name},
+        "spec": {"holderIdentity": "another-operator", "leaseDurationSeconds": 15},
+    }
 
 
 def test_values_yaml_documents_every_top_level_key_of_the_schema() -> None:

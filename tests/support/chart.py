@@ -13,7 +13,6 @@ from mljob_dev.devstack import tools
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "mljob-operator"
-PEERING_CRDS = CHART / "files" / "kopf-peering-crds.yaml"
 
 
 def helm(*args: str, kubeconfig: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -175,6 +175,11 @@ fsGroup: the kubelet makes the file root:<fsGroup> 0440, readable by the pod's u
 {{- end -}}
 
 {{/* HOME and TMPDIR on the scratch volume: the root filesystem is read-only. */}}
+{{/* The leader Lease: one per release, so two releases in one namespace never share it. */}}
+{{- define "mljob.leaseName" -}}
+{{- include "mljob.fullname" . -}}
+{{- end -}}
+
 {{- define "mljob.runtimeEnv" -}}
 - name: HOME
   value: /tmp
@@ -227,6 +232,7 @@ Exactly what the operator calls (operator/mljob/adapters/kube.py and kopf):
   mljobs/status   get, patch (merge patches of progress; guarded JSON patches of the phase)
   configmaps      get (spec.itemsFrom)
   events          create (the operator's own Events; kopf's event posting is off)
+With ha.enabled, a Role in the release namespace (rbac.yaml) for the leader Lease.
 */}}
 {{- define "mljob.operatorRules" -}}
 - apiGroups: [mljob.dev]
@@ -241,16 +247,4 @@ Exactly what the operator calls (operator/mljob/adapters/kube.py and kopf):
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-{{- if .Values.ha.enabled }}
-# kopf peering: the operators announce themselves in the peering object's status.
-{{- if .Values.watchNamespaces }}
-- apiGroups: [kopf.dev]
-  resources: [kopfpeerings]
-  verbs: [get, list, watch, patch]
-{{- else }}
-- apiGroups: [kopf.dev]
-  resources: [clusterkopfpeerings]
-  verbs: [get, list, watch, patch]
-{{- end }}
-{{- end }}
 {{- end -}}
