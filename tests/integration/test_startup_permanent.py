@@ -29,7 +29,7 @@ EXIT_WITHIN_SECONDS = 60
 COMMANDS = {
     "operator": ("--namespace", "startup-permanent"),
     "collector": (),
-    "worker": ("--pipeline", "startup-permanent", "--handler", "mljob_dev.demo:classify"),
+    "worker": ("--pipeline", "startup-permanent", "--handler", "mljob_dev.demo.model:classify"),
 }
 
 
