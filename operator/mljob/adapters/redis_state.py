@@ -191,6 +191,18 @@ class RecordOutcome:
     pending_left: int | None
 
 
+def _counts_of(total: Any, pending: Any, failed: Any, activity: Any) -> ItemCounts | None:
+    """A job's counts from the replies of GET total, SCARD pending, SCARD failed, GET activity."""
+    if total is None:
+        return None
+    return ItemCounts(
+        total=int(_text(total)),
+        pending=int(pending),
+        failed=int(failed),
+        last_activity=float(_text(activity)) if activity is not None else None,
+    )
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -276,21 +288,7 @@ class JobState:
 
         Missing state is reported as such, never as "complete" (failure-modes row 8).
         """
-        keys = self.keys(uid)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.get(keys.total)
-            pipe.scard(keys.pending)
-            pipe.scard(keys.failed)
-            pipe.get(keys.activity)
-            total, pending, failed, activity = await pipe.execute()
-        if total is None:
-            return None
-        return ItemCounts(
-            total=int(_text(total)),
-            pending=int(pending),
-            failed=int(failed),
-            last_activity=float(_text(activity)) if activity is not None else None,
-        )
+        return (await self.counts_many([uid]))[uid]
 
     async def counts_many(self, uids: Sequence[str]) -> dict[str, ItemCounts | None]:
         """`counts` of many jobs in one round trip (MULTI/EXEC over all of them): the scheduler
@@ -307,17 +305,7 @@ class JobState:
                     pipe.get(keys.activity)
                 replies = await pipe.execute()
             for n, uid in enumerate(chunk):
-                total, pending, failed, activity = replies[4 * n : 4 * n + 4]
-                found[uid] = (
-                    None
-                    if total is None
-                    else ItemCounts(
-                        total=int(_text(total)),
-                        pending=int(pending),
-                        failed=int(failed),
-                        last_activity=float(_text(activity)) if activity is not None else None,
-                    )
-                )
+                found[uid] = _counts_of(*replies[4 * n : 4 * n + 4])
         return found
 
     async def record(self, entries: Sequence[tuple[str, str, bool]], now: float) -> list[RecordOutcome]:
