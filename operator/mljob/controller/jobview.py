@@ -78,10 +78,17 @@ class JobView:
         if body_status.get("phase") in TERMINAL_PHASES and self.phase not in TERMINAL_PHASES:
             self.status = dict(body_status)
 
-    async def reload(self) -> bool:
-        """Read the status from the API server; False when the MLJob is gone."""
+    async def fetch(self) -> dict[str, Any] | None:
+        """The MLJob as the API server has it now; None when it is gone (or re-created)."""
         fresh = await self.kube.get_job(self.ref.namespace, self.ref.name)
         if fresh is None or fresh["metadata"]["uid"] != self.ref.uid:
+            return None
+        return fresh
+
+    async def reload(self) -> bool:
+        """Read the status from the API server; False when the MLJob is gone."""
+        fresh = await self.fetch()
+        if fresh is None:
             return False
         self.status = dict(fresh.get("status") or {})
         return True
@@ -129,8 +136,8 @@ async def target_of(view: JobView) -> DispatchTarget:
     `JobGone` when the MLJob no longer exists."""
     spec: Mapping[str, Any] = view.spec
     if not index.has_full_spec(view.body):
-        fresh = await view.kube.get_job(view.ref.namespace, view.ref.name)
-        if fresh is None or fresh["metadata"]["uid"] != view.ref.uid:
+        fresh = await view.fetch()
+        if fresh is None:
             raise JobGone(f"the MLJob {view.ref.namespace}/{view.ref.name} no longer exists")
         spec = fresh.get("spec") or {}
     validated = MLJobSpec.model_validate(dict(spec))

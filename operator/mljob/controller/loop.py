@@ -137,7 +137,6 @@ class JobLoop:
         # watch brings the new list and the next look (after the error back-off) removes ours.
         await self.s.kube.remove_finalizer(ref, index.FINALIZER, current)
         meta["finalizers"] = [f for f in current if f != index.FINALIZER]
-        metrics.JOBS.forget(ref.uid)
 
     def _until_ttl(self) -> float | None:
         """Seconds until a finished job's MLJob is due for deletion; None: sleep until woken."""

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from mljob.adapters.services import Services
+from mljob.controller.leader import Leadership
 from mljob.controller.loop import JobLoop
 from mljob.core import index
 from mljob.core.schedule import DueQueue
@@ -39,14 +40,6 @@ class Leader(Protocol):
     leading: asyncio.Event
 
 
-class AlwaysLeading:
-    """A single replica: it always leads."""
-
-    def __init__(self) -> None:
-        self.leading = asyncio.Event()
-        self.leading.set()
-
-
 class Scheduler:
     def __init__(
         self,
@@ -57,7 +50,7 @@ class Scheduler:
     ) -> None:
         self.s = services
         self.workers = workers
-        self.leader = leader or AlwaysLeading()
+        self.leader = leader or Leadership.always()
         self.clock = clock
         #: uid -> the job's loop (its slim body, pacing and last snapshot)
         self.jobs: dict[str, JobLoop] = {}
