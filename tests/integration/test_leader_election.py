@@ -17,6 +17,7 @@ from kubernetes import config as kube_config
 from mljob.adapters.kube import Kube, LeaseObject
 from mljob.controller.leader import Leadership
 from mljob.core.leases import LeaseRecord, Timing
+from support.waiting import eventually
 
 TIMING = Timing(lease_duration=3, renew_deadline=2.0, retry_period=0.5)
 #: Scheduling slack on a busy test machine.
@@ -97,12 +98,8 @@ class Sampler:
 
 
 async def until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll every 20 ms; the monotonic time the condition first held."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
+    """The one wait-for helper polled every 20 ms; the monotonic time the condition first held."""
+    await eventually(condition, timeout, interval=0.02, what=what)
     return time.monotonic()
 
 

@@ -22,6 +22,7 @@ from mljob.controller.scheduler import Scheduler
 from mljob.core import index
 from support.fakes import FakeWorld
 from support.jobloop import PIPELINE, new_job, status, uid_of
+from support.waiting import eventually
 
 pytestmark = pytest.mark.unit
 
@@ -42,10 +43,8 @@ async def scheduler(world: FakeWorld) -> AsyncIterator[Scheduler]:
 
 
 async def until(check: Callable[[], Any], timeout: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.005)
+    """The one wait-for helper, polled finely: the fake world moves in milliseconds."""
+    await eventually(check, timeout, interval=0.005, what="the scheduler to get there")
 
 
 def live(world: FakeWorld, body: dict[str, Any]) -> dict[str, Any] | None:
