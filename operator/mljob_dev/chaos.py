@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import uuid
 from dataclasses import dataclass
@@ -23,7 +24,10 @@ from mljob.adapters.services import Services, assemble
 from mljob.ops import logs
 from mljob.settings import OperatorSettings, load
 
-CONNECT_TIMEOUT = 5.0
+#: The connections' logger: a runbook command prints its own one line, not NATS's reconnects.
+QUIET = logging.getLogger("mljob.chaos")
+QUIET.addHandler(logging.NullHandler())
+QUIET.propagate = False
 
 
 class ChaosError(Exception):
@@ -105,46 +109,23 @@ def _run(args: argparse.Namespace) -> int:
 
 async def open_services(settings: OperatorSettings, kube: Kube | None = None) -> Services:
     """Every connection the operator has, each tried once; ChaosError names the one that failed."""
-    import nats
-    from redis.asyncio import Redis
-
-    from mljob.adapters import jetstream
+    from mljob.adapters import bootstrap
     from mljob.adapters.kube import load_config
-    from mljob.adapters.results_store import make_pool
-    from mljob.db.migrate import apply_migrations_async
     from mljob.transport import natsconn
 
     try:
-        nc = await nats.connect(
-            **natsconn.options(settings, name="mljob-chaos", connect_timeout=CONNECT_TIMEOUT)
+        opened = await bootstrap.open_connections(
+            settings, name="mljob-chaos", log=QUIET, streams=("registry",), pool_size=2, once=True
         )
-    except Exception as err:
-        raise ChaosError(f"cannot reach NATS at {natsconn.redact(settings.nats_url)}: {err}") from err
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=CONNECT_TIMEOUT)
-    pool = make_pool(settings.postgres_dsn, settings.postgres_schema, min_size=1, max_size=2)
+    except (bootstrap.Unreachable, natsconn.CannotStart) as err:
+        raise ChaosError(str(err)) from err
+    assert opened.registry is not None  # asked for
     try:
-        js = nc.jetstream()
-        registry = await jetstream.registry(js, settings.stream_replicas)
-        try:
-            await redis.ping()
-        except Exception as err:
-            raise ChaosError(f"cannot reach Redis at {natsconn.redact(settings.redis_url)}: {err}") from err
-        try:
-            await pool.open(wait=True, timeout=CONNECT_TIMEOUT)
-            async with pool.connection() as conn:
-                await apply_migrations_async(conn, settings.postgres_schema)
-        except Exception as err:
-            raise ChaosError(f"cannot reach Postgres: {type(err).__name__}: {err}") from err
-        try:
-            kube = kube or Kube(load_config())
-        except Exception as err:
-            raise ChaosError(f"no Kubernetes configuration: {err}") from err
-    except BaseException:
-        await nc.close()
-        await redis.aclose()
-        await pool.close()
-        raise
-    return assemble(settings, nc, registry, redis, pool, kube)
+        kube = kube or Kube(load_config())
+    except Exception as err:
+        await opened.close()
+        raise ChaosError(f"no Kubernetes configuration: {err}") from err
+    return assemble(settings, opened.nc, opened.registry, opened.redis, opened.pool, kube)
 
 
 async def resolve(services: Services, job: str | None, uid: str | None) -> Target:

@@ -393,7 +393,7 @@ async def state_pending_is(state: JobState, uid: str, pending: int) -> bool:
     return counts is not None and counts.pending == pending
 
 
-@pytest.mark.parametrize("down", ["nats", "postgres"])
+@pytest.mark.parametrize("down", ["nats", "redis", "postgres"])
 def test_cli_names_an_unreachable_dependency_once(stack: StackEnv, pg_schema: str, down: str) -> None:
     closed = f"127.0.0.1:{free_port()}"
     env = {
@@ -402,7 +402,7 @@ def test_cli_names_an_unreachable_dependency_once(stack: StackEnv, pg_schema: st
         "MLJOB_POSTGRES_DSN": f"postgresql://postgres@{closed}/mljob"
         if down == "postgres"
         else stack.postgres_dsn,
-        "MLJOB_REDIS_URL": stack.redis_url,
+        "MLJOB_REDIS_URL": f"redis://{closed}/0" if down == "redis" else stack.redis_url,
         "PYTHONPATH": str(ROOT / "operator"),
     }
     proc = subprocess.Popen(
@@ -422,8 +422,8 @@ def test_cli_names_an_unreachable_dependency_once(stack: StackEnv, pg_schema: st
             proc.kill()
             proc.wait()
     logs = out + err
-    name = {"nats": "NATS", "postgres": "Postgres"}[down]
-    lines = [line for line in logs.splitlines() if f"{name} unreachable at {closed}" in line]
+    name = {"nats": "NATS", "redis": "Redis", "postgres": "Postgres"}[down]
+    lines = [line for line in logs.splitlines() if f"cannot reach {name} at {closed}" in line]
     assert len(lines) == 1, logs
     assert "Traceback" not in logs
     assert proc.returncode == 0, logs

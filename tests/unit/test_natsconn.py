@@ -38,9 +38,11 @@ def test_credentials_and_tls_are_passed_through(monkeypatch: pytest.MonkeyPatch)
     assert not {"user_credentials", "user", "password", "tls"} & plain.keys()
 
 
-def test_redact_drops_user_and_password() -> None:
-    assert natsconn.redact("nats://worker:s3cret@nats.example:4222") == "nats://nats.example:4222"
-    assert natsconn.redact("redis://:pw@127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+def test_where_names_host_and_port_never_the_credentials() -> None:
+    assert natsconn.where("nats://worker:s3cret@nats.example:4222") == "nats.example:4222"
+    assert natsconn.where("redis://:pw@127.0.0.1:6379/0") == "127.0.0.1:6379"
+    assert natsconn.where("postgresql://mljob:pw@db.example/mljob") == "db.example"
+    assert natsconn.where("not a url") == "(configured address)"
 
 
 async def test_error_callback_logs_each_distinct_error_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -54,9 +56,9 @@ async def test_error_callback_logs_each_distinct_error_once(caplog: pytest.LogCa
         await callbacks.error(ConnectionResetError("reset by peer"))
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert lines == [
-        "NATS at nats://127.0.0.1:4222: ConnectionResetError: reset by peer",
-        "NATS at nats://127.0.0.1:4222: TimeoutError",
-        "NATS at nats://127.0.0.1:4222: ConnectionResetError: reset by peer",  # after a reconnect
+        "NATS at 127.0.0.1:4222: ConnectionResetError: reset by peer",
+        "NATS at 127.0.0.1:4222: TimeoutError",
+        "NATS at 127.0.0.1:4222: ConnectionResetError: reset by peer",  # after a reconnect
     ]
     assert not any(r.exc_info for r in caplog.records)
 

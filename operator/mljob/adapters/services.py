@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -19,31 +18,15 @@ from nats.js.kv import KeyValue
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from mljob.adapters import jetstream, redis_state
+from mljob.adapters import bootstrap
 from mljob.adapters.jobs_store import JobsStore
 from mljob.adapters.kube import Kube, load_config
 from mljob.adapters.redis_state import JobState
-from mljob.adapters.results_store import ResultsStore, make_pool
+from mljob.adapters.results_store import ResultsStore
 from mljob.api.models import MAX_STALL_TIMEOUT_SECONDS
-from mljob.db import migrate
 from mljob.settings import OperatorSettings
-from mljob.transport import natsconn
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-async def with_retry(
-    what: str,
-    attempt: Callable[[], Awaitable[T]],
-    max_delay: float = 10.0,
-    permanent: natsconn.Permanent | None = None,
-) -> T:
-    """Retry `attempt` until it succeeds, logging one line per failure that names the dependency;
-    a failure `permanent` names raises CannotStart."""
-    return await natsconn.retry(
-        attempt, natsconn.every_failure(log, what), maximum=max_delay, permanent=permanent
-    )
 
 
 #: How often the heartbeat map drops what it no longer needs (at most; only when heartbeats come).
@@ -134,45 +117,12 @@ class Services:
 
 
 async def connect(settings: OperatorSettings) -> Services:
-    async def jetstream_enabled(nc: NATS) -> None:
-        await nc.jetstream().account_info()
-
-    nc = await natsconn.connect(settings, name="mljob-operator", log=log, ready=jetstream_enabled)
-    assert nc is not None  # no stop event: connect returns only once connected
-    js = nc.jetstream()
-    registry = await with_retry(
-        "the NATS job registry", lambda: jetstream.registry(js, settings.stream_replicas)
-    )
-    await with_retry(
-        "the NATS results stream", lambda: jetstream.ensure_results_stream(js, settings.stream_replicas)
-    )
-    await with_retry(
-        "the NATS advisory stream", lambda: jetstream.ensure_advisory_stream(js, settings.stream_replicas)
-    )
-
-    redis = redis_state.connect(
-        settings.redis_url, settings.redis_max_connections, socket_connect_timeout=3, health_check_interval=30
-    )
-    redis_at = natsconn.redact(settings.redis_url)
-    await with_retry(f"Redis at {redis_at}", redis.ping, permanent=redis_state.refused(redis_at))
-
-    async def migrate_and_open() -> AsyncConnectionPool:
-        await migrate.startup_migrate(settings.postgres_dsn, settings.postgres_schema)
-        # A pool whose first connection timed out is closed by psycopg: start a fresh one.
-        pool = make_pool(settings.postgres_dsn, settings.postgres_schema, min_size=1, max_size=10)
-        try:
-            await pool.open(wait=True, timeout=5)
-        except BaseException:
-            await pool.close()
-            raise
-        return pool
-
-    postgres_at = natsconn.redact(settings.postgres_dsn)
-    pool = await with_retry(
-        "Postgres", migrate_and_open, permanent=migrate.refused(postgres_at, settings.postgres_schema)
-    )
+    """The operator's connections (every bucket and stream it uses), retried until they answer,
+    and the stores over them; CannotStart for what retrying cannot heal."""
+    opened = await bootstrap.open_connections(settings, name="mljob-operator", log=log)
+    assert opened.registry is not None  # asked for by default
     kube = Kube(load_config(settings.kube_threads), settings.kube_threads)
-    return assemble(settings, nc, registry, redis, pool, kube)
+    return assemble(settings, opened.nc, opened.registry, opened.redis, opened.pool, kube)
 
 
 def assemble(

@@ -17,7 +17,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar, overload
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client
@@ -79,25 +79,15 @@ def cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
-def redact(url: str) -> str:
-    """The URL without user and password, for log lines."""
+def where(url: str) -> str:
+    """host:port of a URL or DSN, never its credentials: the address a log line names."""
     try:
         parts = urlsplit(url)
-        if parts.hostname is None:
-            return url
-        host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, "", ""))
+        if parts.hostname:
+            return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
     except ValueError:
-        return "(configured address)"
-
-
-def every_failure(log: logging.Logger, what: str) -> Report:
-    """Report each failed attempt: `cannot reach <what> (<cause>); retrying in 2s`."""
-
-    def report(line: str, delay: float) -> None:
-        log.error("cannot reach %s (%s); retrying in %gs", what, line, delay)
-
-    return report
+        pass
+    return "(configured address)"
 
 
 def once_per_cause(log: logging.Logger, what: str) -> Report:
@@ -196,7 +186,7 @@ class ConnectionLog:
 
     def __init__(self, log: logging.Logger, url: str, stop: asyncio.Event | None = None) -> None:
         self.log = log
-        self.where = redact(url)
+        self.where = where(url)
         self.stop = stop
         self.connected = False
         self.seen: set[str] = set()
@@ -283,10 +273,10 @@ async def connect(
 
     `ready` runs on each new connection before it counts (e.g. a JetStream check); if it fails
     the connection is closed and the attempt retried. The default report names NATS at its
-    address on every failure. Refused credentials raise CannotStart.
+    address once per distinct cause. Refused credentials raise CannotStart.
     """
     callbacks = ConnectionLog(log, settings.nats_url, stop)
-    report = report or every_failure(log, f"NATS at {callbacks.where}")
+    report = report or once_per_cause(log, f"cannot reach NATS at {where(settings.nats_url)}")
 
     async def attempt() -> Client:
         callbacks.attempt_error = None
@@ -321,5 +311,5 @@ async def connect(
         stop=stop,
         initial=initial_delay,
         maximum=max_delay,
-        permanent=nats_refused(callbacks.where),
+        permanent=nats_refused(where(settings.nats_url)),
     )

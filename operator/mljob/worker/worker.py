@@ -201,12 +201,10 @@ class Worker:
     async def _connect(self) -> tuple[Client, JetStreamContext]:
         """NATS through the shared helper: first connection retried, one line per failure cause;
         refused credentials raise natsconn.CannotStart (the worker exits, see run_worker)."""
-        where = natsconn.redact(self.config.nats_url)
         nc = await natsconn.connect(
             self.config,
             name=f"mljob-worker {self.config.worker_id}",
             log=log,
-            report=natsconn.once_per_cause(log, f"cannot reach NATS at {where}"),
             initial_delay=0.5,
             max_delay=5.0,
         )  # run() cancels this on stop
