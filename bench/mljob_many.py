@@ -52,7 +52,8 @@ Per-MLJob figures that stay flat or fall from 100 to 10,000 mean the cost grows 
     python -m bench.mljob_many --jobs 100,1000,10000 [--items 5] [--settle 150] [--idle 60]
         [--no-restart] [--terminal-sample 1000] [--profile DIR]
 
-`--profile DIR` attaches py-spy to the operator during the ramp and during the idle window.
+`--profile DIR` attaches py-spy to the operator during the ramp and during the idle window
+(`--profile-rate`, 200 samples a second by default).
 """
 
 from __future__ import annotations
@@ -261,7 +262,9 @@ def requests_since(stack: common.BenchStack, before: dict[str, int]) -> dict[str
 
 
 def profiler(args: argparse.Namespace, pid: int, group: str) -> mljob_common.Profiler | None:
-    return mljob_common.Profiler(pid, Path(args.profile), group) if args.profile else None
+    if not args.profile:
+        return None
+    return mljob_common.Profiler(pid, Path(args.profile), group, rate=args.profile_rate)
 
 
 def free_port() -> int:
@@ -741,6 +744,14 @@ def build_parser() -> argparse.ArgumentParser:
         "larger ones are torn down without it",
     )
     p.add_argument("--profile", metavar="DIR", help="py-spy on the operator during the ramp and the window")
+    p.add_argument(
+        "--profile-rate",
+        type=int,
+        default=200,
+        metavar="HZ",
+        help="py-spy samples per second (default 200; py-spy itself then takes about a third of a "
+        "core: lower it for a long ramp such as 100,000 MLJobs)",
+    )
     p.add_argument("--log-dir", help="where the operator's logs go (default: a new temporary directory)")
     return p
 

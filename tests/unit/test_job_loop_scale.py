@@ -63,3 +63,41 @@ async def test_a_fast_dispatch_writes_its_cursor_once_a_second_not_once_a_chunk(
     ]
     assert cursors[-1] == 40 and len(cursors) < 10, cursors
     assert status(body)["phase"] == "Running"
+
+
+async def test_a_job_waiting_for_a_dispatch_slot_is_woken_by_the_dispatch_that_frees_one(
+    world: FakeWorld,
+) -> None:
+    """With every slot taken a job joins the line and its own pacing is only a safety net (the
+    idle interval, not the reconcile interval); the dispatch that ends wakes the longest waiting."""
+    s = world.services
+    woken: list[str] = []
+    s.manage(managed=s.managed, waker=woken.append)
+    first, second = (new_job(world, 4, name=n) for n in ("first", "second"))
+    s.managed.update({uid_of(first), uid_of(second)})  # type: ignore[attr-defined]
+    waiting = JobLoop(s, second)
+    for _ in range(s.settings.max_concurrent_dispatches):
+        await s.dispatch_slots.acquire()
+    assert await waiting.tick() == s.settings.idle_reconcile_interval
+    assert list(s.dispatch_line) == [uid_of(second)] and status(second).get("phase") != Phase.RUNNING
+    s.dispatch_slots.release()  # one slot frees: the next dispatch to end hands it on
+    assert await JobLoop(s, first).tick() == s.settings.reconcile_interval
+    assert status(first)["phase"] == Phase.RUNNING
+    assert woken == [uid_of(second)] and not s.dispatch_line
+    assert await waiting.tick() == s.settings.reconcile_interval, "dispatched: paced as usual again"
+    assert status(second)["phase"] == Phase.RUNNING
+
+
+async def test_a_job_cancelled_while_in_line_leaves_it(world: FakeWorld) -> None:
+    s = world.services
+    body = new_job(world, 4)
+    s.managed.add(uid_of(body))  # type: ignore[attr-defined]
+    loop = JobLoop(s, body)
+    for _ in range(s.settings.max_concurrent_dispatches):
+        await s.dispatch_slots.acquire()
+    await loop.tick()
+    assert list(s.dispatch_line) == [uid_of(body)]
+    body["spec"]["cancel"] = True
+    await loop.tick()
+    assert not s.dispatch_line, "a cancelled job does not take the next free slot's turn"
+    assert status(body)["phase"] in {Phase.CANCELLED, Phase.CANCELING}

@@ -52,6 +52,10 @@ class JobLoop:
         self.quiet_ticks = 0
         self.snapshot: reconcile.Snapshot | None = None
         self._prefetched: tuple[ItemCounts | None] | None = None
+        #: the job's last tick found every dispatch slot taken and put it in line: a dispatch
+        #: ending wakes it, so its own pacing is only a safety net (thousands of MLJobs created
+        #: together otherwise each re-looked every few seconds while they wait)
+        self.in_line = False
 
     @property
     def uid(self) -> str:
@@ -96,6 +100,8 @@ class JobLoop:
                 )
             else:
                 sleep = interval
+            if self.in_line and sleep is not None:
+                sleep = max(sleep, self.s.settings.idle_reconcile_interval)
         except Exception as err:
             self._log_error(err)
             self.backoff = min(max(self.backoff, interval) * 2, MAX_ERROR_BACKOFF_SECONDS)
@@ -188,6 +194,9 @@ class JobLoop:
 
     async def act(self, plan: reconcile.Plan, counts: ItemCounts | None) -> bool:
         s, view = self.s, self.view
+        if plan.action is not reconcile.Action.DISPATCH and self.in_line:
+            self.in_line = False  # no longer waiting for a slot (cancelled, deleted, edited)
+            s.dispatch_line.pop(view.ref.uid, None)
         match plan.action:
             case reconcile.Action.CLEANUP:
                 if not self.cleaned:
@@ -223,7 +232,8 @@ class JobLoop:
         """Dispatch when a slot is free; else wait in line holding no reconcile worker: the job
         that waited longest is woken when a dispatch ends."""
         s, uid = self.s, self.view.ref.uid
-        if s.dispatch_slots.locked():
+        self.in_line = s.dispatch_slots.locked()
+        if self.in_line:
             s.dispatch_line[uid] = None
             return
         s.dispatch_line.pop(uid, None)
