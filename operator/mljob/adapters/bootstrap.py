@@ -1,12 +1,13 @@
 """The one start-up of every process that holds the stores: NATS, JetStream, Redis, Postgres.
 
-One order (NATS with JetStream, the buckets and streams asked for, Redis, the Postgres
-migrations then a pool) and one policy, so the operator, the collector and the runbook tools
-report a missing dependency the same way. A dependency that does not answer yet gives one line
-per distinct cause naming it and where it was looked for (host:port, never credentials),
-`cannot reach Redis at 10.0.0.5:6379 (ConnectionError: ...); retrying`, and is retried with
-back-off until it answers or `stop` is set. One that refuses (credentials, a migration Postgres
-refuses) raises `natsconn.CannotStart` with its one line: retrying cannot heal it.
+One order and one policy, so the operator, the collector and the runbook tools report a missing
+dependency the same way. The order: NATS; the buckets and streams asked for (where a JetStream
+that does not answer shows); Redis; the Postgres migrations, then a pool. A dependency that does
+not answer yet gives one line per distinct cause naming it and where it was looked for
+(host:port, never credentials), `cannot reach Redis at 10.0.0.5:6379 (ConnectionError: ...);
+retrying`, and is retried with back-off until it answers or `stop` is set. One that refuses
+(credentials, a migration Postgres refuses) raises `natsconn.CannotStart` with its one line:
+retrying cannot heal it.
 """
 
 from __future__ import annotations
