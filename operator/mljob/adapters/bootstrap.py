@@ -68,8 +68,6 @@ class Connections:
     pool: AsyncConnectionPool
     #: the job registry bucket, when "registry" was among the streams asked for
     registry: KeyValue | None = None
-    #: the migrations this start-up applied (versions), empty when the schema was current
-    applied: list[str] = field(default_factory=list)
     #: set when closing on purpose: NATS's "disconnected" is then not reported
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -230,7 +228,7 @@ async def open_connections(
         raise
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
-    return Connections(nc=nc, js=js, redis=redis, pool=pool, registry=registry, applied=applied, stop=stop)
+    return Connections(nc=nc, js=js, redis=redis, pool=pool, registry=registry, stop=stop)
 
 
 class _Stopped(Exception):

@@ -52,10 +52,6 @@ class JobLoop:
         self.quiet_ticks = 0
         self.snapshot: reconcile.Snapshot | None = None
         self._prefetched: tuple[ItemCounts | None] | None = None
-        #: the job's last tick found every dispatch slot taken and put it in line: a dispatch
-        #: ending wakes it, so its own pacing is only a safety net (thousands of MLJobs created
-        #: together otherwise each re-looked every few seconds while they wait)
-        self.in_line = False
 
     @property
     def uid(self) -> str:
@@ -100,7 +96,10 @@ class JobLoop:
                 )
             else:
                 sleep = interval
-            if self.in_line and sleep is not None:
+            if self.uid in self.s.dispatch_line and sleep is not None:
+                # In line for a dispatch slot: the dispatch that frees one wakes it, so its own
+                # pacing is only a safety net (thousands of MLJobs created together would
+                # otherwise each be re-looked every few seconds while they wait).
                 sleep = max(sleep, self.s.settings.idle_reconcile_interval)
         except Exception as err:
             self._log_error(err)
@@ -194,9 +193,8 @@ class JobLoop:
 
     async def act(self, plan: reconcile.Plan, counts: ItemCounts | None) -> bool:
         s, view = self.s, self.view
-        if plan.action is not reconcile.Action.DISPATCH and self.in_line:
-            self.in_line = False  # no longer waiting for a slot (cancelled, deleted, edited)
-            s.dispatch_line.pop(view.ref.uid, None)
+        if plan.action is not reconcile.Action.DISPATCH:
+            s.dispatch_line.pop(view.ref.uid, None)  # no longer waiting for a slot (cancelled, edited)
         match plan.action:
             case reconcile.Action.CLEANUP:
                 if not self.cleaned:
@@ -232,8 +230,7 @@ class JobLoop:
         """Dispatch when a slot is free; else wait in line holding no reconcile worker: the job
         that waited longest is woken when a dispatch ends."""
         s, uid = self.s, self.view.ref.uid
-        self.in_line = s.dispatch_slots.locked()
-        if self.in_line:
+        if s.dispatch_slots.locked():
             s.dispatch_line[uid] = None
             return
         s.dispatch_line.pop(uid, None)
