@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # mljob-operator image: one image for the operator, the collector and `mljob worker`
 # (`mljob` is the entrypoint: `operator`, `collector`, `worker --pipeline ... --handler ...`).
-# Runs as uid 10001 with a read-only root filesystem (the chart mounts an emptyDir at /tmp).
+# Runs as uid 10001 with a read-only root filesystem (the chart mounts an emptyDir at /tmp);
+# /tmp is the one directory it may write, also with a writable root (/var/tmp leads there).
 
 ARG PYTHON_IMAGE=python:3.11.9-slim-bookworm
 
@@ -32,7 +33,8 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && pip install --no-index --find-links=/wheels "${wheel}[operator]" \
     && pip uninstall -y pip setuptools wheel \
     && groupadd --gid 10001 mljob \
-    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mljob
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mljob \
+    && chmod 0755 /run/lock && rm -rf /var/tmp && ln -s /tmp /var/tmp
 USER 10001:10001
 WORKDIR /tmp
 ENTRYPOINT ["mljob"]

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from support.stack import CRD_DIR, NATS_VARS, SERVICE_VARS, Kubectl, StackEnv
+from support.stack import CRD_DIR, SERVICE_VARS, Kubectl, StackEnv
 from support.waiting import wait_for
 
 
@@ -29,15 +29,7 @@ def stack() -> Iterator[StackEnv]:
     else:
         owned = devstack.up()
         env = owned.env
-    yield StackEnv(
-        kubeconfig=env["KUBECONFIG"],
-        nats_url=env["MLJOB_NATS_URL"],
-        nats_monitor_url=env.get("MLJOB_NATS_MONITOR_URL", ""),
-        redis_url=env["MLJOB_REDIS_URL"],
-        postgres_dsn=env["MLJOB_POSTGRES_DSN"],
-        directory=env["MLJOB_STACK_DIR"],
-        nats_vars={k: env[k] for k in NATS_VARS if env.get(k)},
-    )
+    yield StackEnv.of(env)
     if owned is not None:
         owned.stop()
 

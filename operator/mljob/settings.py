@@ -74,11 +74,22 @@ class NatsSettings(BaseSettings):
         "NATS_TLS_CA_FILE", None, "CA bundle that signed the NATS server certificate", shown="(system CAs)"
     )
     log_level: str = _var("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR (`--log-level`)")
+    log_format: str = _var(
+        "LOG_FORMAT", "text", "`text`, or `json`: one object per line, with the job's namespace, name and uid"
+    )
 
     @field_validator("nats_creds_file", "nats_user", "nats_password", "nats_tls_ca_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        fmt = value.lower()
+        if fmt not in {"text", "json"}:
+            raise ValueError("input should be text or json")
+        return fmt
 
     @field_validator("log_level")
     @classmethod
@@ -131,22 +142,11 @@ class CollectorSettings(NatsSettings):
         ge=0,
         le=65535,
     )
-    log_format: str = _var(
-        "LOG_FORMAT", "text", "`text`, or `json`: one object per line, with the job's namespace, name and uid"
-    )
 
     @field_validator("postgres_schema", mode="before")
     @classmethod
     def _schema_unset(cls, value: Any) -> Any:
         return None if value == "" else value
-
-    @field_validator("log_format")
-    @classmethod
-    def _known_format(cls, value: str) -> str:
-        fmt = value.lower()
-        if fmt not in {"text", "json"}:
-            raise ValueError("input should be text or json")
-        return fmt
 
 
 class OperatorSettings(CollectorSettings):

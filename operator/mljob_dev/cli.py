@@ -28,7 +28,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
     if args.action == "up":
         try:
-            running = devstack.up(Path(args.dir) if args.dir else None)
+            running = devstack.up(Path(args.dir) if args.dir else None, node=args.node)
         except (devstack.StackError, ToolError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -59,6 +59,21 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_image(args: argparse.Namespace) -> int:
+    from mljob_dev.devstack import image
+    from mljob_dev.devstack.stack import StackError
+
+    try:
+        image.build()
+        if args.load:
+            image.load(_stack_dir(args))
+    except StackError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(image.IMAGE)
+    return 0
+
+
 def _cmd_tools(args: argparse.Namespace) -> int:
     from mljob_dev.devstack import tools
 
@@ -77,7 +92,17 @@ def add_parsers(sub: Any) -> None:
     stack.add_argument(
         "--down-seconds", type=float, default=0.0, help="restart only: stay down this long first"
     )
+    stack.add_argument(
+        "--node",
+        action="store_true",
+        help="up only: a node too (containerd, kubelet, controller manager, scheduler; as root)",
+    )
     stack.set_defaults(func=_cmd_stack)
+    image = dev.add_parser("image", help="build the Dockerfile's image without Docker (buildah; as root)")
+    image.add_argument("action", choices=["build"])
+    image.add_argument("--load", action="store_true", help="and load it into the running stack's node")
+    image.add_argument("--dir", help="stack directory for --load (default: the running stack)")
+    image.set_defaults(func=_cmd_image)
     tools_cmd = dev.add_parser("tools", help="build (once) and print the cached Go-built binaries")
     tools_cmd.add_argument("names", nargs="*")
     tools_cmd.set_defaults(func=_cmd_tools)

@@ -38,7 +38,14 @@ def test_worker_only_install(tmp_path: Path) -> None:
     installed = run([python, "-m", "pip", "install", "-q", str(source)], tmp_path, timeout=540)
     assert installed.returncode == 0, installed.stderr[-3000:]
 
-    imported = run([python, "-c", "import mljob.worker, mljob.settings, mljob.transport.natsconn"], tmp_path)
+    imported = run(
+        [
+            python,
+            "-c",
+            "import mljob.worker, mljob.worker.examples, mljob.settings, mljob.transport.natsconn",
+        ],
+        tmp_path,
+    )
     assert imported.returncode == 0, imported.stderr
     helped = run([mljob, "worker", "--help"], tmp_path)
     assert helped.returncode == 0, helped.stderr

@@ -41,6 +41,19 @@ class StackEnv:
     #: NATS_VARS and the ROLE_VARS, as the stack exported them
     nats_vars: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, env: dict[str, str]) -> StackEnv:
+        """The stack whose environment (`mljob dev stack env`) is `env`."""
+        return cls(
+            kubeconfig=env["KUBECONFIG"],
+            nats_url=env["MLJOB_NATS_URL"],
+            nats_monitor_url=env.get("MLJOB_NATS_MONITOR_URL", ""),
+            redis_url=env["MLJOB_REDIS_URL"],
+            postgres_dsn=env["MLJOB_POSTGRES_DSN"],
+            directory=env["MLJOB_STACK_DIR"],
+            nats_vars={k: env[k] for k in NATS_VARS if env.get(k)},
+        )
+
     def as_env(self, role: str = "operator") -> dict[str, str]:
         """The environment of a process of `role` (operator, collector or worker): the stack's
         addresses and that role's NATS identity."""

@@ -181,6 +181,8 @@ fsGroup: the kubelet makes the file root:<fsGroup> 0440, readable by the pod's u
 {{- end -}}
 
 {{- define "mljob.runtimeEnv" -}}
+- name: MLJOB_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
 - name: HOME
   value: /tmp
 - name: TMPDIR
@@ -248,3 +250,14 @@ With ha.enabled, a Role in the release namespace (rbac.yaml) for the leader Leas
   resources: [events]
   verbs: [create]
 {{- end -}}
+
+{{/*
+The pod's network: the host's with hostNetwork (a node whose stores are on the host's loopback,
+like `mljob dev stack up --node`), the cluster's otherwise. Cluster DNS stays first either way.
+*/}}
+{{- define "mljob.hostNetwork" -}}
+{{- if .Values.hostNetwork -}}
+hostNetwork: true
+dnsPolicy: ClusterFirstWithHostNet
+{{- end }}
+{{- end }}

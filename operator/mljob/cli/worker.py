@@ -68,7 +68,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id,
         log_level=args.log_level,
     )  # SettingsError: `mljob` prints it and exits 2
-    logs.setup(config.log_level)  # the processes' one logging set-up (it filters asyncio's TLS noise)
+    # The processes' one logging set-up (it filters asyncio's TLS noise).
+    logs.setup(config.log_level, config.log_format)
     try:
         handler = load_handler(args.handler)
     except HandlerLoadError as err:

@@ -24,6 +24,34 @@ class ClusterCerts:
     admin_key: Path
     sa_private_key: Path
     sa_public_key: Path
+    #: The node's kubelet: its client identity (the Node authorizer's system:node:<name>) and
+    #: the serving cert the apiserver dials for logs and exec.
+    node_cert: Path
+    node_key: Path
+    kubelet_serving_cert: Path
+    kubelet_serving_key: Path
+
+    @classmethod
+    def at(cls, directory: Path) -> ClusterCerts:
+        """Where `generate` writes them (the node reads the stack's PKI from here)."""
+        return cls(
+            ca_cert=directory / "ca.crt",
+            serving_cert=directory / "apiserver.crt",
+            serving_key=directory / "apiserver.key",
+            admin_cert=directory / "admin.crt",
+            admin_key=directory / "admin.key",
+            sa_private_key=directory / "sa.key",
+            sa_public_key=directory / "sa.pub",
+            node_cert=directory / "node.crt",
+            node_key=directory / "node.key",
+            kubelet_serving_cert=directory / "kubelet.crt",
+            kubelet_serving_key=directory / "kubelet.key",
+        )
+
+
+#: The local node's name: its only address is loopback, which the kubelet accepts as a node
+#: address only when the node is named by it (`--hostname-override`).
+NODE_NAME = "127.0.0.1"
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
@@ -120,22 +148,35 @@ def generate(directory: Path) -> ClusterCerts:
         usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
     )
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-    certs = ClusterCerts(
-        ca_cert=directory / "ca.crt",
-        serving_cert=directory / "apiserver.crt",
-        serving_key=directory / "apiserver.key",
-        admin_cert=directory / "admin.crt",
-        admin_key=directory / "admin.key",
-        sa_private_key=directory / "sa.key",
-        sa_public_key=directory / "sa.pub",
+    node_key = ec.generate_private_key(ec.SECP256R1())
+    node = _issue(
+        _name(f"system:node:{NODE_NAME}", "system:nodes"),
+        node_key,
+        ca_name,
+        ca_key,
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
     )
+    kubelet_key = ec.generate_private_key(ec.SECP256R1())
+    kubelet = _issue(
+        _name(NODE_NAME),
+        kubelet_key,
+        ca_name,
+        ca_key,
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH],
+        sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(NODE_NAME))],
+    )
+
+    certs = ClusterCerts.at(directory)
     _write_cert(certs.ca_cert, ca)
     _write_cert(certs.serving_cert, serving)
     _write_key(certs.serving_key, serving_key)
     _write_cert(certs.admin_cert, admin)
     _write_key(certs.admin_key, admin_key)
     _write_key(certs.sa_private_key, sa_key)
+    _write_cert(certs.node_cert, node)
+    _write_key(certs.node_key, node_key)
+    _write_cert(certs.kubelet_serving_cert, kubelet)
+    _write_key(certs.kubelet_serving_key, kubelet_key)
     certs.sa_public_key.write_bytes(
         sa_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -68,7 +68,7 @@ class Stack:
         return "\n".join(f"export {key}={shlex.quote(value)}" for key, value in sorted(self.env.items()))
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, name: str, cmd: list[str], user: str | None = None) -> None:
+    def spawn(self, name: str, cmd: list[str], user: str | None = None) -> None:
         log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
             cmd,
@@ -82,7 +82,7 @@ class Stack:
         self.pids[name] = proc.pid
         self.save()
 
-    def _wait(self, name: str, ready: Callable[[], bool], timeout: float = 90.0) -> None:
+    def wait_ready(self, name: str, ready: Callable[[], bool], timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pid = self.pids[name]
@@ -106,6 +106,10 @@ class Stack:
         if self.state_path.exists():  # `restart` (maybe another process) replaces PIDs there
             self.pids.update(Stack.load(self.directory).pids)
         for name in reversed(list(self.pids)):
+            if name == "containerd":  # its containers' shims outlive it
+                from mljob_dev.devstack import node
+
+                node.stop_containers(self.directory)
             _terminate(self.pids[name])
         self.pids.clear()
 
@@ -135,12 +139,14 @@ class Stack:
         ]
         if binary.name.startswith("etcd-v3.5"):
             cmd.append("--unsafe-no-fsync")
-        self._spawn("etcd", cmd)
+        self.spawn("etcd", cmd)
         url = f"http://127.0.0.1:{client}"
-        self._wait("etcd", lambda: b"true" in _http_get(f"{url}/health"))
+        self.wait_ready("etcd", lambda: b"true" in _http_get(f"{url}/health"))
         return url
 
-    def start_kube_apiserver(self, etcd_url: str) -> None:
+    def start_kube_apiserver(self, etcd_url: str, node: bool = False) -> None:
+        """With `node`, pods run: the ServiceAccount admission mounts their tokens (the node's
+        kube-controller-manager creates each namespace's `default` account, which it needs)."""
         binary = tools.ensure("kube-apiserver")
         pki = certgen.generate(self.directory / "pki")
         port = free_port()
@@ -154,22 +160,29 @@ class Stack:
             f"--tls-cert-file={pki.serving_cert}",
             f"--tls-private-key-file={pki.serving_key}",
             f"--client-ca-file={pki.ca_cert}",
-            "--authorization-mode=RBAC",
+            # As a cluster runs: kubelets are authorized by the Node authorizer and restricted to
+            # their own Node and pods by NodeRestriction.
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--kubelet-client-certificate={pki.admin_cert}",
+            f"--kubelet-client-key={pki.admin_key}",
+            f"--kubelet-certificate-authority={pki.ca_cert}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={pki.sa_public_key}",
             f"--service-account-signing-key-file={pki.sa_private_key}",
             "--api-audiences=https://kubernetes.default.svc",
             "--service-cluster-ip-range=10.0.0.0/24",
-            "--disable-admission-plugins=ServiceAccount",
+            *(() if node else ("--disable-admission-plugins=ServiceAccount",)),
             "--allow-privileged=true",
             "--profiling=false",
             "--v=1",
         ]
-        self._spawn("kube-apiserver", cmd)
+        self.spawn("kube-apiserver", cmd)
         server = f"https://127.0.0.1:{port}"
         context = ssl.create_default_context(cafile=str(pki.ca_cert))
         context.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
-        self._wait("kube-apiserver", lambda: _http_get(f"{server}/readyz", context) == b"ok", 180)
+        self.wait_ready("kube-apiserver", lambda: _http_get(f"{server}/readyz", context) == b"ok", 180)
         kubeconfig = self.directory / "kubeconfig"
         kubeconfig.write_text(_kubeconfig(server, pki))
         kubeconfig.chmod(0o600)
@@ -182,8 +195,8 @@ class Stack:
         binary = tools.ensure("nats-server")
         port, monitor = port or free_port(), monitor or free_port()
         config = nats_config.write(self.directory / "nats", port, monitor, self.directory / "jetstream")
-        self._spawn("nats-server", config.command(binary))
-        self._wait(
+        self.spawn("nats-server", config.command(binary))
+        self.wait_ready(
             "nats-server",
             lambda: b"ok" in _http_get(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"),
         )
@@ -209,8 +222,8 @@ class Stack:
             "--protected-mode",
             "no",
         ]
-        self._spawn("redis-server", cmd)
-        self._wait("redis-server", lambda: _redis_ping(port))
+        self.spawn("redis-server", cmd)
+        self.wait_ready("redis-server", lambda: _redis_ping(port))
         self.env["MLJOB_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
 
     def _initdb(self, bindir: Path, data: Path, user: str | None) -> None:
@@ -265,16 +278,19 @@ class Stack:
             "-c",
             "max_connections=300",
         ]
-        self._spawn("postgres", cmd, user=user)
+        self.spawn("postgres", cmd, user=user)
         admin_dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        self._wait("postgres", lambda: _postgres_ready(admin_dsn))
+        self.wait_ready("postgres", lambda: _postgres_ready(admin_dsn))
         if not restart:
             _postgres_execute(admin_dsn, "CREATE DATABASE mljob")
         self.env["MLJOB_POSTGRES_DSN"] = f"postgresql://postgres@127.0.0.1:{port}/mljob"
 
 
-def up(directory: Path | None = None) -> Stack:
-    """Start every service and return the running stack (stopped again on failure)."""
+def up(directory: Path | None = None, node: bool = False) -> Stack:
+    """Start every service and return the running stack (stopped again on failure).
+
+    With `node`, a node too (devstack/node.py): containerd, a kubelet, a controller manager
+    and a scheduler, so that pods run."""
     if directory is None:
         directory = Path(tempfile.mkdtemp(prefix="mljob-stack-"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -288,11 +304,18 @@ def up(directory: Path | None = None) -> Stack:
         _etcd_binary()
         _require("redis-server", "apt-get install redis-server")
         _postgres_bindir()
+        if node:
+            from mljob_dev.devstack import node as devnode
+
+            devnode.check_host()
+            tools.ensure_node()
         etcd_url = stack.start_etcd()
         stack.start_nats()
         stack.start_redis()
         stack.start_postgres()
-        stack.start_kube_apiserver(etcd_url)
+        stack.start_kube_apiserver(etcd_url, node=node)
+        if node:
+            devnode.start(stack)
     except BaseException:
         stack.stop()
         raise
@@ -304,6 +327,10 @@ def down(directory: Path, remove: bool = True) -> None:
     stack = Stack.load(directory)
     stack.stop()
     if remove:
+        if (directory / "node").exists():
+            from mljob_dev.devstack import node as devnode
+
+            devnode.unmount_under(directory)
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ a fresh machine builds them once and every later run reuses them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +71,8 @@ def _staging_replacements(go: str, workdir: Path) -> list[str]:
     return sorted(set(re.findall(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", gomod, re.M)))
 
 
-def _build_kube_apiserver(target: Path) -> None:
+def _build_kube(component: str, target: Path) -> None:
+    """Build one Kubernetes component (kube-apiserver, kubelet, ...) at KUBERNETES_VERSION."""
     go = _go()
     minor = KUBERNETES_VERSION.lstrip("v").split(".")[1]
     staging_version = "v0." + ".".join(KUBERNETES_VERSION.lstrip("v").split(".")[1:])
@@ -80,7 +83,7 @@ def _build_kube_apiserver(target: Path) -> None:
         edits = [f"-require=k8s.io/kubernetes@{KUBERNETES_VERSION}"]
         edits += [f"-replace={m}={m}@{staging_version}" for m in modules]
         _run([go, "mod", "edit", *edits], work)
-        _run([go, "get", f"k8s.io/kubernetes/cmd/kube-apiserver@{KUBERNETES_VERSION}"], work)
+        _run([go, "get", f"k8s.io/kubernetes/cmd/{component}@{KUBERNETES_VERSION}"], work)
         ldflags = " ".join(
             f"-X {pkg}.{key}={value}"
             for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
@@ -101,7 +104,7 @@ def _build_kube_apiserver(target: Path) -> None:
                 f"-s -w {ldflags}",
                 "-o",
                 str(target),
-                "k8s.io/kubernetes/cmd/kube-apiserver",
+                f"k8s.io/kubernetes/cmd/{component}",
             ],
             work,
         )
@@ -167,12 +170,17 @@ def _build_helm(target: Path) -> None:
         shutil.move(str(work / "helm"), target)
 
 
-_BUILDERS = {
-    "kube-apiserver": (KUBERNETES_VERSION, _build_kube_apiserver),
+_BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "kube-apiserver": (KUBERNETES_VERSION, functools.partial(_build_kube, "kube-apiserver")),
     "etcd": (ETCD_VERSION, _build_etcd),
     "nats-server": (NATS_SERVER_VERSION, _build_nats_server),
     "helm": (HELM_VERSION, _build_helm),
 }
+
+# The node (`mljob dev stack up --node`): built only when a node is asked for, not by `make tools`.
+NODE_TOOLS = ("kubelet", "kube-controller-manager", "kube-scheduler")
+for _component in NODE_TOOLS:
+    _BUILDERS[_component] = (KUBERNETES_VERSION, functools.partial(_build_kube, _component))
 
 
 def ensure(name: str) -> Path:
@@ -192,7 +200,12 @@ def ensure(name: str) -> Path:
 
 
 def ensure_all() -> dict[str, Path]:
-    return {name: ensure(name) for name in _BUILDERS}
+    """The tools every test needs (the node's are built by `ensure_node`)."""
+    return {name: ensure(name) for name in _BUILDERS if name not in NODE_TOOLS}
+
+
+def ensure_node() -> dict[str, Path]:
+    return {name: ensure(name) for name in NODE_TOOLS}
 
 
 if __name__ == "__main__":
