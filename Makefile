@@ -37,7 +37,7 @@ unit: venv
 	$(BIN)/pytest -m unit -q
 
 test: deps venv lint typecheck tools
-	@scripts/run-tests
+	@scripts/run-tests -m "not node"
 
 crd: venv
 	$(BIN)/mljob crd
