@@ -80,7 +80,10 @@ def ctr(
 
 def _containerd_config(root: Path) -> str:
     """containerd 1.6's CRI: runc with cgroupfs (no systemd here), CNI from Debian's plugins
-    with a loopback-only network (every pod of ours is on the host's network)."""
+    with a loopback-only network (every pod of ours is on the host's network). Pods' OOM scores
+    are kept at or above containerd's own (`restrict_oom_score_adj`): the kubelet asks -998 for
+    the sandbox, which a host without CAP_SYS_RESOURCE (a container, this machine) refuses, and
+    runc then fails the sandbox with "can't get final child's PID from pipe"."""
     return f"""version = 2
 root = "{root / "root"}"
 state = "{root / "state"}"
@@ -88,6 +91,7 @@ state = "{root / "state"}"
   address = "{root / "containerd.sock"}"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
