@@ -264,7 +264,7 @@ def test_helm_upgrade_replaces_the_operator_pod_mid_job_and_the_job_ends_exact(
     def started() -> dict[str, Any] | None:
         status = release.job("upgraded").get("status") or {}
         done = status.get("processed", 0)
-        return status if status.get("phase") == "Running" and 0 < done else None
+        return status if status.get("phase") == "Running" and done > 0 else None
 
     before = wait_for(started, 60, what="the job to be Running with results")
     assert before["processed"] < len(items) / 2, before

@@ -43,7 +43,8 @@ async def finish_job(
     shown = await mirror_phase(kube, ref, generation, row.phase, row.reason or "", row.message or "", counts)
     if outcome.won:
         # The one line a job's end always leaves in the operator's log (the Event expires).
-        log.info("job %s/%s %s: %s", ref.namespace, ref.name, row.phase.value, row.message or row.reason or "")
+        why = row.message or row.reason or ""
+        log.info("job %s/%s %s: %s", ref.namespace, ref.name, row.phase.value, why)
         await kube.event(ref, row.phase.value, row.message or "", warning=row.phase is Phase.FAILED)
     return outcome.won, row, shown
 
