@@ -77,7 +77,8 @@ def _cmd_image(args: argparse.Namespace) -> int:
 def _cmd_tools(args: argparse.Namespace) -> int:
     from mljob_dev.devstack import tools
 
-    for name in args.names or tools.ensure_all():
+    names = args.names or [*tools.ensure_all(), *(tools.ensure_node() if args.node else ())]
+    for name in names:
         print(tools.ensure(name))
     return 0
 
@@ -105,6 +106,9 @@ def add_parsers(sub: Any) -> None:
     image.set_defaults(func=_cmd_image)
     tools_cmd = dev.add_parser("tools", help="build (once) and print the cached Go-built binaries")
     tools_cmd.add_argument("names", nargs="*")
+    tools_cmd.add_argument(
+        "--node", action="store_true", help="the node's too (kubelet, controller manager, scheduler)"
+    )
     tools_cmd.set_defaults(func=_cmd_tools)
 
     try:

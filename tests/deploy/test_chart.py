@@ -173,6 +173,33 @@ def test_ports_and_probe_paths_are_values() -> None:
     assert one(objs, "Service")["spec"]["ports"][0]["port"] == 19090
 
 
+def test_every_pod_logs_json_by_default_and_text_when_asked() -> None:
+    values = {**WORKERS, "collector": {"enabled": True}}
+    for fmt, asked in (("json", {}), ("text", {"logFormat": "text"})):
+        deployments = find(docs(render({**values, **asked})), "Deployment")
+        assert len(deployments) == 4  # the operator, the collector, two pipelines' workers
+        assert {env_of(d)["MLJOB_LOG_FORMAT"] for d in deployments} == {fmt}
+
+
+def test_host_network_puts_every_pod_on_the_node_network_with_its_own_ports() -> None:
+    values = {**WORKERS, "collector": {"enabled": True, "metricsPort": 19191}, "hostNetwork": True}
+    objs = docs(render(values))
+    deployments = find(objs, "Deployment")
+    for deploy in deployments:
+        pod = deploy["spec"]["template"]["spec"]
+        assert pod["hostNetwork"] is True, deploy["metadata"]["name"]
+        assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"  # cluster DNS still resolves
+    collector = one(objs, "Deployment", "rel-mljob-operator-collector")
+    assert {p["name"]: p["containerPort"] for p in container(collector)["ports"]} == {"metrics": 19191}
+    assert env_of(collector)["MLJOB_METRICS_PORT"] == "19191"
+    assert {p["name"]: p["containerPort"] for p in container(operator_deployment(objs))["ports"]} == {
+        "health": 8080,
+        "metrics": 9090,
+    }
+    for deploy in find(docs(render(WORKERS)), "Deployment"):
+        assert "hostNetwork" not in deploy["spec"]["template"]["spec"]
+
+
 def test_admission_policy_can_be_left_to_another_release() -> None:
     objs = docs(render({"admissionPolicy": {"enabled": False}}))
     assert not find(objs, "ValidatingAdmissionPolicy") and not find(objs, "ValidatingAdmissionPolicyBinding")
@@ -385,6 +412,8 @@ def test_notes_say_how_to_check_and_how_to_upgrade_crds() -> None:
         ({"collector": {"replicas": "two"}}, "at '/collector/replicas': got string, want integer"),
         ({"securityContext": {"runAsNonRoot": False}}, "at '/securityContext/runAsNonRoot'"),
         ({"colector": {"enabled": True}}, "additional properties 'colector' not allowed"),
+        ({"logFormat": "xml"}, "at '/logFormat': value must be one of 'json', 'text'"),
+        ({"hostNetwork": "yes"}, "at '/hostNetwork': got string, want boolean"),
     ],
 )
 def test_schema_refuses_wrong_values_with_a_clear_message(values: dict[str, Any], message: str) -> None:

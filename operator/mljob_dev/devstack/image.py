@@ -65,10 +65,7 @@ def check_host() -> None:
 
 def has_image(name: str) -> bool:
     out = _buildah("images", "--json")
-    for image in json.loads(out or "[]"):
-        if name in image.get("names", []) or f"{name}" in (image.get("names") or []):
-            return True
-    return False
+    return any(name in (image.get("names") or []) for image in json.loads(out or "[]"))
 
 
 def build_base() -> None:
