@@ -1,6 +1,8 @@
-"""The container image, checked statically (no Docker engine here): a pinned slim base, a
-non-root user that matches the chart, `mljob` as the entrypoint and present in the built wheel,
-nothing that needs a writable root filesystem, and a .dockerignore that keeps the context small."""
+"""The Dockerfile, read as text: a pinned slim base, a non-root user that matches the chart,
+`mljob` as the entrypoint and present in the built wheel, nothing that needs a writable root
+filesystem, and a .dockerignore that keeps the context small. The image built from it is
+checked in tests/node/test_image_built.py (`make test-node`), the chart's pods on a node in
+tests/node/test_chart_on_node.py."""
 
 from __future__ import annotations
 
