@@ -30,6 +30,15 @@ def cluster(
         stack.stop()
 
 
+@pytest.fixture
+def client(cluster: tuple[Stack, list[redis_cluster.ClusterNode]]) -> Iterator[RedisCluster]:
+    """A cluster client that finds the nodes from the stack's one address."""
+    stack, _ = cluster
+    opened = RedisCluster.from_url(stack.env["MLJOB_REDIS_CLUSTER_URL"])
+    yield opened
+    opened.close()
+
+
 def test_three_primaries_with_a_replica_each_cover_every_slot(
     cluster: tuple[Stack, list[redis_cluster.ClusterNode]],
 ) -> None:
@@ -45,54 +54,46 @@ def test_three_primaries_with_a_replica_each_cover_every_slot(
 
 
 def test_a_jobs_keys_share_a_slot_and_a_single_node_client_is_moved(
-    cluster: tuple[Stack, list[redis_cluster.ClusterNode]],
+    cluster: tuple[Stack, list[redis_cluster.ClusterNode]], client: RedisCluster
 ) -> None:
-    stack, nodes = cluster
-    client = RedisCluster.from_url(stack.env["MLJOB_REDIS_CLUSTER_URL"])
-    try:
-        keys = [f"mljob:{{job-{i}}}:{part}" for i in range(20) for part in ("pending", "failed", "meta")]
-        slots = {key: client.keyslot(key) for key in keys}
-        for i in range(20):
-            assert len({slots[k] for k in keys if f"{{job-{i}}}" in k}) == 1
-        assert len(set(slots.values())) > 3, "twenty jobs spread over the cluster's slots"
-        primaries = [n for n in nodes if redis_cluster.role(n.port) == "master"]
-        owners = {client.get_node_from_key(key).port for key in keys}
-        assert owners == {n.port for n in primaries}
-        foreign = next(k for k in keys if client.get_node_from_key(k).port != primaries[0].port)
-        single = redis.Redis(host="127.0.0.1", port=primaries[0].port)
-        with pytest.raises(redis.exceptions.MovedError):
-            single.set(foreign, "x")
-        single.close()
-    finally:
-        client.close()
+    _, nodes = cluster
+    keys = [f"mljob:{{job-{i}}}:{part}" for i in range(20) for part in ("pending", "failed", "meta")]
+    slots = {key: client.keyslot(key) for key in keys}
+    for i in range(20):
+        assert len({slots[k] for k in keys if f"{{job-{i}}}" in k}) == 1
+    assert len(set(slots.values())) > 3, "twenty jobs spread over the cluster's slots"
+    primaries = [n for n in nodes if redis_cluster.role(n.port) == "master"]
+    owners = {client.get_node_from_key(key).port for key in keys}
+    assert owners == {n.port for n in primaries}
+    foreign = next(k for k in keys if client.get_node_from_key(k).port != primaries[0].port)
+    single = redis.Redis(host="127.0.0.1", port=primaries[0].port)
+    with pytest.raises(redis.exceptions.MovedError):
+        single.set(foreign, "x")
+    single.close()
 
 
 def test_a_killed_primarys_replica_takes_over_with_the_replicated_data(
-    cluster: tuple[Stack, list[redis_cluster.ClusterNode]],
+    cluster: tuple[Stack, list[redis_cluster.ClusterNode]], client: RedisCluster
 ) -> None:
     stack, nodes = cluster
-    client = RedisCluster.from_url(stack.env["MLJOB_REDIS_CLUSTER_URL"])
+    key = "mljob:{failover}:pending"
+    client.sadd(key, "a", "b", "c")
+    owner = client.get_node_from_key(key)
+    assert client.execute_command("WAIT", 1, 5000, target_nodes=owner) == 1  # on its replica
+    victim = next(n for n in nodes if n.port == owner.port)
+    redis_cluster.kill(stack, victim)
+    survivors = [n for n in nodes if n is not victim]
+    wait_for(
+        lambda: (
+            [redis_cluster.role(n.port) for n in survivors].count("master") == 3
+            and redis_cluster.cluster_info(survivors[0].port).get("cluster_state") == "ok"
+        ),
+        30,
+        what="the replica to be promoted and the cluster to be ok again",
+    )
+    after = RedisCluster.from_url(f"redis://127.0.0.1:{survivors[0].port}/0")
     try:
-        key = "mljob:{failover}:pending"
-        client.sadd(key, "a", "b", "c")
-        owner = client.get_node_from_key(key)
-        assert client.execute_command("WAIT", 1, 5000, target_nodes=owner) == 1  # on its replica
-        victim = next(n for n in nodes if n.port == owner.port)
-        redis_cluster.kill(stack, victim)
-        survivors = [n for n in nodes if n is not victim]
-        wait_for(
-            lambda: (
-                [redis_cluster.role(n.port) for n in survivors].count("master") == 3
-                and redis_cluster.cluster_info(survivors[0].port).get("cluster_state") == "ok"
-            ),
-            30,
-            what="the replica to be promoted and the cluster to be ok again",
-        )
-        after = RedisCluster.from_url(f"redis://127.0.0.1:{survivors[0].port}/0")
-        try:
-            assert after.smembers(key) == {b"a", b"b", b"c"}
-            assert after.get_node_from_key(key).port != victim.port
-        finally:
-            after.close()
+        assert after.smembers(key) == {b"a", b"b", b"c"}
+        assert after.get_node_from_key(key).port != victim.port
     finally:
-        client.close()
+        after.close()

@@ -31,6 +31,7 @@ from mljob_dev.devstack.restart import stop_one
 from mljob_dev.devstack.stack import free_port
 from support.chart import CHART, helm, set_args
 from support.harness import mljob_manifest
+from support.probe import write_probe
 from support.stack import Kubectl, StackEnv
 from support.waiting import wait_for
 
@@ -310,18 +311,8 @@ def test_helm_upgrade_replaces_the_operator_pod_mid_job_and_the_job_ends_exact(
 
 
 def test_the_pods_run_as_10001_on_a_read_only_root_and_were_never_restarted(release: Release) -> None:
-    probe = (
-        "import json, os\n"
-        "def tries(path):\n"
-        "    try:\n"
-        "        open(path, 'w').close()\n"
-        "        return 'wrote'\n"
-        "    except OSError as err:\n"
-        "        return err.strerror\n"
-        "token = '/var/run/secrets/kubernetes.io/serviceaccount/token'\n"
-        "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'root': tries('/x'),"
-        " 'tmp': tries('/tmp/x'), 'token': os.path.exists(token)}))"
-    )
+    token_file = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    probe = write_probe({"root": "/x", "tmp": "/tmp/x"}, exists={"token": token_file})
     expected = {"uid": 10001, "gid": 10001, "root": "Read-only file system", "tmp": "wrote"}
     for component, token in (("operator", True), ("collector", False), (f"worker-{PIPELINE}", False)):
         pod = release.ready_pod(component)

@@ -16,6 +16,7 @@ import pytest
 
 from mljob_dev.devstack import image, node
 from mljob_dev.devstack import stack as devstack
+from support.probe import write_probe
 
 pytestmark = pytest.mark.node
 
@@ -98,15 +99,7 @@ def test_the_image_runs_read_only_as_10001_in_containerd(
         node_stack.directory,
         "python",
         "-c",
-        "import json, os\n"
-        "def tries(path):\n"
-        "    try:\n"
-        "        open(path, 'w').close()\n"
-        "        return 'wrote'\n"
-        "    except OSError as err:\n"
-        "        return err.strerror\n"
-        "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'root': tries('/x'),"
-        " 'opt': tries('/opt/mljob/x'), 'var_tmp': tries('/var/tmp/x'), 'tmp': tries('/tmp/x')}))",
+        write_probe({"root": "/x", "opt": "/opt/mljob/x", "var_tmp": "/var/tmp/x", "tmp": "/tmp/x"}),
     )
     assert code == 0, out
     seen = json.loads(out.strip().splitlines()[-1])

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from mljob_dev.devstack.stack import Stack, StackError, _require, _terminate, free_port
+from mljob_dev.devstack.restart import stop_one
+from mljob_dev.devstack.stack import Stack, StackError, _require, free_port
 
 PRIMARIES = 3
 #: Milliseconds a primary may be unreachable before its replica is promoted.
@@ -108,6 +109,4 @@ def _server_command(binary: str, port: int, workdir: Path) -> list[str]:
 
 def kill(stack: Stack, node: ClusterNode) -> None:
     """SIGKILL one node (a crash: no clean hand-over), as the failover tests need."""
-    pid = stack.pids.get(node.name)
-    if pid is None or not _terminate(pid, 0.0, signal.SIGKILL):
-        raise StackError(f"could not kill {node.name}")
+    stop_one(stack, node.name, grace=0.0, first=signal.SIGKILL)

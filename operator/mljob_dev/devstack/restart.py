@@ -30,12 +30,13 @@ def _port(url: str) -> int:
     return port
 
 
-def stop_one(stack: Stack, process: str, grace: float = 20.0) -> None:
-    """Stop one service's process group by PID (clean signal, then SIGKILL after `grace`)."""
+def stop_one(stack: Stack, process: str, grace: float = 20.0, first: signal.Signals | None = None) -> None:
+    """Stop one process group of the stack by PID: `first` (else the service's clean signal),
+    then SIGKILL after `grace`. `first=SIGKILL` is a crash."""
     pid = stack.pids.get(process)
     if pid is None:
         raise StackError(f"the stack in {stack.directory} has no {process}")
-    if not _terminate(pid, grace, STOP_SIGNALS[process]):
+    if not _terminate(pid, grace, first or STOP_SIGNALS[process]):
         raise StackError(f"{process} (pid {pid}) did not stop")
 
 
