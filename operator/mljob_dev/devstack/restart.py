@@ -40,16 +40,21 @@ def stop_one(stack: Stack, process: str, grace: float = 20.0, first: signal.Sign
         raise StackError(f"{process} (pid {pid}) did not stop")
 
 
-def restart(directory: Path, name: str, down_seconds: float = 0.0) -> Stack:
-    """Stop `name` (nats, redis or postgres), keep it down `down_seconds`, start it again on the
-    same port(s) with the same data, wait until it answers; the state file gets the new PID."""
+def stop(directory: Path, name: str) -> Stack:
+    """Stop `name` (nats, redis or postgres) cleanly; `start` brings it back where it was."""
     if name not in SERVICES:
         raise StackError(f"cannot restart {name!r}: choose one of {', '.join(SERVICES)}")
     stack = Stack.load(directory)
-    process = SERVICES[name]
-    stop_one(stack, process)
-    if down_seconds > 0:
-        time.sleep(down_seconds)
+    stop_one(stack, SERVICES[name])
+    return stack
+
+
+def start(directory: Path, name: str) -> Stack:
+    """Start `name` again on the same port(s) with the same data, wait until it answers; the
+    state file gets the new PID."""
+    if name not in SERVICES:
+        raise StackError(f"cannot restart {name!r}: choose one of {', '.join(SERVICES)}")
+    stack = Stack.load(directory)
     if name == "nats":
         stack.start_nats(_port(stack.env["MLJOB_NATS_URL"]), _port(stack.env["MLJOB_NATS_MONITOR_URL"]))
     elif name == "redis":
@@ -58,3 +63,11 @@ def restart(directory: Path, name: str, down_seconds: float = 0.0) -> Stack:
         stack.start_postgres(_port(stack.env["MLJOB_POSTGRES_DSN"]))
     stack.save()
     return stack
+
+
+def restart(directory: Path, name: str, down_seconds: float = 0.0) -> Stack:
+    """Stop `name`, keep it down `down_seconds`, start it again (see `stop` and `start`)."""
+    stop(directory, name)
+    if down_seconds > 0:
+        time.sleep(down_seconds)
+    return start(directory, name)
