@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: help deps venv tools lint typecheck unit test test-node demo bench stack-up stack-down crd clean
+.PHONY: help deps venv tools lint typecheck unit test test-node test-ha demo bench stack-up stack-down crd clean
 
 help:
 	@echo "make test   - install what is missing, start the local stack, run ruff, mypy and every test"
 	@echo "make test-node - as root: the image built from the Dockerfile and the chart's pods on a local node"
+	@echo "make test-ha - faults on the clustered stack (3 NATS nodes, a Redis Cluster, Postgres failover)"
 	@echo "make unit   - pure unit tests only (no services)"
 	@echo "make demo   - run the demo job on a local stack"
 	@echo "make crd    - re-render crds/ and the chart's CRD from the models"
@@ -38,12 +39,17 @@ unit: venv
 	$(BIN)/pytest -m unit -q
 
 test: deps venv lint typecheck tools
-	@scripts/run-tests -m "not node"
+	@scripts/run-tests -m "not node and not ha"
 
 # The node's tests (tests/node): as root, with containerd, a kubelet and buildah; CI runs them after `make test`.
 test-node: venv
 	@scripts/install-deps --node
 	@scripts/run-node-tests
+
+# The clustered stack's fault tests (tests/ha): a clustered stack of their own; CI runs them after `make test`.
+test-ha: deps venv tools
+	@scripts/install-deps --ha
+	@scripts/run-ha-tests
 
 crd: venv
 	$(BIN)/mljob crd

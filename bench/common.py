@@ -42,6 +42,8 @@ SERVICES = {
     "apiserver": "kube-apiserver",
     "etcd": "etcd",
 }
+#: Component -> the process name prefix of its nodes on the clustered stack (`--ha`).
+CLUSTERED_PREFIXES = {"nats": "nats-", "redis": "redis-cluster-", "postgres": "patroni-"}
 #: Columns of the CPU table, in order. For a baseline, "operator" is the process that dispatches.
 COMPONENTS = ("operator", "collector", "workers", *SERVICES)
 
@@ -103,10 +105,22 @@ class BenchStack:
     owned: bool
 
     def service_pids(self) -> dict[str, int]:
-        """Component -> PID of its service, read again each time (a restart changes them)."""
+        """Component -> PID of its service (of its first node on a clustered stack), read again
+        each time (a restart changes them)."""
+        return {component: pids[0] for component, pids in self.service_groups().items()}
+
+    def service_groups(self) -> dict[str, list[int]]:
+        """Component -> the PIDs of all its processes: one on the single-node stack; on the
+        clustered one (`--ha`) every node (nats-1..3, redis-cluster-1..6, both Postgres nodes)."""
         state = json.loads((self.directory / "stack.json").read_text())
         pids: dict[str, int] = state["pids"]
-        return {component: pids[name] for component, name in SERVICES.items() if name in pids}
+        groups: dict[str, list[int]] = {}
+        for component, name in SERVICES.items():
+            prefix = CLUSTERED_PREFIXES.get(component)
+            for process, pid in pids.items():
+                if process == name or (prefix is not None and process.startswith(prefix)):
+                    groups.setdefault(component, []).append(pid)
+        return groups
 
     def child_env(self, role: str | None = None, **extra: str) -> dict[str, str]:
         """The environment of a role process: the stack's variables, `bench` importable, and the
@@ -139,7 +153,7 @@ def local_stack(args: argparse.Namespace) -> Iterator[BenchStack]:
     else:
         begun = time.monotonic()
         print("starting a local stack ...", file=sys.stderr, flush=True)
-        started = devstack.up(Path(args.stack_dir) if args.stack_dir else None)
+        started = devstack.up(Path(args.stack_dir) if args.stack_dir else None, ha=getattr(args, "ha", False))
         print(f"stack up in {time.monotonic() - begun:.0f}s", file=sys.stderr, flush=True)
         env, directory = dict(started.env), started.directory
     os.environ.update(env)
@@ -220,7 +234,7 @@ class CpuMeter:
 
 def meter(stack: BenchStack, roles: Mapping[str, Sequence[int]]) -> CpuMeter:
     """A meter over the stack's services and the benchmark's own roles (e.g. "workers")."""
-    groups: dict[str, list[int]] = {name: [pid] for name, pid in stack.service_pids().items()}
+    groups = stack.service_groups()
     for name, pids in roles.items():
         groups.setdefault(name, []).extend(pids)
     return CpuMeter(groups)
@@ -337,6 +351,7 @@ def parser(description: str, default_items: int, workers: str | None = "1,2,4") 
     p.add_argument("--stack-dir", help="reuse the stack there, or start one there (default: a new one)")
     p.add_argument("--keep-stack", action="store_true", help="leave a stack this run started running")
     p.add_argument("--json", dest="json_path", help="append each shown run to this file as a JSON line")
+    p.add_argument("--ha", action="store_true", help="start the clustered stack (`mljob dev stack up --ha`)")
     return p
 
 

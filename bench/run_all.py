@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="json_path", help="append each shown run to this file as a JSON line")
     p.add_argument("--stack-dir", help="reuse the stack there, or start one there (default: a new one)")
     p.add_argument("--keep-stack", action="store_true", help="leave a stack this run started running")
+    p.add_argument("--ha", action="store_true", help="on the clustered stack (`mljob dev stack up --ha`)")
     p.add_argument("--only", help="comma-separated module names to run (e.g. baseline_raw)")
     p.add_argument("--many-jobs", help="mljob_many's scales, e.g. 100,1000 (default: its own, to 10,000)")
     args = p.parse_args(argv)

@@ -1,0 +1,213 @@
+"""Faults on the clustered stack during a running job (issue 15, section 3).
+
+Each test runs one job on the clustered stack (three NATS nodes, a Redis Cluster, Postgres with
+a standby, two operator replicas, two collectors, two workers), injects its fault once the job
+is well under way, and then asserts what a user relies on:
+- work moves again within 60 s of the server's recovery (the processed count passes the count
+  seen when the fault was injected);
+- the job ends Succeeded, exact: every item exactly one result row, MLJob == Postgres, one
+  terminal transition, nothing left in NATS or Redis (`assert_job_invariants`).
+
+The workers are slowed (`slow` with a per-item sleep) so the job outlasts the fault and its
+recovery; the full-size job (100,000 items) is `bench/mljob_ha.py`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+
+from mljob import protocol
+from support.env import configmap_manifests
+from support.ha import HA
+from support.invariants import assert_job_invariants
+
+pytestmark = pytest.mark.ha
+
+ITEMS = 12_000
+PIPELINE = "hafault"
+#: Seconds per item and handlers per worker: two workers finish about 1,000 items a second.
+SLEEP, CONCURRENCY = "0.02", "10"
+#: Work must be moving again this soon after the server recovered (the issue's bound).
+RECOVERY_BOUND = 60.0
+
+
+def _start_job(ha: HA, name: str) -> tuple[str, list[str]]:
+    ids = [f"{name}-{i:06d}" for i in range(ITEMS)]
+    names, manifests = configmap_manifests(f"{name}-items", ids)
+    ha.kubectl.run("-n", ha.namespace, "apply", "-f", "-", stdin=manifests)
+    uid = ha.apply(name, PIPELINE, itemsFrom={"configMaps": names})
+    for n in range(2):
+        ha.start_worker(
+            PIPELINE, "slow", "--concurrency", CONCURRENCY, "--batch", "32", MLJOB_TEST_SLEEP=SLEEP
+        ).name = f"worker-{n}"
+    return uid, ids
+
+
+def _under_way(ha: HA, name: str, fraction: float = 0.15) -> int:
+    ha.wait_phase(name, {"Running"}, timeout=180)
+    ha.wait_progress(name, int(ITEMS * fraction), timeout=180)
+    return ha.progress(name)
+
+
+def _finish(ha: HA, name: str, uid: str, ids: list[str], seen_at_fault: int, recovered_at: float) -> None:
+    """Work moving again within the bound after the recovery, then the exact end state."""
+    remaining = RECOVERY_BOUND - (time.monotonic() - recovered_at)
+    if ha.progress(name) <= seen_at_fault:
+        ha.wait_progress(name, seen_at_fault, timeout=max(remaining, 1.0))
+    status = ha.wait_terminal(name, timeout=420)
+    assert (status["phase"], status["processed"], status["failed"]) == ("Succeeded", ITEMS, 0), ha.logs()
+    assert_job_invariants(ha, uid, ids, PIPELINE, status)
+
+
+def _run(ha: HA, name: str, fault: Callable[[HA, str], float]) -> None:
+    """The job, the fault (returns the monotonic time its server had recovered), the end state."""
+    uid, ids = _start_job(ha, name)
+    seen = _under_way(ha, name)
+    recovered_at = fault(ha, uid)
+    _finish(ha, name, uid, ids, seen, recovered_at)
+
+
+# ---------------------------------------------------------------------- NATS
+def _stream_leader(ha: HA, stream: str) -> str:
+    async def ask() -> str:
+        nc = await ha.stack.nats()
+        try:
+            info = await nc.jetstream().stream_info(stream)
+            assert info.cluster is not None and info.cluster.leader, info
+            return str(info.cluster.leader)
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+def _kill_nats_server(ha: HA, server: str, down: float = 5.0) -> float:
+    from mljob_dev.devstack import nats_cluster
+
+    stack = ha.devstack()
+    node = nats_cluster.node_of_server(stack, server)
+    nats_cluster.kill(stack, node)
+    time.sleep(down)
+    nats_cluster.start_node(ha.devstack(), node)
+    return time.monotonic()
+
+
+@pytest.mark.timeout(900)
+def test_nats_leaders_killed_one_after_another(ha: HA) -> None:
+    """The task stream's leader, then the results stream's, then the meta leader: each killed
+    (SIGKILL) and restarted while the job runs."""
+    from mljob_dev.devstack import nats_cluster
+
+    name = "natsleaders"
+    uid, ids = _start_job(ha, name)
+    seen = _under_way(ha, name, 0.10)
+    recovered = _kill_nats_server(ha, _stream_leader(ha, protocol.task_stream(PIPELINE)))
+    ha.wait_progress(name, seen, timeout=RECOVERY_BOUND)
+    seen = ha.progress(name)
+    recovered = _kill_nats_server(ha, _stream_leader(ha, protocol.RESULTS_STREAM))
+    ha.wait_progress(name, seen, timeout=RECOVERY_BOUND)
+    seen = ha.progress(name)
+    recovered = _kill_nats_server(ha, nats_cluster.meta_leader(ha.devstack()))
+    _finish(ha, name, uid, ids, seen, recovered)
+
+
+@pytest.mark.timeout(600)
+def test_nats_node_stopped_for_a_minute_and_a_collector_killed(ha: HA) -> None:
+    """One collector SIGKILLed, one NATS node (not the task stream's leader) stopped for 60 s."""
+    from mljob_dev.devstack import nats_cluster
+
+    def fault(ha: HA, uid: str) -> float:
+        ha.collectors[0].send(signal.SIGKILL)
+        stack = ha.devstack()
+        leader = nats_cluster.node_of_server(stack, _stream_leader(ha, protocol.task_stream(PIPELINE)))
+        other = next(n for n in nats_cluster.nodes(stack) if n != leader)
+        nats_cluster.stop(stack, other)
+        time.sleep(60)
+        nats_cluster.start_node(ha.devstack(), other)
+        return time.monotonic()
+
+    _run(ha, "natspartition", fault)
+
+
+# ---------------------------------------------------------------------- Redis
+@pytest.mark.timeout(600)
+def test_redis_primary_of_the_job_killed(ha: HA) -> None:
+    """The primary holding the job's slot SIGKILLed: its replica takes over after the cluster's
+    node timeout; state the replica missed (replication is asynchronous) is rebuilt."""
+    from mljob_dev.devstack import redis_cluster
+
+    def fault(ha: HA, uid: str) -> float:
+        stack = ha.devstack()
+        primary = redis_cluster.primary_of(stack, f"{{{uid}}}")
+        redis_cluster.kill(stack, primary)
+        redis_cluster.wait_promoted(ha.devstack(), primary)
+        recovered = time.monotonic()
+        redis_cluster.start_node(ha.devstack(), primary)  # back as a replica
+        return recovered
+
+    _run(ha, "redisfail", fault)
+
+
+# ---------------------------------------------------------------------- Postgres
+@pytest.mark.timeout(600)
+def test_postgres_primary_killed_the_standby_promoted(ha: HA) -> None:
+    from mljob_dev.devstack import postgres_ha
+
+    def fault(ha: HA, uid: str) -> float:
+        old = postgres_ha.primary(ha.devstack())
+        postgres_ha.kill_primary(ha.devstack())
+        postgres_ha.wait_primary(ha.devstack(), other_than=old)
+        recovered = time.monotonic()
+        postgres_ha.start_node(ha.devstack(), old)  # back as a standby
+        return recovered
+
+    _run(ha, "pgfail", fault)
+
+
+# ---------------------------------------------------------------------- the operator
+@pytest.mark.timeout(600)
+def test_active_operator_killed_the_standby_takes_over(ha: HA) -> None:
+    def fault(ha: HA, uid: str) -> float:
+        leader = ha.leader()
+        leader.send(signal.SIGKILL)
+        successor = ha.leader(timeout=60)
+        assert successor is not leader
+        return time.monotonic()
+
+    _run(ha, "opfail", fault)
+
+
+# ---------------------------------------------------------------------- all at once
+@pytest.mark.timeout(900)
+def test_one_node_of_each_killed_within_ten_seconds(ha: HA) -> None:
+    """A NATS node, the job's Redis primary, the Postgres primary and the active operator, all
+    SIGKILLed within ten seconds; each server back after its own outage."""
+    from mljob_dev.devstack import nats_cluster, postgres_ha, redis_cluster
+
+    def fault(ha: HA, uid: str) -> float:
+        stack = ha.devstack()
+        nats_node = nats_cluster.node_of_server(stack, _stream_leader(ha, protocol.task_stream(PIPELINE)))
+        redis_primary = redis_cluster.primary_of(stack, f"{{{uid}}}")
+        pg_old = postgres_ha.primary(stack)
+        nats_cluster.kill(stack, nats_node)
+        time.sleep(2)
+        redis_cluster.kill(stack, redis_primary)
+        time.sleep(2)
+        postgres_ha.kill_primary(ha.devstack())
+        time.sleep(2)
+        ha.leader().send(signal.SIGKILL)
+        time.sleep(4)
+        nats_cluster.start_node(ha.devstack(), nats_node)
+        redis_cluster.wait_promoted(ha.devstack(), redis_primary)
+        postgres_ha.wait_primary(ha.devstack(), other_than=pg_old)
+        recovered = time.monotonic()
+        redis_cluster.start_node(ha.devstack(), redis_primary)
+        postgres_ha.start_node(ha.devstack(), pg_old)
+        return recovered
+
+    _run(ha, "allatonce", fault)
