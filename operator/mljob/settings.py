@@ -104,6 +104,12 @@ class CollectorSettings(NatsSettings):
     """The collector's stores (the operator shares them: it runs the collector in-process)."""
 
     redis_url: str = _var("REDIS_URL", "redis://127.0.0.1:6379/0", "per-item state")
+    redis_cluster: bool = _var(
+        "REDIS_CLUSTER",
+        False,
+        "`MLJOB_REDIS_URL` names one node of a Redis Cluster: the client finds the others (a job's "
+        "keys share one slot)",
+    )
     postgres_dsn: str = _var(
         "POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/mljob", "job rows, results, audit"
     )

@@ -7,31 +7,24 @@ takes over with the data it had replicated."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 from redis.cluster import RedisCluster
 
 from mljob_dev.devstack import redis_cluster
-from mljob_dev.devstack.stack import Stack
+from support.redis_cluster import Cluster, started_cluster
 from support.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Stack, list[redis_cluster.ClusterNode]]]:
-    stack = Stack(Path(tmp_path_factory.mktemp("redis-cluster")))
-    try:
-        nodes = redis_cluster.start(stack)
-        yield stack, nodes
-    finally:
-        stack.stop()
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with started_cluster(tmp_path_factory) as started:
+        yield started
 
 
 @pytest.fixture
-def client(cluster: tuple[Stack, list[redis_cluster.ClusterNode]]) -> Iterator[RedisCluster]:
+def client(cluster: Cluster) -> Iterator[RedisCluster]:
     """A cluster client that finds the nodes from the stack's one address."""
     stack, _ = cluster
     opened = RedisCluster.from_url(stack.env["MLJOB_REDIS_CLUSTER_URL"])
@@ -40,7 +33,7 @@ def client(cluster: tuple[Stack, list[redis_cluster.ClusterNode]]) -> Iterator[R
 
 
 def test_three_primaries_with_a_replica_each_cover_every_slot(
-    cluster: tuple[Stack, list[redis_cluster.ClusterNode]],
+    cluster: Cluster,
 ) -> None:
     stack, nodes = cluster
     info = redis_cluster.cluster_info(nodes[0].port)
@@ -54,7 +47,7 @@ def test_three_primaries_with_a_replica_each_cover_every_slot(
 
 
 def test_a_jobs_keys_share_a_slot_and_a_single_node_client_is_moved(
-    cluster: tuple[Stack, list[redis_cluster.ClusterNode]], client: RedisCluster
+    cluster: Cluster, client: RedisCluster
 ) -> None:
     _, nodes = cluster
     keys = [f"mljob:{{job-{i}}}:{part}" for i in range(20) for part in ("pending", "failed", "meta")]
@@ -73,7 +66,7 @@ def test_a_jobs_keys_share_a_slot_and_a_single_node_client_is_moved(
 
 
 def test_a_killed_primarys_replica_takes_over_with_the_replicated_data(
-    cluster: tuple[Stack, list[redis_cluster.ClusterNode]], client: RedisCluster
+    cluster: Cluster, client: RedisCluster
 ) -> None:
     stack, nodes = cluster
     key = "mljob:{failover}:pending"

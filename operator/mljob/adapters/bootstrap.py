@@ -24,7 +24,6 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
 
 from mljob.adapters import jetstream, redis_state
 from mljob.adapters.results_store import make_pool
@@ -64,7 +63,7 @@ class Connections:
 
     nc: Client
     js: JetStreamContext
-    redis: Redis
+    redis: redis_state.Client
     pool: AsyncConnectionPool
     #: the job registry bucket, when "registry" was among the streams asked for
     registry: KeyValue | None = None
@@ -168,6 +167,7 @@ async def open_connections(
     redis = redis_state.connect(
         settings.redis_url,
         settings.redis_max_connections,
+        cluster=settings.redis_cluster,
         socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
         socket_timeout=redis_timeout,
         health_check_interval=30,
@@ -241,7 +241,9 @@ async def _done(call: Callable[..., Awaitable[object]], *args: object) -> bool:
     return True
 
 
-async def _close_all(nc: Client, redis: Redis, pool: AsyncConnectionPool | None, *, drain: bool) -> None:
+async def _close_all(
+    nc: Client, redis: redis_state.Client, pool: AsyncConnectionPool | None, *, drain: bool
+) -> None:
     """Close what start-up opened; a failure to close is nobody's to handle (the process ends)."""
     if pool is not None:
         with contextlib.suppress(Exception):

@@ -24,19 +24,37 @@ Works with clients built with ``decode_responses`` on or off.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, NoScriptError
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    MaxConnectionsError,
+    NoPermissionError,
+    NoScriptError,
+    RedisClusterException,
+)
 
 from mljob.core.counts import ItemCounts
 from mljob.transport.natsconn import cause
 
-__all__ = ["JobKeys", "JobState", "RecordOutcome", "RecordStatus", "StoredJob", "connect"]
+__all__ = ["Client", "JobKeys", "JobState", "RecordOutcome", "RecordStatus", "StoredJob", "connect"]
+
+#: What `connect` returns: a single-node client, or a Redis Cluster client (MLJOB_REDIS_CLUSTER).
+Client: TypeAlias = Redis | RedisCluster
 
 #: A staging set of an interrupted ``initialize`` disappears by itself after this long.
 STAGING_TTL_SECONDS = 3600
@@ -49,18 +67,125 @@ CHUNKS_PER_ROUND_TRIP = 10
 
 #: How long a call waits for a free connection of the pool before it fails.
 POOL_WAIT_SECONDS = 20.0
+#: Cluster mode: how often redis-py itself retries a call that met a connection error, a timeout,
+#: CLUSTERDOWN or an uncovered slot (refreshing its slot map first). Kept small: each retry of a
+#: timeout costs another socket timeout, and the callers retry on their own (the collector leaves
+#: the batch for redelivery, a job loop ticks again); the call after the replica's promotion
+#: finds the new map.
+CLUSTER_RETRIES = 3
 
 
-def connect(url: str, max_connections: int, **options: Any) -> Redis:
-    """The one way a process opens Redis: callers wait for a free connection of a bounded pool.
+def connect(url: str, max_connections: int, cluster: bool = False, **options: Any) -> Client:
+    """The one way a process opens Redis: at most `max_connections` calls at once, the others
+    wait for their turn (up to `POOL_WAIT_SECONDS`, then MaxConnectionsError, a ConnectionError).
 
     redis-py's default pool raises MaxConnectionsError past 100 calls at once; a thousand job
-    loops ticking together, or deleting a thousand MLJobs, got there.
+    loops ticking together, or deleting a thousand MLJobs, got there. Its Redis Cluster client has
+    no waiting pool at all (a node's connections are capped and the next call fails at once), so
+    the wait is ours and the same in both modes: a call (a command, a script, a pipeline's
+    execute) takes one of `max_connections` turns of the client. A call holds at most one
+    connection per node, so no node's pool is asked for more than `max_connections` at once.
+    With `cluster`, `url` is any one node's address (the client finds the others).
     """
+    turns = _Turns(max_connections, POOL_WAIT_SECONDS)
+    if cluster:
+        client = _BoundedCluster.from_url(
+            url,
+            # Headroom over the turns: after a slot map refresh a released connection is being
+            # replaced (disconnected in the background) while the node counts it as taken.
+            max_connections=2 * max_connections,
+            retry=Retry(NoBackoff(), CLUSTER_RETRIES),
+            **options,
+        )
+        cast(_BoundedCluster, client)._turns = turns
+        return client
     pool = BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS, **options
     )
-    return Redis.from_pool(pool)
+    single = _BoundedRedis.from_pool(pool)
+    cast(_BoundedRedis, single)._turns = turns
+    return single
+
+
+#: Set while a task holds a turn: redis-py's own follow-ups of a call (a pipeline's redirected
+#: commands) run inside it and must not wait for a second turn (with every turn taken by such
+#: calls, none would ever come).
+_holding: ContextVar[bool] = ContextVar("mljob_redis_turn", default=False)
+
+
+class _Turns:
+    """At most `size` calls at once; a call waits `wait` seconds at most for its turn."""
+
+    def __init__(self, size: int, wait: float) -> None:
+        self.size = size
+        self.wait = wait
+        self._free = asyncio.Semaphore(size)
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if _holding.get():
+            yield
+            return
+        try:
+            await asyncio.wait_for(self._free.acquire(), self.wait)
+        except TimeoutError:
+            raise MaxConnectionsError(
+                f"no free Redis connection within {self.wait:g}s "
+                f"({self.size} in use: MLJOB_REDIS_MAX_CONNECTIONS)"
+            ) from None
+        token = _holding.set(True)
+        try:
+            yield
+        finally:
+            _holding.reset(token)
+            self._free.release()
+
+
+class _BoundedRedis(Redis):
+    _turns: _Turns
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        async with self._turns.turn():
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        pipe = _BoundedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe._turns = self._turns
+        return pipe
+
+
+class _BoundedPipeline(Pipeline):
+    _turns: _Turns
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        async with self._turns.turn():
+            return await super().execute(raise_on_error)
+
+
+class _BoundedCluster(RedisCluster):
+    _turns: _Turns
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if args and args[0] == "PING" and "target_nodes" not in kwargs:
+            # Readiness and start-up: the primaries answer (a lost replica does not stop us).
+            kwargs["target_nodes"] = self.PRIMARIES
+        async with self._turns.turn():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        pipe = _BoundedClusterPipeline(self, transaction)  # type: ignore[abstract]
+        pipe._turns = self._turns
+        return pipe
+
+
+class _BoundedClusterPipeline(ClusterPipeline):
+    _turns: _Turns
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        async with self._turns.turn():
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 def refused(where: str) -> Callable[[BaseException], str | None]:
@@ -68,11 +193,17 @@ def refused(where: str) -> Callable[[BaseException], str | None]:
     the same URL will be refused again, so the process says what to fix instead of retrying."""
 
     def check(err: BaseException) -> str | None:
-        if isinstance(err, AuthenticationError | AuthorizationError | NoPermissionError):
-            return (
-                f"Redis at {where} refused the credentials ({cause(err)}): "
-                "check the user and password in MLJOB_REDIS_URL"
-            )
+        # The cluster client wraps what the nodes answered its first call: look down the chain.
+        seen: BaseException | None = err
+        while seen is not None:
+            if isinstance(seen, AuthenticationError | AuthorizationError | NoPermissionError):
+                return (
+                    f"Redis at {where} refused the credentials ({cause(seen)}): "
+                    "check the user and password in MLJOB_REDIS_URL"
+                )
+            if isinstance(seen, RedisClusterException) and "not enabled" in str(seen):
+                return f"Redis at {where} is not a Redis Cluster: unset MLJOB_REDIS_CLUSTER"
+            seen = seen.__cause__
         return None
 
     return check
@@ -149,6 +280,19 @@ return redis.call('SCARD', KEYS[2])
 """
 
 
+# KEYS: total, pending, failed, activity (one job's). Returns nil when the job has no state (no
+# ``total``), else {total, SCARD pending, SCARD failed, activity or nil}: one job's counts read
+# atomically. One script per job, not one MULTI/EXEC over many jobs: their keys are on many slots
+# of a Redis Cluster, and a transaction may touch one slot only.
+_COUNTS_LUA = """
+local total = redis.call('GET', KEYS[1])
+if not total then
+  return false
+end
+return {total, redis.call('SCARD', KEYS[2]), redis.call('SCARD', KEYS[3]), redis.call('GET', KEYS[4])}
+"""
+
+
 @dataclass(frozen=True)
 class JobKeys:
     """The Redis keys of one job (one hash slot)."""
@@ -191,10 +335,11 @@ class RecordOutcome:
     pending_left: int | None
 
 
-def _counts_of(total: Any, pending: Any, failed: Any, activity: Any) -> ItemCounts | None:
-    """A job's counts from the replies of GET total, SCARD pending, SCARD failed, GET activity."""
-    if total is None:
+def _counts_of(reply: Any) -> ItemCounts | None:
+    """A job's counts from the reply of the counts script: nil, or total, pending, failed, activity."""
+    if reply is None:
         return None
+    total, pending, failed, activity = reply
     return ItemCounts(
         total=int(_text(total)),
         pending=int(pending),
@@ -215,12 +360,13 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 class JobState:
     """Item state of every job, under one key prefix (tests isolate by prefix)."""
 
-    def __init__(self, redis: Redis, prefix: str = "mljob") -> None:
+    def __init__(self, redis: Client, prefix: str = "mljob") -> None:
         self._redis = redis
         self._prefix = prefix
         self._record = redis.register_script(_RECORD_LUA)
         self._commit = redis.register_script(_COMMIT_LUA)
         self._restore = redis.register_script(_RESTORE_LUA)
+        self._read_counts = redis.register_script(_COUNTS_LUA)
 
     def keys(self, uid: str) -> JobKeys:
         base = f"{self._prefix}:{{{uid}}}"
@@ -284,28 +430,20 @@ class JobState:
         return int(written) >= 0
 
     async def counts(self, uid: str) -> ItemCounts | None:
-        """One consistent read (MULTI/EXEC, one round trip); None when the state is missing.
+        """One consistent read (one script, one round trip); None when the state is missing.
 
         Missing state is reported as such, never as "complete" (failure-modes row 8).
         """
         return (await self.counts_many([uid]))[uid]
 
     async def counts_many(self, uids: Sequence[str]) -> dict[str, ItemCounts | None]:
-        """`counts` of many jobs in one round trip (MULTI/EXEC over all of them): the scheduler
-        reads every job due at the same moment at once (a restart, a burst of wake-ups)."""
+        """`counts` of many jobs, each read atomically by one script, pipelined: one round trip
+        per chunk (per node of a Redis Cluster, in parallel): the scheduler reads every job due
+        at the same moment at once (a restart, a burst of wake-ups)."""
         found: dict[str, ItemCounts | None] = {}
-        for start in range(0, len(uids), COUNTS_PIPELINE_SIZE):
-            chunk = uids[start : start + COUNTS_PIPELINE_SIZE]
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for uid in chunk:
-                    keys = self.keys(uid)
-                    pipe.get(keys.total)
-                    pipe.scard(keys.pending)
-                    pipe.scard(keys.failed)
-                    pipe.get(keys.activity)
-                replies = await pipe.execute()
-            for n, uid in enumerate(chunk):
-                found[uid] = _counts_of(*replies[4 * n : 4 * n + 4])
+        for chunk in _chunks(uids, COUNTS_PIPELINE_SIZE):
+            replies = await self._eval_many(self._read_counts, [(self.keys(uid).all(), ()) for uid in chunk])
+            found.update((uid, _counts_of(reply)) for uid, reply in zip(chunk, replies, strict=True))
         return found
 
     async def record(self, entries: Sequence[tuple[str, str, bool]], now: float) -> list[RecordOutcome]:
@@ -329,16 +467,51 @@ class JobState:
         for index, (uid, _, _) in enumerate(entries):
             by_job.setdefault(uid, []).append(index)
         calls = list(by_job.items())
+        replies = await self._eval_many(
+            self._record,
+            [
+                (
+                    self.keys(uid).all(),
+                    (
+                        repr(now),
+                        *(v for i in indexes for v in (entries[i][1], "1" if entries[i][2] else "0")),
+                    ),
+                )
+                for uid, indexes in calls
+            ],
+        )
+        outcomes: list[RecordOutcome | None] = [None] * len(entries)
+        for (uid, indexes), reply in zip(calls, replies, strict=True):
+            for n, i in enumerate(indexes):
+                item_id = entries[i][1]
+                if int(reply[0]) < 0:
+                    outcomes[i] = RecordOutcome(uid, item_id, RecordStatus.NO_STATE, None)
+                    continue
+                code, left = int(reply[2 * n]), int(reply[2 * n + 1])
+                status = RecordStatus.NEW if code == 1 else RecordStatus.DUPLICATE
+                outcomes[i] = RecordOutcome(uid, item_id, status, left)
+        return [o for o in outcomes if o is not None]
+
+    async def _eval_many(
+        self, script: AsyncScript, calls: Sequence[tuple[Sequence[str], Sequence[str]]]
+    ) -> list[Any]:
+        """The replies of `script` run once per ``(keys, args)``, all pipelined (not a
+        transaction: each call is atomic by itself, and their keys may be on many slots).
+
+        A Redis Cluster client splits the pipeline per node and sends those in parallel. Calls
+        a node answers NoScriptError (a restart, SCRIPT FLUSH, or a replica promoted since: a
+        script cache is not replicated) are redone once after loading the script on every
+        primary; only those, so no other call runs twice.
+        """
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for c in todo:
-                    uid, indexes = calls[c]
-                    args: list[str] = [repr(now)]
-                    for i in indexes:
-                        args += [entries[i][1], "1" if entries[i][2] else "0"]
-                    pipe.evalsha(self._record.sha, 4, *self.keys(uid).all(), *args)
+                    keys, args = calls[c]
+                    # (A cluster pipeline refuses its `evalsha` method; the command itself is routed
+                    # by its keys.)
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 results = await pipe.execute(raise_on_error=False)
             missing: list[int] = []
             for c, reply in zip(todo, results, strict=True):
@@ -351,21 +524,10 @@ class JobState:
             if not missing:
                 break
             if attempt == 1:
-                raise NoScriptError("record script vanished twice from the Redis script cache")
-            # The script cache was flushed (restart, SCRIPT FLUSH): load it and redo only those jobs.
-            await self._redis.script_load(_RECORD_LUA)
+                raise NoScriptError("a script vanished twice from the Redis script cache")
+            await self._redis.script_load(script.script)
             todo = missing
-        outcomes: list[RecordOutcome | None] = [None] * len(entries)
-        for (uid, indexes), reply in zip(calls, replies, strict=True):
-            for n, i in enumerate(indexes):
-                item_id = entries[i][1]
-                if int(reply[0]) < 0:
-                    outcomes[i] = RecordOutcome(uid, item_id, RecordStatus.NO_STATE, None)
-                    continue
-                code, left = int(reply[2 * n]), int(reply[2 * n + 1])
-                status = RecordStatus.NEW if code == 1 else RecordStatus.DUPLICATE
-                outcomes[i] = RecordOutcome(uid, item_id, status, left)
-        return [o for o in outcomes if o is not None]
+        return replies
 
     async def mark_failed(self, uid: str, item_ids: Sequence[str], now: float) -> int:
         """Fail still-pending items (e.g. deliveries exhausted); returns how many were newly failed."""

@@ -16,11 +16,11 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
 
 from mljob.adapters import bootstrap
 from mljob.adapters.jobs_store import JobsStore
 from mljob.adapters.kube import Kube, load_config
+from mljob.adapters.redis_state import Client as Redis
 from mljob.adapters.redis_state import JobState
 from mljob.adapters.results_store import ResultsStore
 from mljob.api.models import MAX_STALL_TIMEOUT_SECONDS

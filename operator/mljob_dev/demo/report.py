@@ -169,18 +169,19 @@ def postgres_section(
     return lines
 
 
-async def _leftovers(redis_url: str, prefix: str, uid: str, pipeline: str) -> dict[str, Any]:
+async def _leftovers(
+    redis_url: str, prefix: str, uid: str, pipeline: str, cluster: bool = False
+) -> dict[str, Any]:
     import nats
     from nats.js.errors import KeyNotFoundError, NotFoundError
-    from redis.asyncio import Redis
 
     from mljob import protocol
-    from mljob.adapters import jetstream
+    from mljob.adapters import jetstream, redis_state
     from mljob.settings import NatsSettings
     from mljob.transport import natsconn
 
     nc = await nats.connect(**natsconn.options(NatsSettings(), name="mljob-demo-report", connect_timeout=5))
-    redis = Redis.from_url(redis_url)
+    redis = redis_state.connect(redis_url, 2, cluster=cluster)
     try:
         js = nc.jetstream()
         found: dict[str, Any] = {"registry": True}
@@ -201,12 +202,14 @@ async def _leftovers(redis_url: str, prefix: str, uid: str, pipeline: str) -> di
 def cleanup_section(uid: str, pipeline: str, wait_seconds: float = 30.0) -> tuple[list[str], bool]:
     """Wait (a little) for the operator's cleanup, then say what is left: nothing, we hope."""
     from mljob import protocol
+    from mljob.settings import CollectorSettings
 
     redis_url = os.environ["MLJOB_REDIS_URL"]
     prefix = os.environ.get("MLJOB_REDIS_PREFIX", "mljob")
+    cluster = CollectorSettings().redis_cluster
     deadline = time.monotonic() + wait_seconds
     while True:
-        left = asyncio.run(_leftovers(redis_url, prefix, uid, pipeline))
+        left = asyncio.run(_leftovers(redis_url, prefix, uid, pipeline, cluster))
         clean = not (left["consumer"] or left["tasks"] or left["registry"] or left["redis"])
         if clean or time.monotonic() > deadline:
             break
