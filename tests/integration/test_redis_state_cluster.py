@@ -29,6 +29,7 @@ from mljob.adapters import redis_state
 from mljob.adapters.redis_state import JobState, RecordOutcome, RecordStatus
 from mljob_dev.devstack import redis_cluster
 from support.redis_cluster import Cluster, primary_of, scripts_cached, started_cluster
+from support.stack import StackEnv
 from support.waiting import eventually
 
 #: What a call may meet while a primary is down and until its replica is promoted.
@@ -159,6 +160,19 @@ async def test_many_callers_wait_for_a_turn_and_fail_clearly_only_past_the_wait(
         assert await one.ping()
     finally:
         await one.aclose()
+
+
+async def test_a_single_node_named_a_cluster_is_refused_naming_the_setting(stack: StackEnv) -> None:
+    """Start-up's permanent check: retrying cannot turn a single node into a cluster."""
+    client = redis_state.connect(stack.redis_url, 2, cluster=True)
+    try:
+        with pytest.raises(RedisClusterException) as err:
+            await client.ping()
+        assert redis_state.refused("127.0.0.1:1")(err.value) == (
+            "Redis at 127.0.0.1:1 is not a Redis Cluster: unset MLJOB_REDIS_CLUSTER"
+        )
+    finally:
+        await client.aclose()
 
 
 async def test_a_killed_primary_mid_stream_loses_and_doubles_nothing(
