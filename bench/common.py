@@ -43,7 +43,11 @@ SERVICES = {
     "etcd": "etcd",
 }
 #: Component -> the process name prefix of its nodes on the clustered stack (`--ha`).
-CLUSTERED_PREFIXES = {"nats": "nats-", "redis": "redis-cluster-", "postgres": "patroni-"}
+CLUSTERED_PREFIXES: dict[str, tuple[str, ...]] = {
+    "nats": ("nats-",),
+    "redis": ("redis-cluster-",),
+    "postgres": ("patroni-", "postgres-"),
+}
 #: Columns of the CPU table, in order. For a baseline, "operator" is the process that dispatches.
 COMPONENTS = ("operator", "collector", "workers", *SERVICES)
 
@@ -116,9 +120,9 @@ class BenchStack:
         pids: dict[str, int] = state["pids"]
         groups: dict[str, list[int]] = {}
         for component, name in SERVICES.items():
-            prefix = CLUSTERED_PREFIXES.get(component)
+            prefixes = CLUSTERED_PREFIXES.get(component, ())
             for process, pid in pids.items():
-                if process == name or (prefix is not None and process.startswith(prefix)):
+                if process == name or process.startswith(prefixes):
                     groups.setdefault(component, []).append(pid)
         return groups
 

@@ -10,8 +10,10 @@ default 15.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,6 +22,8 @@ from mljob_dev.devstack.restart import stop_one
 from mljob_dev.devstack.stack import Stack, StackError, _require, free_port
 
 PRIMARIES = 3
+#: The stack variable naming every node: `redis-cluster-1=<port>/<bus port>,...`.
+NODES_VAR = "MLJOB_REDIS_CLUSTER_NODES"
 #: Milliseconds a primary may be unreachable before its replica is promoted.
 NODE_TIMEOUT_MS = 2000
 
@@ -28,6 +32,7 @@ NODE_TIMEOUT_MS = 2000
 class ClusterNode:
     name: str  # the stack's process name, redis-cluster-<n>
     port: int
+    bus_port: int = 0  # the cluster bus; kept so a restarted node rejoins where it was
 
 
 def _cli(port: int, *args: str) -> str:
@@ -64,11 +69,12 @@ def start(stack: Stack, primaries: int = PRIMARIES) -> list[ClusterNode]:
     (one node's address: a cluster client finds the others from it)."""
     binary = _require("redis-server", "apt-get install redis-server")
     cli = _require("redis-cli", "apt-get install redis-tools")
-    nodes = [ClusterNode(f"redis-cluster-{i + 1}", free_port()) for i in range(2 * primaries)]
+    nodes = [ClusterNode(f"redis-cluster-{i + 1}", free_port(), free_port()) for i in range(2 * primaries)]
+    stack.env[NODES_VAR] = ",".join(f"{n.name}={n.port}/{n.bus_port}" for n in nodes)
     for node in nodes:
         workdir = stack.directory / node.name
         workdir.mkdir(parents=True, exist_ok=True)
-        stack.spawn(node.name, _server_command(binary, node.port, workdir))
+        stack.spawn(node.name, _server_command(binary, node, workdir))
     for node in nodes:
         stack.wait_ready(node.name, partial(_answers, node.port))
     create = subprocess.run(
@@ -95,12 +101,12 @@ def start(stack: Stack, primaries: int = PRIMARIES) -> list[ClusterNode]:
     return nodes
 
 
-def _server_command(binary: str, port: int, workdir: Path) -> list[str]:
+def _server_command(binary: str, node: ClusterNode, workdir: Path) -> list[str]:
     return [
         binary,
-        *("--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "no"),
+        *("--bind", "127.0.0.1", "--port", str(node.port), "--protected-mode", "no"),
         # The bus port is its own free port (the default, port + 10000, may be taken or too high).
-        *("--cluster-enabled", "yes", "--cluster-port", str(free_port())),
+        *("--cluster-enabled", "yes", "--cluster-port", str(node.bus_port)),
         *("--cluster-config-file", "nodes.conf"),
         *("--cluster-node-timeout", str(NODE_TIMEOUT_MS)),
         *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
@@ -110,3 +116,60 @@ def _server_command(binary: str, port: int, workdir: Path) -> list[str]:
 def kill(stack: Stack, node: ClusterNode) -> None:
     """SIGKILL one node (a crash: no clean hand-over), as the failover tests need."""
     stop_one(stack, node.name, grace=0.0, first=signal.SIGKILL)
+
+
+def nodes(stack: Stack) -> list[ClusterNode]:
+    """The cluster's nodes as `start` recorded them in the stack's environment."""
+    found = []
+    for entry in stack.env.get(NODES_VAR, "").split(","):
+        if entry:
+            name, _, ports = entry.partition("=")
+            port, _, bus = ports.partition("/")
+            found.append(ClusterNode(name, int(port), int(bus)))
+    return found
+
+
+def primary_of(stack: Stack, key: str) -> ClusterNode:
+    """The node serving `key`'s slot now (asked of a live node: CLUSTER KEYSLOT, CLUSTER SLOTS)."""
+    for node in nodes(stack):
+        slot_text = _cli(node.port, "CLUSTER", "KEYSLOT", key).strip()
+        slots = _cli(node.port, "--json", "CLUSTER", "SLOTS").strip()
+        if not slot_text or not slots:
+            continue
+        slot = int(slot_text)
+        for low, high, serving, *_ in json.loads(slots):
+            if low <= slot <= high:
+                port = int(serving[1])
+                return next(n for n in nodes(stack) if n.port == port)
+    raise StackError(f"no node of the Redis Cluster answers for the slot of {key!r}")
+
+
+def wait_promoted(stack: Stack, killed: ClusterNode, timeout: float = 60.0) -> None:
+    """Wait until no live node's slot map names `killed` as serving a slot and every live node
+    says `cluster_state:ok`: its replica took its slots over (about `cluster-node-timeout`
+    plus an election)."""
+    deadline = time.monotonic() + timeout
+    alive = [n for n in nodes(stack) if n != killed]
+    while time.monotonic() < deadline:
+        if all(_state_ok(n.port) and not _serves(n, killed) for n in alive):
+            return
+        time.sleep(0.2)
+    raise StackError(f"no replica of {killed.name} was promoted within {timeout:.0f}s")
+
+
+def _serves(asked: ClusterNode, node: ClusterNode) -> bool:
+    """Whether `asked`'s slot map (CLUSTER SLOTS) has `node` serving any slot."""
+    slots = _cli(asked.port, "--json", "CLUSTER", "SLOTS").strip()
+    if not slots:
+        return True  # no answer: not known to be over
+    return any(int(serving[1]) == node.port for _low, _high, serving, *_ in json.loads(slots))
+
+
+def start_node(stack: Stack, node: ClusterNode) -> None:
+    """Start a stopped node again on its ports with its `nodes.conf`: it rejoins the cluster (a
+    replica of its heir, when it was a primary that failed over) and answers `cluster_state:ok`."""
+    binary = _require("redis-server", "apt-get install redis-server")
+    stack.spawn(node.name, _server_command(binary, node, stack.directory / node.name))
+    stack.wait_ready(node.name, partial(_answers, node.port))
+    stack.wait_ready(node.name, partial(_state_ok, node.port), 60)
+    stack.save()
