@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal, TypeVar, overload
 
+import psycopg
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from mljob.adapters import jetstream, redis_state
@@ -213,7 +215,7 @@ async def open_connections(
                 raise
             return applied, pool
 
-        postgres_at = natsconn.where(settings.postgres_dsn)
+        postgres_at = postgres_where(settings.postgres_dsn)
         applied, pool = await step(
             f"cannot reach Postgres at {postgres_at}",
             migrate_and_open,
@@ -233,6 +235,21 @@ async def open_connections(
 
 class _Stopped(Exception):
     """`stop` was set before a dependency answered."""
+
+
+def postgres_where(dsn: str) -> str:
+    """Every host:port of a Postgres DSN, never its credentials: a multi-host DSN (a primary and
+    its standbys, `target_session_attrs=read-write`) names each host it tries."""
+    try:
+        info = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return natsconn.where(dsn)
+    hosts = str(info.get("host") or "").split(",")
+    ports = str(info.get("port") or "").split(",")
+    if len(hosts) < 2:
+        return natsconn.where(dsn)
+    ports = ports if len(ports) == len(hosts) else ports[:1] * len(hosts)
+    return ",".join(f"{host}:{port}" if port else host for host, port in zip(hosts, ports, strict=True))
 
 
 async def _done(call: Callable[..., Awaitable[object]], *args: object) -> bool:

@@ -20,21 +20,37 @@ Why this shape:
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pydantic_core import to_json
 
 from mljob import protocol
 from mljob.core import items as item_rules
+from mljob.db.migrate import is_transient
 
-__all__ = ["RejectedResult", "ResultsStore", "UpsertResult", "chunks", "make_pool"]
+__all__ = [
+    "FAILOVER_RETRY_SECONDS",
+    "RejectedResult",
+    "ResultsStore",
+    "UpsertResult",
+    "chunks",
+    "make_pool",
+    "on_writable",
+    "writable",
+]
+
+log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 """(job uid, item id)."""
@@ -89,7 +105,10 @@ def make_pool(
     Autocommit keeps a single statement to one round trip; multi-statement work uses
     ``conn.transaction()``. ``schema`` becomes each connection's ``search_path`` (deployments and
     tests isolate by schema). ``timeout`` bounds waiting for a connection, so an outage surfaces as
-    an error within seconds instead of stalling a loop.
+    an error within seconds instead of stalling a loop. Each checkout is checked to reach a
+    writable server (`writable`): after a failover, or a primary demoted in place, the pool
+    connects again to whichever host of a multi-host DSN is the primary now. The pool's own
+    reconnection gives up after `RECONNECT_SECONDS`, so a connection is made afresh on demand.
     """
 
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -104,8 +123,121 @@ def make_pool(
         timeout=timeout,
         name=name,
         configure=configure,
+        check=writable,
+        reconnect_timeout=RECONNECT_SECONDS,
         kwargs={"autocommit": True, "connect_timeout": connect_timeout},
     )
+
+
+#: Seconds the pool's background reconnection keeps trying (psycopg_pool backs off 1, 2, 4, 8 s
+#: ...: after a promotion at 9 s its next try would be at 15 s); then a waiting caller makes the
+#: pool grow with a fresh attempt, so a promoted standby is found within a second or two.
+RECONNECT_SECONDS = 3.0
+#: Seconds a store call keeps trying across a Postgres failover before the error reaches its
+#: caller, when the DSN names several hosts (a primary and its standbys): a promotion takes
+#: about ten (Patroni's leader key TTL, devstack/postgres_ha.py), and the collector must be done
+#: with a batch well within its results' ack wait (30 s). With one host there is no standby to
+#: wait for: an outage surfaces at once, as before (the callers' own retries take it from there).
+FAILOVER_RETRY_SECONDS = 20.0
+_RETRY_INITIAL_SECONDS = 0.1
+_RETRY_MAX_SECONDS = 1.0
+
+
+class ReadOnlyServer(psycopg.OperationalError):
+    """The pool's connection is to a server that takes no writes (a standby, a demoted primary)."""
+
+
+async def writable(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The pool's check on checkout: the connection answers and its server takes writes.
+
+    One round trip (`SHOW transaction_read_only`, which a standby, a demoted primary and
+    `default_transaction_read_only=on` all answer with `on`), a fraction of a millisecond on
+    loopback. A connection that fails it is closed, so the pool discards it and connects anew:
+    the DSN's `target_session_attrs=read-write` then finds the primary, whichever host it is.
+    """
+    try:
+        cur = await conn.execute("SHOW transaction_read_only")
+        row = await cur.fetchone()
+    except BaseException:
+        await conn.close()
+        raise
+    if row is None or row[0] != "off":
+        await conn.close()
+        raise ReadOnlyServer(f"{conn.info.host}:{conn.info.port} is read-only (a standby, or demoted)")
+
+
+def _failed_over(err: psycopg.Error) -> bool:
+    """Errors a failover causes and a new connection heals: the server refused the write as
+    read-only (SQLSTATE 25006), the connection broke or none could be had (no SQLSTATE), the
+    server is shutting down (57P01), and the other transient ones of `migrate.is_transient`."""
+    return isinstance(err, psycopg.errors.ReadOnlySqlTransaction) or is_transient(err)
+
+
+def _not_sent(err: psycopg.Error, started: bool) -> bool:
+    """Whether `err` proves nothing was written: no connection was had, or the server refused
+    the statement as read-only (in autocommit or a transaction, nothing of it committed)."""
+    return not started or isinstance(err, (psycopg.errors.ReadOnlySqlTransaction, PoolTimeout))
+
+
+@functools.lru_cache(maxsize=16)
+def failover_seconds(conninfo: str) -> float:
+    """The retry budget of a pool's DSN: FAILOVER_RETRY_SECONDS for several hosts, else 0."""
+    try:
+        hosts = str(conninfo_to_dict(conninfo).get("host") or "")
+    except psycopg.ProgrammingError:
+        return 0.0
+    return FAILOVER_RETRY_SECONDS if "," in hosts else 0.0
+
+
+async def on_writable(
+    pool: AsyncConnectionPool,
+    work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+    *,
+    idempotent: bool = True,
+    budget: float | None = None,
+) -> T:
+    """`work(conn)` on a connection to a writable server, tried again across a failover.
+
+    The one connect-and-retry of the Postgres stores. A connection that raised a failover error
+    (`_failed_over`) is closed, so it never goes back into the pool, and the pool is drained of
+    its idle connections (they are to the same server); then `work` runs again on a new
+    connection, backing off, until `budget` seconds have passed (`failover_seconds` of the pool's
+    DSN when None): its last error is raised. A pooled connection found broken is replaced once
+    even without a budget. The wait for a connection is cut to what is left of the budget (the
+    pool's own timeout without one), so the whole call is bounded.
+    `idempotent=False` (a plain INSERT) is tried again only when nothing can have been written
+    (`_not_sent`): a connection lost mid-statement may have committed it. Any other error is
+    raised at once.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (failover_seconds(pool.conninfo) if budget is None else budget)
+    delay = _RETRY_INITIAL_SECONDS
+    replaced = False
+    while True:
+        started = False
+        try:
+            left = deadline - loop.time()
+            async with pool.connection(
+                timeout=pool.timeout if left <= 0 else min(pool.timeout, left)
+            ) as conn:
+                started = True
+                try:
+                    return await work(conn)
+                except psycopg.Error as err:
+                    if _failed_over(err) and not conn.closed:
+                        await conn.close()  # the pool discards a closed connection
+                    raise
+        except psycopg.Error as err:
+            if not _failed_over(err) or not (idempotent or _not_sent(err, started)):
+                raise
+            if loop.time() + delay > deadline and (replaced or not started):
+                raise
+            if started:
+                replaced = True
+                await pool.drain()
+            log.debug("Postgres write failed over (%s); trying again in %.1fs", type(err).__name__, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _RETRY_MAX_SECONDS)
 
 
 _UPSERT = """
@@ -225,34 +357,33 @@ class ResultsStore:
             return
         ids = [item if isinstance(item, str) else str(item["id"]) for item in items]
         fields = [None if isinstance(item, str) else _fields_json(item) for item in items]
-        try:
-            async with self.pool.connection() as conn, conn.transaction():
+
+        async def register(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.transaction():
                 for part, part_fields in zip(chunks(ids), chunks(fields), strict=True):
                     await conn.execute(_REGISTER, (uid, part, part_fields))
+
+        try:
+            await on_writable(self.pool, register)
         except psycopg.DataError as err:
             raise ValueError(f"item ids of job {uid} are not storable: {err}".splitlines()[0]) from err
 
     async def registered_count(self, uid: str) -> int:
         """How many items the job has registered (0: a job this ledger has never seen)."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute("SELECT count(*) FROM mljob_items WHERE job_uid = %s", (uid,))
-            row = await cur.fetchone()
+        row = await self._one("SELECT count(*) FROM mljob_items WHERE job_uid = %s", (uid,))
         return int(row[0]) if row else 0
 
     async def unresolved_items(self, uid: str) -> list[str]:
         """Registered items of the job with no result row, sorted by id: what is still to do when
         the stream was lost (re-dispatch) or Redis state must be rebuilt."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(_UNRESOLVED, (uid,))
-            return [item for (item,) in await cur.fetchall()]
+        return [item for (item,) in await self._all(_UNRESOLVED, (uid,))]
 
     async def unresolved_item_records(self, uid: str) -> list[dict[str, Any]]:
         """The registered items without a result row, sorted by id, each as dispatch recorded it
         (id and free fields): the tasks re-dispatch publishes again, whatever the item source
         says now."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(_UNRESOLVED_RECORDS, (uid,))
-            return [item_rules.with_fields(item, fields) for item, fields in await cur.fetchall()]
+        rows = await self._all(_UNRESOLVED_RECORDS, (uid,))
+        return [item_rules.with_fields(item, fields) for item, fields in rows]
 
     async def upsert(self, results: Sequence[protocol.Result]) -> UpsertResult:
         """Store a batch idempotently (first outcome stands), refusing keys that are not items.
@@ -261,6 +392,11 @@ class ResultsStore:
         "job never seen" and "not an item of that job". Raises :class:`RejectedResult` when the
         data itself is refused (e.g. NUL in text, ``\\u0000`` in JSON); any other error means the
         database is unavailable. Nothing of the batch is stored when it raises.
+
+        Across a failover the batch is stored again on the new primary (`on_writable`): exact,
+        as a redelivery is, since the statement inserts only keys without a row and reports the
+        row each key has, so an attempt that committed before its connection broke only turns
+        its keys' `stored` outcome into the one already recorded.
         """
         out = UpsertResult()
         if not results:
@@ -278,69 +414,89 @@ class ResultsStore:
             )
         except (TypeError, ValueError) as err:
             raise RejectedResult(f"result is not storable JSON: {err}") from err
+
+        async def store(conn: psycopg.AsyncConnection[Any]) -> UpsertResult:
+            out = UpsertResult()  # afresh on each attempt
+            cur = await conn.execute(_UPSERT, columns)
+            for kind, uid, item, outcome in await cur.fetchall():
+                if kind == "stored":
+                    out.stored[(uid, item)] = protocol.Outcome(outcome)
+                elif kind == "unknown_job":
+                    out.unknown_job.add((uid, item))
+                else:
+                    out.not_an_item.add((uid, item))
+            missing = {(r.job_uid, r.item_id) for r in results} - out.stored.keys()
+            missing -= out.unknown_job | out.not_an_item
+            if missing:
+                uids, items = zip(*missing, strict=True)
+                cur = await conn.execute(_STORED, (list(uids), list(items)))
+                for uid, item, outcome in await cur.fetchall():
+                    out.stored[(uid, item)] = protocol.Outcome(outcome)
+            return out
+
         try:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(_UPSERT, columns)
-                for kind, uid, item, outcome in await cur.fetchall():
-                    if kind == "stored":
-                        out.stored[(uid, item)] = protocol.Outcome(outcome)
-                    elif kind == "unknown_job":
-                        out.unknown_job.add((uid, item))
-                    else:
-                        out.not_an_item.add((uid, item))
-                missing = {(r.job_uid, r.item_id) for r in results} - out.stored.keys()
-                missing -= out.unknown_job | out.not_an_item
-                if missing:
-                    uids, items = zip(*missing, strict=True)
-                    cur = await conn.execute(_STORED, (list(uids), list(items)))
-                    for uid, item, outcome in await cur.fetchall():
-                        out.stored[(uid, item)] = protocol.Outcome(outcome)
+            return await on_writable(self.pool, store)
         except (psycopg.DataError, psycopg.IntegrityError) as err:
             raise RejectedResult(f"rejected by Postgres: {err}".splitlines()[0]) from err
-        return out
 
     async def dead_letters(self, source: str, letters: Sequence[tuple[str, bytes, str]]) -> None:
         """Keep unprocessable messages ``(subject, payload, reason)`` for inspection, in one
-        statement (a flood of refusals costs one round trip per batch, not one per message)."""
+        statement (a flood of refusals costs one round trip per batch, not one per message).
+        Not idempotent: tried again after a failover only when nothing was written."""
         if not letters:
             return
-        async with self.pool.connection() as conn:
-            await conn.execute(
-                _DEAD_LETTERS,
-                (
-                    _no_nul(source),
-                    [_no_nul(subject) for subject, _, _ in letters],
-                    [payload for _, payload, _ in letters],
-                    [_no_nul(reason) for _, _, reason in letters],
-                ),
-            )
+        params = (
+            _no_nul(source),
+            [_no_nul(subject) for subject, _, _ in letters],
+            [payload for _, payload, _ in letters],
+            [_no_nul(reason) for _, _, reason in letters],
+        )
+        await self._write(_DEAD_LETTERS, params, idempotent=False)
 
     async def dead_letter(self, source: str, subject: str, payload: bytes, reason: str) -> None:
         """Keep an unprocessable message for inspection instead of dropping or redelivering it."""
-        async with self.pool.connection() as conn:
-            await conn.execute(_DEAD_LETTER, (_no_nul(source), _no_nul(subject), payload, _no_nul(reason)))
+        params = (_no_nul(source), _no_nul(subject), payload, _no_nul(reason))
+        await self._write(_DEAD_LETTER, params, idempotent=False)
 
     async def job_pipelines(self, uids: Sequence[str]) -> dict[str, str]:
         """uid -> pipeline of those jobs the ledger has a row for."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT uid, pipeline FROM mljob_jobs WHERE uid = ANY(%s)", (list(uids),)
-            )
-            return {uid: pipeline for uid, pipeline in await cur.fetchall()}
+        rows = await self._all("SELECT uid, pipeline FROM mljob_jobs WHERE uid = ANY(%s)", (list(uids),))
+        return {uid: pipeline for uid, pipeline in rows}
 
     async def item_outcomes(self, uid: str) -> dict[str, str]:
         """item_id -> 'succeeded' | 'failed' for every recorded item (to rebuild Redis state)."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute("SELECT item_id, outcome FROM mljob_results WHERE job_uid = %s", (uid,))
-            return {item: outcome for item, outcome in await cur.fetchall()}
+        rows = await self._all("SELECT item_id, outcome FROM mljob_results WHERE job_uid = %s", (uid,))
+        return {item: outcome for item, outcome in rows}
 
     async def count(self, uid: str) -> tuple[int, int]:
         """(recorded items, failed items) of a job."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT count(*), count(*) FILTER (WHERE outcome = 'failed') FROM mljob_results "
-                "WHERE job_uid = %s",
-                (uid,),
-            )
-            row = await cur.fetchone()
+        row = await self._one(
+            "SELECT count(*), count(*) FILTER (WHERE outcome = 'failed') FROM mljob_results "
+            "WHERE job_uid = %s",
+            (uid,),
+        )
         return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    # One statement each, through `on_writable`.
+    async def _all(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return await fetch_all(self.pool, query, params)
+
+    async def _one(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        rows = await fetch_all(self.pool, query, params)
+        return rows[0] if rows else None
+
+    async def _write(self, query: str, params: tuple[Any, ...], *, idempotent: bool) -> None:
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(query, params)
+
+        await on_writable(self.pool, run, idempotent=idempotent)
+
+
+async def fetch_all(pool: AsyncConnectionPool, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """One statement's rows, through `on_writable` (a read, or an idempotent write)."""
+
+    async def run(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+        cur = await conn.execute(query, params)
+        return list(await cur.fetchall())
+
+    return await on_writable(pool, run)

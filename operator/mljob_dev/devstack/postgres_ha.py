@@ -14,7 +14,12 @@ through a one-line wrapper (`setsid`) that makes it the leader of its own proces
 is recorded in the stack as `postgres-<n>` (ahead of `patroni-<n>`, so that `Stack.stop` stops
 Patroni first, which stops its Postgres cleanly). `kill_primary` SIGKILLs both.
 
-Durability is traded for speed as in the single-node stack (`fsync=off`, `synchronous_commit=off`);
+Replication is synchronous (Patroni's `synchronous_mode`, `synchronous_commit=remote_write`):
+a commit returns once the standby has written it, so what a client was told is stored survives
+the primary's crash (with asynchronous replication the last commits before it would be lost,
+and a result acked to NATS with them). Alone, the primary stops waiting (Patroni empties
+`synchronous_standby_names` within a round). Otherwise durability is traded for speed as in
+the single-node stack (`fsync=off`: a killed process loses nothing the kernel has);
 `full_page_writes` and `wal_log_hints` stay on, which `pg_rewind` needs. Clients use the libpq
 multi-host DSN in `MLJOB_POSTGRES_DSN` with `target_session_attrs=read-write`: whichever node
 is the primary now.
@@ -147,7 +152,7 @@ def _node_dsn(node: PostgresNode, database: str = "postgres") -> str:
 
 
 def streaming(stack: Stack) -> int:
-    """How many standbys the primary streams to now (0 without a primary)."""
+    """How many standbys the primary streams to synchronously now (0 without a primary)."""
     leader = primary(stack)
     if leader is None:
         return 0
@@ -156,7 +161,7 @@ def streaming(stack: Stack) -> int:
     try:
         with psycopg.connect(_node_dsn(leader), connect_timeout=2) as conn:
             row = conn.execute(
-                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
+                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state = 'sync'"
             ).fetchone()
     except psycopg.Error:
         return 0
@@ -264,6 +269,8 @@ def _write_config(stack: Stack, node: PostgresNode, etcd: str, bindir: Path) -> 
                 "loop_wait": LOOP_WAIT,
                 "retry_timeout": RETRY_TIMEOUT,
                 "maximum_lag_on_failover": 1048576,
+                # A commit returns once the standby has it (see the module docstring).
+                "synchronous_mode": True,
                 "postgresql": {
                     "use_pg_rewind": True,
                     "use_slots": True,
@@ -271,7 +278,7 @@ def _write_config(stack: Stack, node: PostgresNode, etcd: str, bindir: Path) -> 
                     "remove_data_directory_on_diverged_timelines": True,
                     "parameters": {
                         "fsync": "off",
-                        "synchronous_commit": "off",
+                        "synchronous_commit": "remote_write",
                         "full_page_writes": "on",
                         "wal_log_hints": "on",
                         "max_connections": 300,
