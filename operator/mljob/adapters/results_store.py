@@ -16,6 +16,11 @@ Why this shape:
   a result for a job never dispatched or for an id that is not an item of its job can never
   count, and the caller learns which were refused. The snapshot outlives cleanup, so late
   results are still recognised.
+* Failover (a primary and standbys behind a multi-host DSN): the pool hands out only
+  connections to a writable server (``writable``), and every store call goes through
+  ``on_writable``, which drops a connection that failed over and runs the call again on the
+  new primary within ``FAILOVER_RETRY_SECONDS``. The ledger stays exact across it: a batch that
+  committed before its connection broke is, run again, a redelivery (first outcome stands).
 """
 
 from __future__ import annotations
@@ -41,10 +46,14 @@ from mljob.db.migrate import is_transient
 
 __all__ = [
     "FAILOVER_RETRY_SECONDS",
+    "RECONNECT_SECONDS",
+    "ReadOnlyServer",
     "RejectedResult",
     "ResultsStore",
     "UpsertResult",
     "chunks",
+    "failover_seconds",
+    "fetch_all",
     "make_pool",
     "on_writable",
     "writable",
