@@ -57,6 +57,19 @@ def _answers(port: int) -> bool:
     return _cli(port, "PING").strip() == "PONG"
 
 
+def _replicas_linked(nodes: list[ClusterNode], primaries: int) -> bool:
+    """Whether `primaries` nodes are replicas whose link to their primary is up."""
+    linked = 0
+    for node in nodes:
+        info = dict(
+            line.strip().split(":", 1)
+            for line in _cli(node.port, "INFO", "replication").splitlines()
+            if ":" in line
+        )
+        linked += info.get("role") == "slave" and info.get("master_link_status") == "up"
+    return linked >= primaries
+
+
 def role(port: int) -> str:
     """`master` or `slave`, as the node itself reports it ("" when it does not answer)."""
     lines = _cli(port, "ROLE").splitlines()
@@ -97,6 +110,8 @@ def start(stack: Stack, primaries: int = PRIMARIES) -> list[ClusterNode]:
         )
     for node in nodes:
         stack.wait_ready(node.name, partial(_state_ok, node.port), 60)
+    # `--cluster create` returns before the replicas are attached: a primary killed then has none.
+    stack.wait_ready(nodes[0].name, partial(_replicas_linked, nodes, primaries), 60)
     stack.env["MLJOB_REDIS_CLUSTER_URL"] = f"redis://127.0.0.1:{nodes[0].port}/0"
     return nodes
 
