@@ -62,7 +62,11 @@ class NatsSettings(BaseSettings):
         env_prefix=PREFIX, populate_by_name=True, extra="ignore", env_ignore_empty=False
     )
 
-    nats_url: str = _var("NATS_URL", "nats://127.0.0.1:4222", "NATS with JetStream (`nats://` or `tls://`)")
+    nats_url: str = _var(
+        "NATS_URL",
+        "nats://127.0.0.1:4222",
+        "NATS with JetStream (`nats://` or `tls://`), comma-separated for a cluster",
+    )
     nats_creds_file: str | None = _var(
         "NATS_CREDS_FILE", None, "NATS user credentials file (JWT and NKey seed)", shown="(none)"
     )
@@ -204,6 +208,14 @@ class OperatorSettings(CollectorSettings):
         gt=0,
     )
     max_ack_pending: int = _var("MAX_ACK_PENDING", 1000, "tasks out with workers at once, per job", ge=1)
+    consumer_replicas: int | None = _var(
+        "CONSUMER_REPLICAS",
+        None,
+        "JetStream replicas of each job's consumer; a work-queue stream (the task streams) takes "
+        "only its own count",
+        shown="the stream's",
+        ge=1,
+    )
     run_collector: bool = _var(
         "RUN_COLLECTOR",
         True,

@@ -28,7 +28,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
     if args.action == "up":
         try:
-            running = devstack.up(Path(args.dir) if args.dir else None, node=args.node)
+            running = devstack.up(Path(args.dir) if args.dir else None, node=args.node, ha=args.ha)
         except (devstack.StackError, ToolError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -97,6 +97,11 @@ def add_parsers(sub: Any) -> None:
         "--node",
         action="store_true",
         help="up only: a node too (containerd, kubelet, controller manager, scheduler; as root)",
+    )
+    stack.add_argument(
+        "--ha",
+        action="store_true",
+        help="up only: clustered servers (3 NATS nodes, a Redis Cluster, Postgres with failover)",
     )
     stack.set_defaults(func=_cmd_stack)
     image = dev.add_parser("image", help="build the Dockerfile's image without Docker (buildah; as root)")

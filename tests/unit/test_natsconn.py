@@ -45,6 +45,17 @@ def test_where_names_host_and_port_never_the_credentials() -> None:
     assert natsconn.where("not a url") == "(configured address)"
 
 
+def test_a_comma_separated_url_is_a_clusters_server_list() -> None:
+    """A cluster's nodes in one setting: each is a server to try, and the log names them all
+    (an entry without a scheme takes the first one's), never a password."""
+    url = "tls://u:pw@127.0.0.1:4222, tls://127.0.0.1:4223,,127.0.0.1:4224"
+    assert natsconn.servers(url) == ["tls://u:pw@127.0.0.1:4222", "tls://127.0.0.1:4223", "127.0.0.1:4224"]
+    assert natsconn.where(url) == "127.0.0.1:4222,127.0.0.1:4223,127.0.0.1:4224"
+    settings = WorkerSettings(pipeline="p", nats_url=url)
+    assert natsconn.options(settings, name="n")["servers"] == natsconn.servers(url)
+    assert natsconn.servers("nats://127.0.0.1:4222") == ["nats://127.0.0.1:4222"]
+
+
 async def test_error_callback_logs_each_distinct_error_once(caplog: pytest.LogCaptureFixture) -> None:
     callbacks = natsconn.ConnectionLog(log, "nats://u:p@127.0.0.1:4222")
     callbacks.connected = True

@@ -39,6 +39,8 @@ class JobStreamSettings:
     ack_wait_seconds: float = 60.0
     max_ack_pending: int = 1000
     replicas: int = 1
+    #: The job consumer's replicas; None: the stream's (a work-queue stream accepts no other).
+    consumer_replicas: int | None = None
 
 
 async def ensure_job_stream(js: JetStreamContext, settings: JobStreamSettings) -> protocol.RegistryEntry:
@@ -59,6 +61,7 @@ async def ensure_job_stream(js: JetStreamContext, settings: JobStreamSettings) -
             ack_wait=float(settings.ack_wait_seconds),
             max_ack_pending=settings.max_ack_pending,
             filter_subject=subject,
+            num_replicas=settings.consumer_replicas,
         ),
     )
     return protocol.RegistryEntry(

@@ -161,7 +161,7 @@ async def publish_items(
 
 
 def stream_settings(
-    target: DispatchTarget, replicas: int, max_ack_pending: int
+    target: DispatchTarget, replicas: int, max_ack_pending: int, consumer_replicas: int | None = None
 ) -> jetstream.JobStreamSettings:
     return jetstream.JobStreamSettings(
         uid=target.uid,
@@ -172,4 +172,5 @@ def stream_settings(
         ack_wait_seconds=target.spec.ack_wait_seconds,
         max_ack_pending=max_ack_pending,
         replicas=replicas,
+        consumer_replicas=consumer_replicas,
     )

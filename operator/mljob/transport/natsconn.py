@@ -79,8 +79,23 @@ def cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
+def servers(url: str) -> list[str]:
+    """The server list of a NATS URL setting: one URL, or a cluster's comma-separated ones
+    (spaces around each trimmed, empty entries dropped)."""
+    found = [part.strip() for part in url.split(",")]
+    return [part for part in found if part] or [url.strip()]
+
+
 def where(url: str) -> str:
-    """host:port of a URL or DSN, never its credentials: the address a log line names."""
+    """host:port of a URL or DSN, never its credentials: the address a log line names. A
+    comma-separated list (a NATS cluster, a multi-host DSN) names each of its addresses,
+    comma-separated; an entry without a scheme takes the first one's."""
+    if "," in url:
+        first, *rest = servers(url)
+        scheme = first.split("://", 1)[0] if "://" in first else ""
+        return ",".join(
+            where(part if "://" in part or not scheme else f"{scheme}://{part}") for part in (first, *rest)
+        )
     try:
         parts = urlsplit(url)
         if parts.hostname:
@@ -220,13 +235,16 @@ def options(
 ) -> dict[str, Any]:
     """Keyword arguments of `nats.connect` for one attempt, which raises its own cause.
 
+    A comma-separated `nats_url` is the server list (a cluster): the first connection tries
+    each in turn, and a reconnect goes to any of them (or those the servers announce).
+
     Reconnecting is off for the first connection: nats-py would retry it silently (forever with
     `-1`, deaf to a stop request), and after a failed TLS handshake it hangs closing the socket
     instead of reporting a certificate it cannot verify. `connect` turns reconnecting on, for
     good, once a connection made it.
     """
     kwargs: dict[str, Any] = {
-        "servers": [settings.nats_url],
+        "servers": servers(settings.nats_url),
         "name": name,
         "allow_reconnect": False,
         "max_reconnect_attempts": 1,

@@ -5,7 +5,8 @@ stack runs NATS the way a production one should be run (authentication, `tls://`
 to touch anything but their tasks and results), so the tests and the demo prove that the code
 works under those permissions. Everything lives in `<stack>/nats/`, private (0600) files; the
 passwords and the certificates are written once and reused, so `mljob dev stack restart nats`
-(which writes the config again) keeps every client's credentials valid.
+(which writes the config again) keeps every client's credentials valid. With `cluster` (a node of
+nats_cluster's three), the same users, certificate and passwords plus a `cluster` block.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mljob.ops import permissions as nats_permissions
@@ -30,6 +31,12 @@ WORKER_USER = "mljob-worker"
 ADMIN_USER = "mljob-dev-admin"
 ADMIN = nats_permissions.Permissions(publish_allow=(">",), publish_deny=(), subscribe_allow=(">",))
 
+#: The routes' one identity (a cluster block has a single user); not a client's.
+ROUTE_USER = "mljob-route"
+#: Route pings: a peer that stops answering (not one whose socket closes) counts as gone after
+#: PING_MAX missed pings of ROUTE_PING_INTERVAL, seconds instead of the default minutes.
+ROUTE_PING_INTERVAL, ROUTE_PING_MAX = "1s", 2
+
 #: The stack's identities: user name -> permissions (the worker serves every pipeline).
 STACK_USERS: Mapping[str, nats_permissions.Permissions] = {
     OPERATOR_USER: nats_permissions.operator(),
@@ -37,6 +44,19 @@ STACK_USERS: Mapping[str, nats_permissions.Permissions] = {
     WORKER_USER: nats_permissions.worker(),
     ADMIN_USER: ADMIN,
 }
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """One node's place in a cluster: the cluster's name, the node's `server_name` (unique in
+    the cluster), its route port and the other nodes' route ports; `password` is the routes'
+    (`write` fills it in from the saved passwords)."""
+
+    name: str
+    server_name: str
+    port: int
+    routes: tuple[int, ...]
+    password: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,9 +149,11 @@ def render(
     store_dir: Path,
     tls: certgen.ServingCerts,
     users: Mapping[str, tuple[str, nats_permissions.Permissions]],
+    cluster: Cluster | None = None,
 ) -> str:
     """nats-server config: loopback only, JetStream, TLS required, one account of `users`
-    (user -> (password, permissions)); no user means no connection (no `no_auth_user`)."""
+    (user -> (password, permissions)); no user means no connection (no `no_auth_user`).
+    With `cluster`, that node's name and routes (see `_cluster_block`)."""
     q = nats_permissions.quote
     entries = ",\n".join(
         nats_permissions.render_user(user, permissions, password)
@@ -140,13 +162,31 @@ def render(
     indented = "\n".join(f"      {line}" for line in entries.splitlines())
     return (
         "# Written by `mljob dev stack` on every start of nats-server; do not edit.\n"
-        f"server_name: {q(SERVER_NAME)}\n"
+        f"server_name: {q(cluster.server_name if cluster else SERVER_NAME)}\n"
         f"listen: {q(f'127.0.0.1:{port}')}\n"
         f"http: {q(f'127.0.0.1:{monitor}')}\n"
         f"jetstream {{\n  store_dir: {q(str(store_dir))}\n}}\n"
         # A TLS handshake on a busy 2-core test machine can take longer than the 2 s default.
         f"tls {{\n  cert_file: {q(str(tls.cert))}\n  key_file: {q(str(tls.key))}\n  timeout: 10\n}}\n"
         f"accounts {{\n  {ACCOUNT} {{\n    jetstream: enabled\n    users: [\n{indented}\n    ]\n  }}\n}}\n"
+        + (_cluster_block(cluster) if cluster else "")
+    )
+
+
+def _cluster_block(cluster: Cluster) -> str:
+    """Routes in plain TCP on loopback, authenticated by ROUTE_USER: nats-server requires mutual
+    TLS on routes (it verifies a client certificate) and the stack's certificate serves only."""
+    q = nats_permissions.quote
+    routes = ",\n".join(
+        f"    {q(f'nats-route://{ROUTE_USER}:{cluster.password}@127.0.0.1:{port}')}"
+        for port in cluster.routes
+    )
+    return (
+        f"cluster {{\n  name: {q(cluster.name)}\n  listen: {q(f'127.0.0.1:{cluster.port}')}\n"
+        f"  authorization {{\n    user: {q(ROUTE_USER)}\n"
+        f"    password: {q(cluster.password)}\n    timeout: 10\n  }}\n"
+        f"  routes: [\n{routes}\n  ]\n"
+        f"  ping_interval: {q(ROUTE_PING_INTERVAL)}\n  ping_max: {ROUTE_PING_MAX}\n}}\n"
     )
 
 
@@ -156,13 +196,21 @@ def write(
     monitor: int,
     store_dir: Path,
     users: Mapping[str, nats_permissions.Permissions] = STACK_USERS,
+    cluster: Cluster | None = None,
 ) -> NatsConfig:
-    """Write `<directory>/nats.conf` (with its CA, serving cert and saved passwords) and return it."""
+    """Write `<directory>/nats.conf` (with its CA, serving cert and saved passwords) and return it.
+
+    With `cluster`, `<directory>/nats-<server_name>.conf`: a cluster's nodes share the directory,
+    so they share the CA, the serving certificate (it covers 127.0.0.1, every node's address)
+    and the passwords, the routes' too."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     tls = _serving_certs(directory)
-    passwords = _passwords(directory / "passwords.json", list(users))
-    path = directory / "nats.conf"
-    text = render(port, monitor, store_dir, tls, {u: (passwords[u], p) for u, p in users.items()})
+    passwords = _passwords(directory / "passwords.json", [*users, *([ROUTE_USER] if cluster else [])])
+    path = directory / (f"nats-{cluster.server_name}.conf" if cluster else "nats.conf")
+    if cluster:
+        cluster = replace(cluster, password=passwords[ROUTE_USER])
+    granted = {u: (passwords[u], p) for u, p in users.items()}
+    text = render(port, monitor, store_dir, tls, granted, cluster)
     _private(path, text)
     return NatsConfig(path=path, port=port, ca_cert=tls.ca_cert, passwords=passwords)

@@ -286,11 +286,14 @@ class Stack:
         self.env["MLJOB_POSTGRES_DSN"] = f"postgresql://postgres@127.0.0.1:{port}/mljob"
 
 
-def up(directory: Path | None = None, node: bool = False) -> Stack:
+def up(directory: Path | None = None, node: bool = False, ha: bool = False) -> Stack:
     """Start every service and return the running stack (stopped again on failure).
 
     With `node`, a node too (devstack/node.py): containerd, a kubelet, a controller manager
-    and a scheduler, so that pods run."""
+    and a scheduler, so that pods run. With `ha`, the clustered servers instead of one of each
+    (issue 15): three NATS nodes (nats_cluster), a Redis Cluster of three primaries and three
+    replicas (redis_cluster), a Postgres primary with a streaming standby and automatic failover
+    on the stack's etcd (postgres_ha); `MLJOB_STACK_HA=1` marks such a stack's environment."""
     if directory is None:
         directory = Path(tempfile.mkdtemp(prefix="mljob-stack-"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -310,9 +313,12 @@ def up(directory: Path | None = None, node: bool = False) -> Stack:
             devnode.check_host()
             tools.ensure_node()
         etcd_url = stack.start_etcd()
-        stack.start_nats()
-        stack.start_redis()
-        stack.start_postgres()
+        if ha:
+            _start_clustered(stack, etcd_url)
+        else:
+            stack.start_nats()
+            stack.start_redis()
+            stack.start_postgres()
         stack.start_kube_apiserver(etcd_url, node=node)
         if node:
             devnode.start(stack)
@@ -321,6 +327,20 @@ def up(directory: Path | None = None, node: bool = False) -> Stack:
         raise
     stack.save()
     return stack
+
+
+def _start_clustered(stack: Stack, etcd_url: str) -> None:
+    """The clustered servers of `up(ha=True)`, each module setting the variables its clients
+    read; streams and the registry are made with three replicas."""
+    from mljob_dev.devstack import nats_cluster, postgres_ha, redis_cluster
+
+    nats_cluster.start(stack)
+    redis_cluster.start(stack)
+    stack.env["MLJOB_REDIS_URL"] = stack.env["MLJOB_REDIS_CLUSTER_URL"]
+    stack.env["MLJOB_REDIS_CLUSTER"] = "true"
+    postgres_ha.start(stack, etcd_url)
+    stack.env["MLJOB_STREAM_REPLICAS"] = "3"
+    stack.env["MLJOB_STACK_HA"] = "1"
 
 
 def down(directory: Path, remove: bool = True) -> None:

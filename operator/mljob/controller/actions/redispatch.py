@@ -86,5 +86,8 @@ async def ensure_stream_and_registry(services: Services, target: DispatchTarget)
     settings = services.settings
     await jetstream.registry(services.js, settings.stream_replicas)
     return await jetstream.ensure_job_stream(
-        services.js, stream_settings(target, settings.stream_replicas, settings.max_ack_pending)
+        services.js,
+        stream_settings(
+            target, settings.stream_replicas, settings.max_ack_pending, settings.consumer_replicas
+        ),
     )
