@@ -147,11 +147,17 @@ fsGroup: the kubelet makes the file root:<fsGroup> 0440, readable by the pod's u
 {{- end }}
 {{- end -}}
 
-{{/* Every connection of the operator and the collector, and the settings they share. */}}
+{{/* Every connection of the operator and the collector, and the settings they share: both
+create JetStream streams (the collector the results stream), so both get the replica count, and
+both open Redis (workers do neither). */}}
 {{- define "mljob.storesEnv" -}}
 {{- $root := .root -}}
 {{ include "mljob.natsEnv" . }}
+- name: MLJOB_STREAM_REPLICAS
+  value: {{ $root.Values.nats.streamReplicas | quote }}
 {{ include "mljob.connEnv" (dict "env" "MLJOB_REDIS_URL" "conn" $root.Values.redis "field" "url") }}
+- name: MLJOB_REDIS_CLUSTER
+  value: {{ $root.Values.redis.cluster | quote }}
 - name: MLJOB_REDIS_PREFIX
   value: {{ $root.Values.redis.prefix | quote }}
 {{- if $root.Values.redis.tls.caSecret.name }}
