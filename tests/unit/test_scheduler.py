@@ -286,6 +286,57 @@ async def test_a_replica_that_takes_over_counts_no_stall_for_the_time_it_only_wa
         await follower.stop()
 
 
+async def test_a_replica_that_takes_over_decides_on_the_status_the_leader_wrote(world: FakeWorld) -> None:
+    """The standby saw the job created (no status) and then only the leader's writes go by in
+    the watch; once it leads it carries the Running job on, and never tries to write it back
+    to Dispatching (which the API server refuses, every time)."""
+    leader = Leading(leads=False)
+    standby = Scheduler(world.services, workers=2, leader=leader)
+    standby.start()
+    first = Scheduler(world.services, workers=2, leader=Leading())
+    try:
+        body = new_job(world, 3 * world.services.settings.dispatch_chunk)
+        standby.observe("ADDED", index.slim(body))  # the first event: no status yet
+        first.start()
+        first.observe("ADDED", body)
+        await until(lambda: status(body).get("phase") == "Running")
+        await first.stop()
+        standby.observe("MODIFIED", index.slim(body))  # the leader's writes, as watched
+        tried: list[dict[str, Any]] = []
+        patch = world.kube.patch_status
+
+        async def recording(job: Any, fields: dict[str, Any]) -> None:
+            tried.append(fields)
+            await patch(job, fields)
+
+        world.kube.patch_status = recording  # type: ignore[method-assign]
+        leader.leading.set()
+        await until(lambda: standby.jobs[uid_of(body)].snapshot is not None)
+        assert [f["phase"] for f in tried if "phase" in f] in ([], ["Succeeded"]), tried
+        assert status(body)["phase"] == "Running"
+    finally:
+        await standby.stop()
+
+
+async def test_a_status_write_the_server_refuses_reads_the_stored_status_again(world: FakeWorld) -> None:
+    """A view behind the stored status (the watch had not caught up with another replica's
+    write): the refused write makes the loop read the status again, and the next tick goes on
+    from there instead of being refused every minute."""
+    sched = Scheduler(world.services, workers=2, leader=Leading())
+    sched.start()
+    try:
+        body = new_job(world, 3 * world.services.settings.dispatch_chunk)
+        sched.observe("ADDED", index.slim(body))
+        await until(lambda: status(body).get("phase") == "Running")
+        loop = sched.jobs[uid_of(body)]
+        loop.view.status = {}  # as a replica that saw only the creation
+        sched.wake(uid_of(body))
+        await until(lambda: loop.view.status.get("phase") == "Running")
+        assert status(body)["phase"] == "Running"
+    finally:
+        await sched.stop()
+
+
 async def test_jobs_due_together_are_observed_in_one_redis_read(world: FakeWorld) -> None:
     """An operator restarted under many live MLJobs: kopf's listing makes all of them due at once,
     and their counts come from one batched read, not one round trip per job."""

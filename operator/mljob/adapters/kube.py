@@ -45,6 +45,11 @@ class GuardFailed(Exception):
     """The guarded status patch found a phase (or object version) other than the one it read."""
 
 
+class StatusRefused(Exception):
+    """The API server refused a status patch (422): the CRD's transition rules found it moving
+    the stored status backwards, so the writer's view of the status is behind the server's."""
+
+
 @dataclass(frozen=True)
 class JobRef:
     namespace: str
@@ -112,16 +117,22 @@ class Kube:
                 return items
 
     async def patch_status(self, job: JobRef, fields: dict[str, Any]) -> None:
-        """Merge-patch some status fields (progress, cursor, conditions)."""
-        await self._call(
-            self.custom.patch_namespaced_custom_object_status,
-            GROUP,
-            VERSION,
-            job.namespace,
-            PLURAL,
-            job.name,
-            {"status": fields},
-        )
+        """Merge-patch some status fields (progress, cursor, conditions). Raises StatusRefused
+        when the API server's transition rules refuse it."""
+        try:
+            await self._call(
+                self.custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                job.namespace,
+                PLURAL,
+                job.name,
+                {"status": fields},
+            )
+        except ApiException as err:
+            if err.status == 422:
+                raise StatusRefused(_refusal(err)) from err
+            raise
 
     async def guarded_status(
         self,
@@ -371,5 +382,13 @@ def _lease_object(lease: Any) -> LeaseObject:
 def _reason(err: ApiException) -> str:
     try:
         return str(json.loads(err.body).get("message", err.reason))
+    except (TypeError, ValueError):
+        return str(err.reason)
+
+
+def _refusal(err: ApiException) -> str:
+    """The API server's own words for a refused write (its Status message), else the reason."""
+    try:
+        return str(json.loads(err.body or "{}").get("message") or err.reason)
     except (TypeError, ValueError):
         return str(err.reason)

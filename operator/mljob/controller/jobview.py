@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from mljob.adapters.kube import JobRef, Kube
+from mljob.adapters.kube import JobRef, Kube, StatusRefused
 from mljob.adapters.tasks import DispatchTarget
 from mljob.api.models import MAX_DIAGNOSTICS, TERMINAL_PHASES, MLJobSpec, Phase
 from mljob.core import index, reconcile
@@ -93,12 +93,25 @@ class JobView:
         self.status = dict(fresh.get("status") or {})
         return True
 
+    def adopt_body_status(self) -> None:
+        """Take the watched status for the truth: a replica that only watched wrote none of it
+        (the leader did), so its own copy is the one of the first event it saw."""
+        self.status = dict(self.body.get("status") or {})
+
     async def write(self, fields: dict[str, Any]) -> None:
-        """Merge-patch only what differs from the view: an idle tick writes nothing."""
+        """Merge-patch only what differs from the view: an idle tick writes nothing.
+
+        When the API server refuses the patch as a move backwards, this view was behind the
+        stored status (another replica wrote it, the watch had not caught up): the status is
+        read again, so the next tick decides on what is stored, and the refusal re-raised."""
         delta = reconcile.status_delta(self.status, fields)
         if not delta:
             return
-        await self.kube.patch_status(self.ref, delta)
+        try:
+            await self.kube.patch_status(self.ref, delta)
+        except StatusRefused:
+            await self.reload()
+            raise
         self.status.update(delta)
 
     def conditions_with(self, *updates: tuple[str, str, str, str]) -> list[dict[str, Any]]:

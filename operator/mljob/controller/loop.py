@@ -62,9 +62,11 @@ class JobLoop:
         self.view.body = body
 
     def watch_afresh(self) -> None:
-        """Activity is counted from now (this replica starts working on the job): a restart or a
-        failover never counts as a stall."""
+        """This replica starts working on the job (at start, or taking over from another):
+        activity is counted from now, so a restart or a failover never counts as a stall, and
+        the status is the watched one, which the previous leader wrote."""
         self.watching_since = time.time()
+        self.view.adopt_body_status()
 
     def wants_counts(self) -> bool:
         """Whether the next tick reads the job's Redis counts (so a batched read can serve it)."""

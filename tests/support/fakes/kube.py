@@ -10,7 +10,7 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from mljob.adapters.kube import GuardFailed, JobRef
+from mljob.adapters.kube import GuardFailed, JobRef, StatusRefused
 from mljob.api.models import GROUP, KIND, VERSION, Phase
 from mljob.core.phases import CEL_TRANSITION_MESSAGE, can_transition
 
@@ -144,8 +144,12 @@ class FakeKube:
         ]
 
     async def patch_status(self, job: JobRef, fields: dict[str, Any]) -> None:
+        """As the adapter: the server's transition rules refuse with StatusRefused."""
         body = self._live(job)
-        self._commit(body, _merge(body.get("status") or {}, fields))
+        try:
+            self._commit(body, _merge(body.get("status") or {}, fields))
+        except ApiException as err:
+            raise StatusRefused(str(err.reason)) from err
 
     async def guarded_status(
         self,
