@@ -163,7 +163,7 @@ def test_postgres_primary_killed_the_standby_promoted(ha: HA) -> None:
         postgres_ha.kill_primary(ha.devstack())
         postgres_ha.wait_primary(ha.devstack(), other_than=old)
         recovered = time.monotonic()
-        postgres_ha.start_node(ha.devstack(), old)  # back as a standby
+        postgres_ha.start_node(ha.devstack(), old.n)  # back as a standby
         return recovered
 
     _run(ha, "pgfail", fault)
@@ -207,7 +207,7 @@ def test_one_node_of_each_killed_within_ten_seconds(ha: HA) -> None:
         postgres_ha.wait_primary(ha.devstack(), other_than=pg_old)
         recovered = time.monotonic()
         redis_cluster.start_node(ha.devstack(), redis_primary)
-        postgres_ha.start_node(ha.devstack(), pg_old)
+        postgres_ha.start_node(ha.devstack(), pg_old.n)
         return recovered
 
     _run(ha, "allatonce", fault)

@@ -150,7 +150,13 @@ class E2E:
             return {item: outcome for item, outcome in cur.fetchall()}
 
     def redis_keys(self, uid: str) -> list[str]:
-        client = redis.Redis.from_url(self.stack.redis_url, decode_responses=True)
+        """The job's keys: on a Redis Cluster they share the `{uid}` slot, so its primary holds
+        them all; the cluster client's scan asks every primary, which finds strays too."""
+        client: redis.Redis | redis.RedisCluster
+        if self.stack.cluster_vars.get("MLJOB_REDIS_CLUSTER") == "true":
+            client = redis.RedisCluster.from_url(self.stack.redis_url, decode_responses=True)
+        else:
+            client = redis.Redis.from_url(self.stack.redis_url, decode_responses=True)
         try:
             return list(client.scan_iter(match=f"{self.prefix}:{{{uid}}}:*"))
         finally:

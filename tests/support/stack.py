@@ -16,7 +16,7 @@ from support.harness import ROLE_VARS, ROOT, connect_nats, nats_identity
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
-__all__ = ["CRD_DIR", "NATS_VARS", "ROOT", "SERVICE_VARS", "Kubectl", "StackEnv"]
+__all__ = ["CLUSTER_VARS", "CRD_DIR", "NATS_VARS", "ROOT", "SERVICE_VARS", "Kubectl", "StackEnv"]
 
 CRD_DIR = ROOT / "crds"
 SERVICE_VARS = ("KUBECONFIG", "MLJOB_NATS_URL", "MLJOB_REDIS_URL", "MLJOB_POSTGRES_DSN")
@@ -27,6 +27,16 @@ NATS_VARS = (
     "MLJOB_NATS_PASSWORD",
     "MLJOB_NATS_TLS_CA_FILE",
     *(v for pair in ROLE_VARS.values() for v in pair),
+)
+#: What a clustered stack (`mljob dev stack up --ha`) exports besides the addresses: every
+#: process of a test runs with them, so it speaks to the cluster the way the stack's own do.
+CLUSTER_VARS = (
+    "MLJOB_REDIS_CLUSTER",
+    "MLJOB_REDIS_CLUSTER_NODES",
+    "MLJOB_STREAM_REPLICAS",
+    "MLJOB_CONSUMER_REPLICAS",
+    "MLJOB_NATS_MONITOR_URLS",
+    "MLJOB_STACK_HA",
 )
 
 
@@ -40,6 +50,12 @@ class StackEnv:
     directory: str
     #: NATS_VARS and the ROLE_VARS, as the stack exported them
     nats_vars: dict[str, str] = field(default_factory=dict)
+    #: CLUSTER_VARS, as a clustered stack exported them (empty for the single-node stack)
+    cluster_vars: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def clustered(self) -> bool:
+        return self.cluster_vars.get("MLJOB_STACK_HA") == "1"
 
     @classmethod
     def of(cls, env: dict[str, str]) -> StackEnv:
@@ -52,6 +68,7 @@ class StackEnv:
             postgres_dsn=env["MLJOB_POSTGRES_DSN"],
             directory=env["MLJOB_STACK_DIR"],
             nats_vars={k: env[k] for k in NATS_VARS if env.get(k)},
+            cluster_vars={k: env[k] for k in CLUSTER_VARS if env.get(k)},
         )
 
     def as_env(self, role: str = "operator") -> dict[str, str]:
@@ -63,6 +80,7 @@ class StackEnv:
             "MLJOB_REDIS_URL": self.redis_url,
             "MLJOB_POSTGRES_DSN": self.postgres_dsn,
             **self.nats_vars,
+            **self.cluster_vars,
             **self.nats_identity(role),
         }
 

@@ -136,6 +136,22 @@ def primary(stack: Stack) -> PostgresNode | None:
     return None
 
 
+def wait_primary(stack: Stack, other_than: PostgresNode | None = None, timeout: float = 90.0) -> PostgresNode:
+    """Wait until a node (another than `other_than`, the one just lost) is primary and takes
+    writes; that node. Patroni promotes a standby once the lost leader's key expires (its TTL)."""
+    found: list[PostgresNode] = []
+
+    def promoted() -> bool:
+        leader = primary(stack)
+        if leader is None or (other_than is not None and leader.n == other_than.n):
+            return False
+        found.append(leader)
+        return True
+
+    _wait(stack, promoted, timeout, "a Postgres standby to be promoted")
+    return found[-1]
+
+
 def _writable(node: PostgresNode) -> bool:
     import psycopg
 
