@@ -53,7 +53,8 @@ class HA(E2E):
                 *("--namespace", self.namespace, "--leader-elect", "--no-collector"),
                 *("--lease-namespace", self.namespace),
             ),
-            {**self.env, **LEASE, **env},
+            # Each replica its own metrics port (two on one host cannot share the default).
+            {**self.env, **LEASE, "MLJOB_METRICS_PORT": "0", **env},
             self.log_dir,
         )
         self.operators.append(proc)
