@@ -9,10 +9,9 @@ Clients get all three client URLs, comma-separated, in MLJOB_NATS_URL (natsconn 
 server list), so a client whose node goes away reconnects to another.
 
 Timings: a leader change is driven by JetStream's RAFT election timeout (4-9 s, fixed in the
-server); what the config can shorten is how long a peer that stops answering (without closing its
-sockets) is still taken for alive: route pings every second, two missed ones and the route is
-dropped (`nats_config.ROUTE_PING_*`). A SIGKILLed node's routes close at once on loopback, so its
-streams' followers elect a new leader within the election timeout, a few seconds.
+server). A SIGKILLed or stopped node's routes close at once on loopback, so its streams'
+followers elect a new leader within the election timeout, a few seconds. Route pings keep the
+server's defaults: shorter ones drop the routes of a node that is only busy (nats_config).
 
 Leaders are read from the nodes' monitor (`/jsz`), which needs no credentials: a node's own
 report of the groups it leads (a leader knows it leads; a follower's view may lag).
