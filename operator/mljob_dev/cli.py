@@ -53,9 +53,34 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     if args.action == "env":
         print(devstack.Stack.load(directory).export_lines())
         return 0
+    if args.action in ("kill", "start", "leaders"):
+        return _cmd_cluster_node(directory, args.action, args.service)
     devstack.down(directory)
     if POINTER.exists() and POINTER.read_text().strip() == str(directory):
         POINTER.unlink()
+    return 0
+
+
+def _cmd_cluster_node(directory: Path, action: str, node: str | None) -> int:
+    """`kill NODE`, `start NODE`, `leaders` on a clustered stack (devstack/cluster_nodes.py)."""
+    import json
+
+    from mljob_dev.devstack import cluster_nodes
+    from mljob_dev.devstack.stack import Stack, StackError
+
+    try:
+        stack = Stack.load(directory)
+        if action == "leaders":
+            print(json.dumps(cluster_nodes.leaders(stack), indent=2))
+            return 0
+        if not node:
+            print(f"error: name the node: {', '.join(cluster_nodes.names(stack))}", file=sys.stderr)
+            return 2
+        (cluster_nodes.kill if action == "kill" else cluster_nodes.start)(stack, node)
+    except StackError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{'killed' if action == 'kill' else 'started'} {node} in {directory}", file=sys.stderr)
     return 0
 
 
@@ -87,8 +112,13 @@ def add_parsers(sub: Any) -> None:
     """Register `dev` and `chaos` on the `mljob` command's sub-parsers."""
     dev = sub.add_parser("dev", help="local development helpers").add_subparsers(dest="dev", required=True)
     stack = dev.add_parser("stack", help="start/stop the local kube-apiserver, NATS, Redis, Postgres")
-    stack.add_argument("action", choices=["up", "down", "env", "restart"])
-    stack.add_argument("service", nargs="?", help="restart only: nats, redis or postgres")
+    stack.add_argument("action", choices=["up", "down", "env", "restart", "kill", "start", "leaders"])
+    stack.add_argument(
+        "service",
+        nargs="?",
+        help="restart: nats, redis or postgres; kill/start (a clustered stack's node, SIGKILL and "
+        "back): nats-1..3, redis-cluster-1..6, patroni-1..2; leaders: who leads what",
+    )
     stack.add_argument("--dir", help="stack directory (default: a new temporary directory)")
     stack.add_argument(
         "--down-seconds", type=float, default=0.0, help="restart only: stay down this long first"
