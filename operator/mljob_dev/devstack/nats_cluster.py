@@ -148,14 +148,6 @@ def start_node(stack: Stack, which: Node, timeout: float = 60.0) -> NatsNode:
     return found
 
 
-def restart_node(stack: Stack, which: Node, down_seconds: float = 0.0) -> NatsNode:
-    """Stop a node cleanly, keep it down `down_seconds`, start it again (same ports and store)."""
-    stop(stack, which)
-    if down_seconds > 0:
-        time.sleep(down_seconds)
-    return start_node(stack, which)
-
-
 # ---------------------------------------------------------------------- monitor
 def _json(each: NatsNode, path: str, **query: str) -> dict[str, Any]:
     url = f"{each.monitor_url}{path}"
@@ -235,17 +227,4 @@ def stream_leader(stack: Stack, stream: str) -> str | None:
         cluster = detail.get("cluster") or {}
         if detail.get("name") == stream and cluster.get("leader") == each.server_name:
             return each.server_name
-    return None
-
-
-def consumer_leader(stack: Stack, stream: str, consumer: str) -> str | None:
-    """The server name of a consumer's leader (its only host for an R1 consumer), None while
-    there is none."""
-    for each, detail in _groups(stack, {"consumers": "true"}):
-        if detail.get("name") != stream:
-            continue
-        for info in detail.get("consumer_detail") or []:
-            cluster = info.get("cluster") or {}
-            if info.get("name") == consumer and cluster.get("leader") == each.server_name:
-                return each.server_name
     return None
