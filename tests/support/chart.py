@@ -34,6 +34,14 @@ def set_args(values: dict[str, Any]) -> list[str]:
     return out
 
 
+def schema_refusal(values: dict[str, Any]) -> str:
+    """`helm template` with `values`, which the chart's schema must refuse: helm's error text."""
+    proc = helm("template", "rel", str(CHART), *set_args(values), check=False)
+    assert proc.returncode != 0, f"accepted: {values}"
+    assert "values don't meet the specifications of the schema" in proc.stderr
+    return proc.stderr
+
+
 def render(values: dict[str, Any] | None = None, *extra: str, namespace: str = "mljob") -> str:
     return helm(
         "template", "rel", str(CHART), "--namespace", namespace, *set_args(values or {}), *extra
