@@ -56,12 +56,7 @@ def leaders(stack: Stack) -> dict[str, Any]:
     """Who leads what now, as each server reports it: the NATS meta leader and every stream's
     leader, the Redis primaries (by process name), the Postgres primary (None meanwhile)."""
     names(stack)
-    streams: dict[str, str | None] = {}
-    for _node, detail in nats_cluster._groups(stack, {"streams": "true"}):
-        name = str(detail.get("name"))
-        leader = (detail.get("cluster") or {}).get("leader")
-        if leader or name not in streams:
-            streams[name] = leader
+    streams = nats_cluster.stream_leaders(stack)
     primary = postgres_ha.primary(stack)
     redis_primaries = [n.name for n in redis_cluster.nodes(stack) if redis_cluster.role(n.port) == "master"]
     try:

@@ -221,10 +221,18 @@ def _groups(stack: Stack, query: dict[str, str]) -> list[tuple[NatsNode, dict[st
     return out
 
 
+def stream_leaders(stack: Stack) -> dict[str, str | None]:
+    """Every stream an answering node holds -> the server name of its leader, as the leader
+    reports itself (None while there is none)."""
+    leaders: dict[str, str | None] = {}
+    for each, detail in _groups(stack, {"streams": "true"}):
+        name = str(detail.get("name"))
+        leads = (detail.get("cluster") or {}).get("leader") == each.server_name
+        if leads or name not in leaders:
+            leaders[name] = each.server_name if leads else None
+    return leaders
+
+
 def stream_leader(stack: Stack, stream: str) -> str | None:
     """The server name of `stream`'s leader, as the leader reports itself (None while there is none)."""
-    for each, detail in _groups(stack, {"streams": "true"}):
-        cluster = detail.get("cluster") or {}
-        if detail.get("name") == stream and cluster.get("leader") == each.server_name:
-            return each.server_name
-    return None
+    return stream_leaders(stack).get(stream)
