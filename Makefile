@@ -46,7 +46,7 @@ test-node: venv
 	@scripts/install-deps --node
 	@scripts/run-node-tests
 
-# The clustered stack's fault tests (tests/ha): a clustered stack of their own; not in CI yet (.ci/run says why).
+# The clustered stack's fault tests (tests/ha): a clustered stack of their own; CI runs them after test-node.
 test-ha: deps venv tools
 	@scripts/install-deps --ha
 	@scripts/run-ha-tests

@@ -367,9 +367,24 @@ class WorkerSettings(NatsSettings):
         shown="`<host>-<pid>`",
         default_factory=default_worker_id,
     )
-    publish_attempts: int = _var("WORKER_PUBLISH_ATTEMPTS", 5, "tries to publish a result", ge=1)
+    publish_attempts: int = _var(
+        "WORKER_PUBLISH_ATTEMPTS",
+        5,
+        "tries to publish a result, at the least, before its task is NAKed",
+        ge=1,
+    )
     publish_backoff_seconds: float = _var(
-        "WORKER_PUBLISH_BACKOFF_SECONDS", 0.2, "first delay between publish tries (doubled each time)", ge=0
+        "WORKER_PUBLISH_BACKOFF_SECONDS",
+        0.2,
+        "first delay between publish tries (doubled each time, at most 2 s)",
+        ge=0,
+    )
+    publish_patience_seconds: float = _var(
+        "WORKER_PUBLISH_PATIENCE_SECONDS",
+        60.0,
+        "how long a result's publish is retried, at the least, before its task is NAKed: longer than "
+        "a JetStream leader election or a node's restart, so an outage costs no delivery",
+        ge=0,
     )
     publish_timeout_seconds: float = _var(
         "WORKER_PUBLISH_TIMEOUT_SECONDS",

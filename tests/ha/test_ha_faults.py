@@ -15,7 +15,6 @@ run of each fault is not in bench/ yet.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 from collections.abc import Callable
@@ -74,17 +73,24 @@ def _run(ha: HA, name: str, fault: Callable[[HA, str], float]) -> None:
 
 
 # ---------------------------------------------------------------------- NATS
-def _stream_leader(ha: HA, stream: str) -> str:
-    async def ask() -> str:
-        nc = await ha.stack.nats()
-        try:
-            info = await nc.jetstream().stream_info(stream)
-            assert info.cluster is not None and info.cluster.leader, info
-            return str(info.cluster.leader)
-        finally:
-            await nc.close()
+def _leader(ha: HA, stream: str | None = None, timeout: float = 60.0) -> str:
+    """The server leading `stream` (the meta group when None), as the leader reports itself on
+    its monitor: waited for, since the fault before may have left an election going on (the
+    JetStream API itself does not answer then)."""
+    from mljob_dev.devstack import nats_cluster
+    from mljob_dev.devstack.stack import StackError
 
-    return asyncio.run(ask())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stack = ha.devstack()
+            leader = nats_cluster.stream_leader(stack, stream) if stream else nats_cluster.meta_leader(stack)
+        except StackError:
+            leader = None
+        if leader:
+            return leader
+        assert time.monotonic() < deadline, f"no leader of {stream or 'the meta group'} within {timeout:g}s"
+        time.sleep(0.5)
 
 
 def _kill_nats_server(ha: HA, server: str, down: float = 5.0) -> float:
@@ -102,18 +108,17 @@ def _kill_nats_server(ha: HA, server: str, down: float = 5.0) -> float:
 def test_nats_leaders_killed_one_after_another(ha: HA) -> None:
     """The task stream's leader, then the results stream's, then the meta leader: each killed
     (SIGKILL) and restarted while the job runs."""
-    from mljob_dev.devstack import nats_cluster
 
     name = "natsleaders"
     uid, ids = _start_job(ha, name)
     seen = _under_way(ha, name, 0.10)
-    recovered = _kill_nats_server(ha, _stream_leader(ha, protocol.task_stream(PIPELINE)))
+    recovered = _kill_nats_server(ha, _leader(ha, protocol.task_stream(PIPELINE)))
     ha.wait_progress(name, seen, timeout=RECOVERY_BOUND)
     seen = ha.progress(name)
-    recovered = _kill_nats_server(ha, _stream_leader(ha, protocol.RESULTS_STREAM))
+    recovered = _kill_nats_server(ha, _leader(ha, protocol.RESULTS_STREAM))
     ha.wait_progress(name, seen, timeout=RECOVERY_BOUND)
     seen = ha.progress(name)
-    recovered = _kill_nats_server(ha, nats_cluster.meta_leader(ha.devstack()))
+    recovered = _kill_nats_server(ha, _leader(ha))
     _finish(ha, name, uid, ids, seen, recovered)
 
 
@@ -125,7 +130,7 @@ def test_nats_node_stopped_for_a_minute_and_a_collector_killed(ha: HA) -> None:
     def fault(ha: HA, uid: str) -> float:
         ha.collectors[0].send(signal.SIGKILL)
         stack = ha.devstack()
-        leader = nats_cluster.node_of_server(stack, _stream_leader(ha, protocol.task_stream(PIPELINE)))
+        leader = nats_cluster.node_of_server(stack, _leader(ha, protocol.task_stream(PIPELINE)))
         other = next(n for n in nats_cluster.nodes(stack) if n != leader)
         nats_cluster.stop(stack, other)
         time.sleep(60)
@@ -192,7 +197,7 @@ def test_one_node_of_each_killed_within_ten_seconds(ha: HA) -> None:
 
     def fault(ha: HA, uid: str) -> float:
         stack = ha.devstack()
-        nats_node = nats_cluster.node_of_server(stack, _stream_leader(ha, protocol.task_stream(PIPELINE)))
+        nats_node = nats_cluster.node_of_server(stack, _leader(ha, protocol.task_stream(PIPELINE)))
         redis_primary = redis_cluster.primary_of(stack, f"{{{uid}}}")
         pg_old = postgres_ha.primary(stack)
         nats_cluster.kill(stack, nats_node)

@@ -465,7 +465,7 @@ async def test_failed_result_publish_is_retried_then_the_task_is_naked_at_once()
 
 @pytest.mark.unit
 def test_publish_retry_backs_off_exponentially() -> None:
-    assert [publish_retry_delay(0.2, tries) for tries in range(1, 5)] == [0.2, 0.4, 0.8, 1.6]
+    assert [publish_retry_delay(0.2, tries) for tries in range(1, 7)] == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
 
 
 @pytest.mark.unit

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from typing import Any
 
+import nats.errors
 import pytest
 
 from mljob import protocol
@@ -298,6 +299,38 @@ async def test_results_never_stored_are_naked_at_once_after_the_last_try() -> No
     await process_batch(lambda tasks: [1, 2], events, msgs(events, ["a", "b"]), fail=True, attempts=3)
     assert [e[0] for e in events] == ["publish"] * 6 + ["nak", "nak"]
     assert ("ack",) not in events and events[-1] == ("nak", None)
+
+
+async def test_a_result_failing_through_an_outage_is_retried_past_its_attempts_and_acked_not_naked() -> None:
+    """A JetStream leader election fails every publish for seconds: within `patience` the result
+    is tried again (more often than `attempts`), stored, and its task ACKed; a NAK would have
+    spent one of the task's deliveries on an item whose result was ready."""
+
+    def outage_for_eight_calls(call: int, message: Any) -> BaseException | None:
+        return nats.errors.NoRespondersError() if call <= 8 else None
+
+    events: Events = []
+    await process_batch(
+        lambda tasks: [1], events, msgs(events, ["a"]), fail=outage_for_eight_calls, attempts=3, patience=30.0
+    )
+    assert [e[0] for e in events] == ["publish"] * 9 + ["ack", "flush"]
+
+
+async def test_a_result_never_stored_is_naked_once_its_patience_is_spent_even_past_its_attempts() -> None:
+    events: Events = []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await process_batch(lambda tasks: [1], events, msgs(events, ["a"]), fail=True, attempts=2, patience=0.3)
+    assert loop.time() - started >= 0.3
+    assert settled(events) == [("nak", None)]
+    assert sum(e[0] == "publish" for e in events) > 2
+
+
+def test_the_settle_bound_outlasts_the_patience() -> None:
+    from mljob.worker.results import settle_bound
+
+    assert settle_bound(5, 0.2, 5.0, 5.0, patience=60.0) > 60.0 + 2 * (2 * 5.0 + 5.0)
+    assert settle_bound(5, 0.2, 5.0, 5.0) > 5 * 2 * (2 * 5.0 + 5.0)
 
 
 async def test_a_task_naked_while_its_result_was_being_published_is_not_acked_after() -> None:

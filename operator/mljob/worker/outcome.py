@@ -164,7 +164,12 @@ def encode_bounded(
     return replacement.encode(), problem
 
 
+#: The longest wait between two tries of a result's publish: the stream is back (a new leader
+#: elected) at most this long before the result is stored.
+MAX_PUBLISH_RETRY_DELAY = 2.0
+
+
 def publish_retry_delay(first_delay: float, tries: int) -> float:
     """Seconds before a result whose publish failed `tries` times is published again: the first
-    delay, doubled after each failed try."""
-    return first_delay * 2.0 ** (tries - 1)
+    delay, doubled after each failed try, at most MAX_PUBLISH_RETRY_DELAY."""
+    return min(MAX_PUBLISH_RETRY_DELAY, first_delay * 2.0 ** min(tries - 1, 30))

@@ -10,8 +10,12 @@ Why plain, unconfirmed acks are safe: the result is durable before its task is a
 that gets lost only means a redelivery, whose result carries the same `Nats-Msg-Id` (the results
 stream drops it) and the same primary key in the ledger (the collector counts each item once).
 
-A result the stream did not confirm is retried (`attempts` tries, waiting `backoff` seconds,
-then doubling) and its task NAKed without delay after the last failure, so it comes back at once.
+A result the stream did not confirm is retried (waiting `backoff` seconds, then doubling, at
+most 2 s) for at least `attempts` tries and at least `patience` seconds from its first failure;
+only then is its task NAKed without delay, so it comes back at once. The patience is what makes
+a NATS outage cost nothing: a JetStream leader election takes seconds (4-9 s measured on the
+clustered stack), and a NAK per outage would use up a task's deliveries (`maxDeliver`) and fail
+an item whose result was ready. Meanwhile the task's heartbeat (runner.py) keeps it in progress.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ from dataclasses import dataclass, field
 
 from mljob import protocol
 from mljob.transport.jspublish import DEFAULT_WINDOW, Outgoing
-from mljob.worker.outcome import Publish, describe, encode_bounded, publish_retry_delay
+from mljob.worker.outcome import (
+    MAX_PUBLISH_RETRY_DELAY,
+    Publish,
+    describe,
+    encode_bounded,
+    publish_retry_delay,
+)
 from mljob.worker.taskmsg import TaskMsg
 
 log = logging.getLogger(__name__)
@@ -59,6 +69,8 @@ class _Pending:
     term: bool
     settlement: _Settlement
     tries: int = 0
+    #: Event-loop time of the first failed try (None while none failed).
+    first_failure: float | None = None
     resolved: bool = False
 
     def resolve(self) -> None:
@@ -77,6 +89,8 @@ class ResultPublisher:
     flush: Flush
     attempts: int = 5
     backoff: float = 0.2
+    #: Seconds from a result's first failed try during which it is retried (see the module doc).
+    patience: float = 60.0
     #: The longest a task waits for its result to be settled (a safety net; see `settle_bound`).
     wait_bound: float = 300.0
     crash_after_result: str | None = field(
@@ -189,6 +203,15 @@ class ResultPublisher:
                 self.crash_after_result,
             )
             os._exit(137)
+        retried = [p for p in stored if p.first_failure is not None]
+        if retried:
+            now = asyncio.get_running_loop().time()
+            log.info(
+                "%d result(s) stored after failed tries (at most %d tries, %.1fs)",
+                len(retried),
+                max(p.tries for p in retried) + 1,
+                max(now - (p.first_failure or now) for p in retried),
+            )
         sent = 0
         for p in stored:
             sent += await (p.task.term() if p.term else p.task.ack())
@@ -210,15 +233,19 @@ class ResultPublisher:
     async def _retry_or_give_up(self, failed: list[tuple[_Pending, BaseException]]) -> None:
         loop = asyncio.get_running_loop()
         again: dict[int, list[_Pending]] = {}
+        now = loop.time()
         for p, err in failed:
             p.tries += 1
-            if p.tries >= self.attempts:
+            if p.first_failure is None:
+                p.first_failure = now
+            if p.tries >= self.attempts and now - p.first_failure >= self.patience:
                 log.warning(
-                    "publishing the result of item %s of job %s failed %d times, giving up: %s; "
-                    "NAK it for immediate redelivery",
+                    "publishing the result of item %s of job %s failed %d times in %.0fs, giving up: "
+                    "%s; NAK it for immediate redelivery",
                     p.item_id,
                     p.uid,
                     p.tries,
+                    now - p.first_failure,
                     describe(err),
                 )
                 await p.task.nak()
@@ -227,12 +254,18 @@ class ResultPublisher:
                 again.setdefault(p.tries, []).append(p)
         for tries, retried in again.items():
             delay = publish_retry_delay(self.backoff, tries)
-            log.warning(
-                "publishing %d result(s) failed (try %d/%d), retrying in %.1fs: %s",
+            # One warning when a result's publish starts failing, DEBUG while it goes on (a
+            # retry every 2 s of every result in flight would flood the log during an outage).
+            level = logging.WARNING if tries == 1 else logging.DEBUG
+            log.log(
+                level,
+                "publishing %d result(s) failed (try %d), retrying in %.1fs for at least %d tries "
+                "and %.0fs before NAKing: %s",
                 len(retried),
                 tries,
-                self.attempts,
                 delay,
+                self.attempts,
+                self.patience,
                 describe(next(err for p, err in failed if p is retried[0])),
             )
             loop.call_later(delay, self._requeue, retried)
@@ -242,13 +275,16 @@ class ResultPublisher:
         self._ready.set()
 
 
-def settle_bound(attempts: int, backoff: float, publish_timeout: float, flush_timeout: float) -> float:
+def settle_bound(
+    attempts: int, backoff: float, publish_timeout: float, flush_timeout: float, patience: float = 0.0
+) -> float:
     """How long a result can take to be settled when nothing is broken but the servers: per try,
     the group ahead of it and its own group each wait at most twice the publish timeout (a free
-    window slot, then the PubAcks) plus the flush; plus the backoffs; plus a margin."""
-    per_group = 2 * publish_timeout + flush_timeout
-    backoffs = backoff * float(2**attempts - 1)
-    return attempts * 2 * per_group + backoffs + 10.0
+    window slot, then the PubAcks) plus the flush; the tries are `attempts` of them with their
+    backoffs, or as many as fit in `patience` and one more; plus a margin."""
+    per_try = 2 * (2 * publish_timeout + flush_timeout)
+    backoffs = sum(publish_retry_delay(backoff, tries) for tries in range(1, attempts + 1))
+    return max(attempts * per_try + backoffs, patience + per_try + MAX_PUBLISH_RETRY_DELAY) + 10.0
 
 
 __all__ = ["CRASH_AFTER_RESULT_ENV", "Flush", "PublishMany", "ResultPublisher", "settle_bound"]

@@ -189,12 +189,14 @@ class Worker:
             config.publish_backoff_seconds,
             config.publish_timeout_seconds,
             config.ack_timeout_seconds,
+            config.publish_patience_seconds,
         )
         return ResultPublisher(
             publish_many,
             flush,
             attempts=config.publish_attempts,
             backoff=config.publish_backoff_seconds,
+            patience=config.publish_patience_seconds,
             wait_bound=bound,
         )
 

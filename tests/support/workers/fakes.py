@@ -81,10 +81,11 @@ Failing = Callable[[int, Outgoing], BaseException | None]
 
 
 def recording_publisher(
-    events: Events, *, fail: bool | Failing = False, attempts: int = 5, **kw: Any
+    events: Events, *, fail: bool | Failing = False, attempts: int = 5, patience: float = 0.0, **kw: Any
 ) -> ResultPublisher:
     """A ResultPublisher whose publish and flush append to `events`; `fail`: every message
-    fails (True), or a function of (call number, message) returning the error, or None."""
+    fails (True), or a function of (call number, message) returning the error, or None.
+    No patience unless asked for: `attempts` alone decides when a failing result is NAKed."""
     calls = 0
 
     async def publish_many(messages: Sequence[Outgoing]) -> dict[int, BaseException]:
@@ -107,7 +108,13 @@ def recording_publisher(
         events.append(("flush",))
 
     return ResultPublisher(
-        publish_many, flush, attempts=attempts, backoff=0.001, crash_after_result=None, **kw
+        publish_many,
+        flush,
+        attempts=attempts,
+        backoff=0.001,
+        patience=patience,
+        crash_after_result=None,
+        **kw,
     )
 
 
