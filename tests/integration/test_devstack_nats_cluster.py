@@ -155,3 +155,62 @@ async def test_the_stream_leaders_loss_elects_another_and_the_killed_node_catche
     finally:
         await admin.close()
         await nc.close()
+
+
+async def test_a_replicated_task_stream_gives_each_job_a_one_replica_consumer(cluster: Stack) -> None:
+    """Issue 15's consumer design: an R3 task stream is created with limits retention and each
+    job's consumer at one replica (no RAFT group per MLJob). Tasks are delivered, ACKed and
+    stay stored until the job's cleanup purges them; a work-queue stream made at R3 before
+    keeps its rule (its consumers at the stream's count, the only one NATS accepts)."""
+    from nats.js.api import RetentionPolicy, StreamConfig
+
+    nc = await _connect(cluster)
+    admin = await _connect(cluster, "admin")
+    try:
+        js = nc.jetstream()
+        uid = "0c0ffee0-0000-4000-8000-0000000000a1"
+        settings = jetstream.JobStreamSettings(
+            uid=uid, namespace="ns", name="r1", pipeline="clustered-r1", replicas=3
+        )
+        entry = await jetstream.ensure_job_stream(js, settings)
+        stream = await js.stream_info(entry.stream)
+        assert (stream.config.retention, stream.config.num_replicas) == (RetentionPolicy.LIMITS, 3)
+        consumer = await js.consumer_info(entry.stream, entry.consumer)
+        assert consumer.config.num_replicas == 1
+        assert consumer.cluster is not None and not consumer.cluster.replicas  # one server holds it
+
+        for i in range(10):
+            await js.publish(entry.subject, b"{}", timeout=5, headers={"Nats-Msg-Id": f"{uid}:{i}"})
+        worker = await _connect(cluster, "worker")
+        try:
+            sub = await worker.jetstream().pull_subscribe_bind(entry.consumer, entry.stream)
+            got = await sub.fetch(10, timeout=5)
+            for msg in got:
+                await msg.ack_sync()
+        finally:
+            await worker.close()
+        assert len(got) == 10
+        info = await js.consumer_info(entry.stream, entry.consumer)
+        assert (info.num_pending, info.num_ack_pending) == (0, 0)
+        assert await jetstream.job_task_count(js, "clustered-r1", uid) == 10  # kept until cleanup
+        assert await jetstream.delete_job_tasks(js, "clustered-r1", uid)
+        assert await jetstream.job_task_count(js, "clustered-r1", uid) == 0
+
+        old = protocol.task_stream("clustered-wq")
+        await admin.jetstream().add_stream(
+            StreamConfig(
+                name=old,
+                subjects=[protocol.task_stream_subjects("clustered-wq")],
+                retention=RetentionPolicy.WORK_QUEUE,
+                num_replicas=3,
+            )
+        )
+        wq = jetstream.JobStreamSettings(
+            uid=uid, namespace="ns", name="wq", pipeline="clustered-wq", replicas=3
+        )
+        entry = await jetstream.ensure_job_stream(js, wq)
+        consumer = await js.consumer_info(entry.stream, entry.consumer)
+        assert consumer.cluster is not None and len(consumer.cluster.replicas or []) == 2
+    finally:
+        await admin.close()
+        await nc.close()

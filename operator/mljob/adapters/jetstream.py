@@ -39,17 +39,37 @@ class JobStreamSettings:
     ack_wait_seconds: float = 60.0
     max_ack_pending: int = 1000
     replicas: int = 1
-    #: The job consumer's replicas; None: the stream's (a work-queue stream accepts no other).
+    #: The job consumer's replicas; None: one on a limits stream, the stream's on a work-queue
+    #: stream (which accepts no other, NATS error 10134).
     consumer_replicas: int | None = None
 
 
+def task_stream_retention(replicas: int) -> RetentionPolicy:
+    """Work queue on one server, limits when replicated. Why: a replicated work-queue stream
+    accepts only consumers of its own replica count, so every job's consumer would be a RAFT
+    group of its own (68 ms to create on the 3-node stack, and the cluster's load grows with
+    every running MLJob: nats-server #5451). A limits stream takes R1 consumers (8 ms, no RAFT
+    group); the price is that a task stays stored until its job's cleanup purges it rather
+    than until its ACK (docs/architecture.md, "Scale")."""
+    return RetentionPolicy.WORK_QUEUE if replicas <= 1 else RetentionPolicy.LIMITS
+
+
+def job_consumer_replicas(retention: RetentionPolicy | str | None, configured: int | None) -> int | None:
+    """The replicas a job's consumer is created with (None: the stream's)."""
+    if configured is not None:
+        return configured
+    return 1 if retention == RetentionPolicy.LIMITS else None  # the server's answer is a plain str
+
+
 async def ensure_job_stream(js: JetStreamContext, settings: JobStreamSettings) -> protocol.RegistryEntry:
-    """Create (idempotently) the pipeline's work-queue stream and the job's durable pull consumer.
+    """Create (idempotently) the pipeline's task stream and the job's durable pull consumer.
 
     The stream is shared by the pipeline's jobs; each job's consumer is filtered to the job's own
-    subject, so the consumers never overlap (a work-queue stream requires that).
+    subject, so the consumers never overlap (a work-queue stream requires that). The consumer is
+    R1 on a replicated (limits) stream, see `task_stream_retention`; a stream created before
+    keeps its retention, and its consumers their rule.
     """
-    stream = await ensure_pipeline_stream(js, settings.pipeline, settings.replicas)
+    stream, retention = await _pipeline_stream(js, settings.pipeline, settings.replicas)
     subject = protocol.task_subject(settings.pipeline, settings.uid)
     consumer = protocol.task_consumer(settings.uid)
     await js.add_consumer(
@@ -61,7 +81,7 @@ async def ensure_job_stream(js: JetStreamContext, settings: JobStreamSettings) -
             ack_wait=float(settings.ack_wait_seconds),
             max_ack_pending=settings.max_ack_pending,
             filter_subject=subject,
-            num_replicas=settings.consumer_replicas,
+            num_replicas=job_consumer_replicas(retention, settings.consumer_replicas),
         ),
     )
     return protocol.RegistryEntry(
@@ -78,24 +98,32 @@ async def ensure_job_stream(js: JetStreamContext, settings: JobStreamSettings) -
 
 async def ensure_pipeline_stream(js: JetStreamContext, pipeline: str, replicas: int = 1) -> str:
     """The pipeline's task stream, created when missing (never reconfigured); returns its name."""
+    stream, _ = await _pipeline_stream(js, pipeline, replicas)
+    return stream
+
+
+async def _pipeline_stream(
+    js: JetStreamContext, pipeline: str, replicas: int
+) -> tuple[str, RetentionPolicy | str | None]:
+    """The stream's name and retention (as stored: an existing stream is never reconfigured)."""
     stream = protocol.task_stream(pipeline)
     config = StreamConfig(
         name=stream,
         subjects=[protocol.task_stream_subjects(pipeline)],
-        retention=RetentionPolicy.WORK_QUEUE,
+        retention=task_stream_retention(replicas),
         storage=StorageType.FILE,
         num_replicas=replicas,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
         discard=DiscardPolicy.OLD,
     )
     try:
-        await js.stream_info(stream)
+        info = await js.stream_info(stream)
     except NotFoundError:
         try:
-            await js.add_stream(config)
+            info = await js.add_stream(config)
         except BadRequestError:  # another job of the pipeline created it meanwhile
-            await js.stream_info(stream)
-    return stream
+            info = await js.stream_info(stream)
+    return stream, info.config.retention
 
 
 async def delete_job_tasks(js: JetStreamContext, pipeline: str, uid: str) -> bool:
