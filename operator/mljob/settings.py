@@ -1,4 +1,4 @@
-"""Every MLJOB_* setting of the operator, the collector and the worker, in one place.
+"""Every MLJOB_* setting of the operator, the collector, the API and the worker, in one place.
 
 Each field names its environment variable, type, default and meaning; the README's table is
 rendered from these classes (`python -m mljob.settings`) and a test keeps the two equal. Command
@@ -104,8 +104,9 @@ class NatsSettings(BaseSettings):
         return level
 
 
-class CollectorSettings(NatsSettings):
-    """The collector's stores (the operator shares them: it runs the collector in-process)."""
+class StoreSettings(NatsSettings):
+    """Where the stores are: what every process that reads Redis and Postgres needs besides NATS
+    (the collector, the operator, the read-only API)."""
 
     redis_url: str = _var("REDIS_URL", "redis://127.0.0.1:6379/0", "per-item state")
     redis_cluster: bool = _var(
@@ -124,14 +125,24 @@ class CollectorSettings(NatsSettings):
         shown="search_path default",
     )
     redis_prefix: str = _var("REDIS_PREFIX", "mljob", "key prefix (`<prefix>:{<uid>}:pending` …)")
-    stream_replicas: int = _var(
-        "STREAM_REPLICAS", 1, "JetStream replicas of streams and the registry (results stream too)", ge=1
-    )
     redis_max_connections: int = _var(
         "REDIS_MAX_CONNECTIONS",
         32,
         "Redis connections per process; a call waits for a free one rather than failing",
         ge=1,
+    )
+
+    @field_validator("postgres_schema", mode="before")
+    @classmethod
+    def _schema_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
+class CollectorSettings(StoreSettings):
+    """The collector's knobs (the operator shares them: it runs the collector in-process)."""
+
+    stream_replicas: int = _var(
+        "STREAM_REPLICAS", 1, "JetStream replicas of streams and the registry (results stream too)", ge=1
     )
     collector_batch: int = _var(
         "COLLECTOR_BATCH", 256, "results per fetch of the collector (`--batch`)", flag="--batch", ge=1
@@ -152,11 +163,6 @@ class CollectorSettings(NatsSettings):
         ge=0,
         le=65535,
     )
-
-    @field_validator("postgres_schema", mode="before")
-    @classmethod
-    def _schema_unset(cls, value: Any) -> Any:
-        return None if value == "" else value
 
 
 class OperatorSettings(CollectorSettings):
@@ -328,6 +334,20 @@ class OperatorSettings(CollectorSettings):
         return value
 
 
+class ApiSettings(StoreSettings):
+    """The read-only HTTP API (`mljob api`): where it listens, how long it trusts a review."""
+
+    api_host: str = _var("API_HOST", "0.0.0.0", "address the API listens on (`--host`)", flag="--host")
+    api_port: int = _var("API_PORT", 8080, "port of the API (`--port`)", flag="--port", ge=1, le=65535)
+    api_review_cache_seconds: float = _var(
+        "API_REVIEW_CACHE_SECONDS",
+        10.0,
+        "how long the apiserver's answer about a token (TokenReview) or a right (SubjectAccessReview) "
+        "is reused, keyed by a hash of the token (`0`: ask every request)",
+        ge=0,
+    )
+
+
 class WorkerSettings(NatsSettings):
     """A worker process (`mljob worker`, or `WorkerConfig(pipeline=...)` in Python)."""
 
@@ -416,6 +436,7 @@ class WorkerSettings(NatsSettings):
 ROLES: dict[str, type[NatsSettings]] = {
     "operator": OperatorSettings,
     "collector": CollectorSettings,
+    "api": ApiSettings,
     "worker": WorkerSettings,
 }
 
@@ -488,7 +509,14 @@ def shown_default(info: FieldInfo) -> str:
 def rows() -> Iterator[tuple[str, str, str, str]]:
     """(variable, default, used by, meaning) for every setting: shared ones first, then by role."""
     seen: set[str] = set()
-    for cls in (NatsSettings, CollectorSettings, OperatorSettings, WorkerSettings):
+    for cls in (
+        NatsSettings,
+        StoreSettings,
+        CollectorSettings,
+        OperatorSettings,
+        ApiSettings,
+        WorkerSettings,
+    ):
         for field, info in cls.model_fields.items():
             name = env_name(info)
             if name in seen:

@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from mljob.adapters import jetstream, redis_state
 from mljob.adapters.results_store import make_pool
 from mljob.db import migrate
-from mljob.settings import CollectorSettings
+from mljob.settings import CollectorSettings, StoreSettings
 from mljob.transport import natsconn
 
 T = TypeVar("T")
@@ -80,7 +80,7 @@ class Connections:
 
 @overload
 async def open_connections(
-    settings: CollectorSettings,
+    settings: StoreSettings,
     *,
     name: str,
     log: logging.Logger,
@@ -89,12 +89,13 @@ async def open_connections(
     pool_size: int = ...,
     redis_timeout: float | None = ...,
     once: bool = ...,
+    migrations: bool = ...,
 ) -> Connections: ...
 
 
 @overload
 async def open_connections(
-    settings: CollectorSettings,
+    settings: StoreSettings,
     *,
     name: str,
     log: logging.Logger,
@@ -103,11 +104,12 @@ async def open_connections(
     pool_size: int = ...,
     redis_timeout: float | None = ...,
     once: bool = ...,
+    migrations: bool = ...,
 ) -> Connections | None: ...
 
 
 async def open_connections(
-    settings: CollectorSettings,
+    settings: StoreSettings,
     *,
     name: str,
     log: logging.Logger,
@@ -116,6 +118,7 @@ async def open_connections(
     pool_size: int = 10,
     redis_timeout: float | None = None,
     once: bool = False,
+    migrations: bool = True,
 ) -> Connections | None:
     """Connect to everything in one order, retrying what does not answer yet.
 
@@ -123,10 +126,15 @@ async def open_connections(
     None only when `stop` was set before everything answered (whatever was open is closed).
     `redis_timeout` bounds each Redis call once running (None: no bound). `once` is for runbook
     tools that must fail fast: each dependency gets one attempt, and the first that does not
-    answer raises `Unreachable`. Raises `natsconn.CannotStart` for what retrying cannot heal.
+    answer raises `Unreachable`. `migrations=False` (a process that only reads, `mljob api`)
+    applies none: one connection of its own checks that Postgres answers and takes the
+    credentials, then the pool opens. Streams are set up only for `CollectorSettings` (they
+    carry the replica count). Raises `natsconn.CannotStart` for what retrying cannot heal.
     Failing, it sets `stop` (the process is ending) so that closing is not reported as an outage.
     """
     stop = stop if stop is not None else asyncio.Event()  # set only to close quietly
+    if streams and not isinstance(settings, CollectorSettings):
+        raise TypeError("setting up streams needs CollectorSettings (MLJOB_STREAM_REPLICAS)")
 
     def report(what: str) -> natsconn.Report:
         if once:
@@ -176,7 +184,7 @@ async def open_connections(
     )
     try:
         js = nc.jetstream()
-        replicas = settings.stream_replicas
+        replicas = settings.stream_replicas if isinstance(settings, CollectorSettings) else 1
 
         def setting_up(stream: Stream) -> str:
             return (
@@ -201,9 +209,17 @@ async def open_connections(
         )
 
         async def migrate_and_open() -> tuple[list[str], AsyncConnectionPool]:
-            applied = await migrate.startup_migrate(
-                settings.postgres_dsn, settings.postgres_schema, connect_timeout=CONNECT_TIMEOUT_SECONDS
-            )
+            if migrations:
+                applied = await migrate.startup_migrate(
+                    settings.postgres_dsn, settings.postgres_schema, connect_timeout=CONNECT_TIMEOUT_SECONDS
+                )
+            else:  # a connection of its own: a pool reports a refused password as a timeout
+                applied = []
+                await (
+                    await psycopg.AsyncConnection.connect(
+                        settings.postgres_dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS
+                    )
+                ).close()
             # A pool whose first connection timed out is closed by psycopg: a fresh one each time.
             pool = make_pool(
                 settings.postgres_dsn, settings.postgres_schema, min_size=1, max_size=pool_size, name=name

@@ -1,4 +1,5 @@
-"""Kubernetes access: MLJob status writes (merge and guarded JSON patches), ConfigMaps, Events.
+"""Kubernetes access: MLJob status writes (merge and guarded JSON patches), ConfigMaps, Events,
+Leases, and the token and access reviews of the read-only API.
 
 The official client is synchronous; every call runs in a thread of the adapter's own pool (as
 many threads as connections to the API server) so the operator's event loop never blocks on
@@ -72,10 +73,12 @@ class Kube:
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
-    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+    async def get_job(self, namespace: str, name: str, timeout: float | None = None) -> dict[str, Any] | None:
+        """The MLJob, or None when there is none; `timeout` bounds the request (None: the client's)."""
+        options: dict[str, Any] = {} if timeout is None else {"_request_timeout": timeout}
         try:
             body: dict[str, Any] = await self._call(
-                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+                self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, **options
             )
         except ApiException as err:
             if err.status == 404:
@@ -334,6 +337,48 @@ class Kube:
                 raise LeaseConflict(_reason(err)) from err
             raise
         return _lease_object(lease)
+
+    # Reviews (the read-only API, `mljob api`): who a bearer token is, and what that user may do.
+    # Both are create calls that store nothing; the answer is in the returned object's status.
+
+    @functools.cached_property
+    def _authentication(self) -> client.AuthenticationV1Api:
+        return client.AuthenticationV1Api(self.api)
+
+    @functools.cached_property
+    def _authorization(self) -> client.AuthorizationV1Api:
+        return client.AuthorizationV1Api(self.api)
+
+    async def review_token(self, token: str, timeout: float) -> dict[str, Any]:
+        """A TokenReview of `token`: its status as the apiserver returns it (`authenticated`,
+        `user` with `username`, `uid`, `groups`, `extra`; `error`). The token travels in the
+        request body only; the reply echoes it in `spec`, which is dropped here, never logged."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
+        review = await self._call(self._authentication.create_token_review, body, _request_timeout=timeout)
+        status: dict[str, Any] = self.api.sanitize_for_serialization(review.status) or {}
+        return status
+
+    async def review_access(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """A SubjectAccessReview of `spec` (user, groups, uid, extra, resourceAttributes): its
+        status (`allowed`, `denied`, `reason`, `evaluationError`)."""
+        body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec}
+        review = await self._call(
+            self._authorization.create_subject_access_review, body, _request_timeout=timeout
+        )
+        status: dict[str, Any] = self.api.sanitize_for_serialization(review.status) or {}
+        return status
+
+    async def list_jobs_page(
+        self, namespace: str, limit: int, continue_token: str | None, timeout: float
+    ) -> dict[str, Any]:
+        """One page of a namespace's MLJobs (the LIST's `items` and `metadata.continue`)."""
+        kwargs: dict[str, Any] = {"limit": limit, "_request_timeout": timeout}
+        if continue_token:
+            kwargs["_continue"] = continue_token
+        body: dict[str, Any] = await self._call(
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, **kwargs
+        )
+        return body
 
 
 class LeaseConflict(Exception):
