@@ -1,5 +1,5 @@
-"""The `mljob` command: operator, worker, collector, migrations, CRD rendering; from a source
-checkout also the development tools (`mljob dev`, `mljob chaos`, from `mljob_dev`)."""
+"""The `mljob` command: operator, worker, collector, the read-only API, migrations, CRD rendering;
+from a source checkout also the development tools (`mljob dev`, `mljob chaos`, from `mljob_dev`)."""
 
 from __future__ import annotations
 
@@ -72,12 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--schema")
     migrate.set_defaults(func=_cmd_migrate)
 
+    from mljob.cli.api import add_parser as add_api_parser
     from mljob.cli.collector import add_parser as add_collector_parser
     from mljob.cli.operator import add_parser as add_operator_parser
     from mljob.cli.worker import add_parser as add_worker_parser
 
     add_operator_parser(sub)
     add_collector_parser(sub)
+    add_api_parser(sub)
     add_worker_parser(sub)
     try:
         from mljob_dev.cli import add_parsers as add_dev_parsers
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "operator": ("operator", OPERATOR_MODULES),
     "collector": ("operator", OPERATOR_MODULES),
+    "api": ("operator", OPERATOR_MODULES),
     "chaos": ("operator", OPERATOR_MODULES),
     "migrate": ("operator", OPERATOR_MODULES),
     "crd": ("operator", OPERATOR_MODULES),
