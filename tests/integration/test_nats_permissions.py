@@ -293,6 +293,46 @@ async def test_the_collector_collects_and_can_do_nothing_else(world: World, serv
         await collector.nc.close()
 
 
+async def test_the_api_reads_job_consumer_counters_and_can_do_nothing_else(
+    world: World, server: Server
+) -> None:
+    """The read-only API's identity: consumer info of a job's consumer (its summary's NATS part);
+    no pull, ack, publish, stream info, or shared consumer."""
+    uid = await world.job(PIPELINE, tasks=3)
+    reader = await connect(server, nats_config.API_USER)
+    try:
+        js, api = reader.js, nats_permissions.API
+        stream, consumer = protocol.task_stream(PIPELINE), protocol.task_consumer(uid)
+        info = await js.consumer_info(stream, consumer)
+        assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (3, 0, 0)
+        await reader.clean()
+
+        puller = JobPuller(reader.nc, stream, consumer)
+        await puller.start()
+        await reader.refused(f"{api}.CONSUMER.MSG.NEXT.{stream}.{consumer}", lambda: puller.fetch(1))
+        await puller.close()
+        subject = protocol.task_subject(PIPELINE, uid)
+        await reader.refused(subject, lambda: js.publish(subject, b"{}"))
+        await reader.refused(f"{api}.STREAM.INFO.{stream}", lambda: js.stream_info(stream))
+        await reader.refused(f"{api}.STREAM.DELETE.{stream}", lambda: js.delete_stream(stream))
+        await reader.refused(
+            f"{api}.CONSUMER.DELETE.{stream}.{consumer}", lambda: js.delete_consumer(stream, consumer)
+        )
+        results, collector = protocol.RESULTS_STREAM, protocol.RESULTS_CONSUMER
+        await reader.refused(
+            f"{api}.CONSUMER.INFO.{results}.{collector}", lambda: js.consumer_info(results, collector)
+        )
+        await reader.refused(
+            "mljob.results.>",
+            lambda: reader.nc.subscribe("mljob.results.>"),
+            kind="subscription",
+            request=False,
+        )
+        assert (await world.operator.js.consumer_info(stream, consumer)).num_pending == 3
+    finally:
+        await reader.nc.close()
+
+
 async def test_the_operator_captures_max_deliveries_advisories_in_its_account(
     world: World, server: Server
 ) -> None:

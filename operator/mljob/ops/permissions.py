@@ -1,4 +1,5 @@
-"""Least-privilege NATS permissions of the operator, the collector and the workers, as data.
+"""Least-privilege NATS permissions of the operator, the collector, the workers and the read-only
+API, as data.
 
 Why: a worker runs user code next to a NATS credential. If that credential could delete or purge
 streams, publish tasks, rewrite the registry or ack the collector's results, one buggy or
@@ -133,7 +134,27 @@ def worker(pipeline: str | None = None) -> Permissions:
     )
 
 
-ROLES: dict[str, Callable[[], Permissions]] = {"operator": operator, "collector": collector, "worker": worker}
+def api() -> Permissions:
+    """The read-only API (`mljob api`): the counters of the job consumers on the task streams
+    (`consumer info`), nothing else: no pull, no ack, no publish, no stream or shared consumer.
+
+    As for the all-pipelines worker, `*` stands in for the task streams (`MLJOB_TASKS_*` is no
+    NATS wildcard) and the deny list takes the shared streams back out.
+    """
+    shared = (protocol.RESULTS_STREAM, protocol.ADVISORY_STREAM, REGISTRY_STREAM)
+    return Permissions(
+        publish_allow=(f"{API}.CONSUMER.INFO.*.*",),
+        publish_deny=tuple(f"{API}.CONSUMER.INFO.{s}.*" for s in shared),
+        subscribe_allow=(INBOX,),
+    )
+
+
+ROLES: dict[str, Callable[[], Permissions]] = {
+    "operator": operator,
+    "collector": collector,
+    "worker": worker,
+    "api": api,
+}
 
 
 def quote(value: str) -> str:

@@ -1,4 +1,4 @@
-"""The local NATS server's config file: TLS, JetStream and three least-privilege identities.
+"""The local NATS server's config file: TLS, JetStream and a least-privilege identity per role.
 
 Why a config file and not flags: accounts, users and per-user permissions exist only there. The
 stack runs NATS the way a production one should be run (authentication, `tls://`, workers unable
@@ -26,6 +26,7 @@ ACCOUNT = "MLJOB"
 OPERATOR_USER = "mljob-operator"
 COLLECTOR_USER = "mljob-collector"
 WORKER_USER = "mljob-worker"
+API_USER = "mljob-api"
 #: Everything, for tests and hand inspection only (setting up private streams, reading results):
 #: never the identity of a process under test.
 ADMIN_USER = "mljob-dev-admin"
@@ -39,6 +40,7 @@ STACK_USERS: Mapping[str, nats_permissions.Permissions] = {
     OPERATOR_USER: nats_permissions.operator(),
     COLLECTOR_USER: nats_permissions.collector(),
     WORKER_USER: nats_permissions.worker(),
+    API_USER: nats_permissions.api(),
     ADMIN_USER: ADMIN,
 }
 
@@ -93,6 +95,7 @@ class NatsConfig:
 ROLE_VARIABLES = {
     "collector": (COLLECTOR_USER, "MLJOB_DEV_NATS_COLLECTOR"),
     "worker": (WORKER_USER, "MLJOB_DEV_NATS_WORKER"),
+    "api": (API_USER, "MLJOB_DEV_NATS_API"),
     "admin": (ADMIN_USER, "MLJOB_DEV_NATS_ADMIN"),
 }
 #: The NATS settings a stack exports for its default (operator) identity.
