@@ -47,6 +47,22 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* The read-only API's ServiceAccount: its own, so it holds none of the operator's rights. */}}
+{{- define "mljob.apiServiceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- printf "%s-api" (include "mljob.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* What the read-only API reads of MLJobs: a job's status and UID, a namespace's listing. */}}
+{{- define "mljob.apiJobRules" -}}
+- apiGroups: [mljob.dev]
+  resources: [mljobs]
+  verbs: [get, list]
+{{- end -}}
+
 {{- define "mljob.image" -}}
 {{- $tag := default .root.Chart.AppVersion .image.tag -}}
 {{- printf "%s:%s" .image.repository $tag -}}
