@@ -50,8 +50,8 @@ TASK_SUBJECT_PREFIX = "mljob.tasks"
 
 
 def task_stream(pipeline: str) -> str:
-    """The pipeline's work-queue stream, shared by its jobs (a pipeline is a DNS label, and
-    stream names allow [A-Za-z0-9_-])."""
+    """The pipeline's task stream, shared by its jobs (a pipeline is a DNS label, and stream
+    names allow [A-Za-z0-9_-]): a work queue on one server, limits retention when replicated."""
     return f"{TASK_STREAM_PREFIX}{pipeline}"
 
 
@@ -63,9 +63,31 @@ def task_subject(pipeline: str, uid: str) -> str:
     return f"{TASK_SUBJECT_PREFIX}.{pipeline}.{uid}"
 
 
-def task_consumer(uid: str) -> str:
-    """The job's durable pull consumer on its pipeline's stream, filtered to its task subject."""
-    return f"{TASK_CONSUMER_PREFIX}{uid}"
+#: Separates a job's uid from its consumer's generation in the consumer's name.
+CONSUMER_GENERATION_MARK = "-r"
+
+
+def task_consumer(uid: str, generation: int = 0) -> str:
+    """The job's durable pull consumer on its pipeline's stream, filtered to its task subject.
+
+    Generation N > 0 is the consumer's Nth replacement: one-replica consumers live on one NATS
+    server, and one that stopped answering (its server lost) is replaced under a new name,
+    since NATS still holds the old one's assignment. Workers learn the name from the registry
+    entry, never from this function."""
+    suffix = f"{CONSUMER_GENERATION_MARK}{generation}" if generation else ""
+    return f"{TASK_CONSUMER_PREFIX}{uid}{suffix}"
+
+
+def parse_task_consumer(name: str) -> tuple[str, int] | None:
+    """(uid, generation) of a job consumer's name (`task_consumer`'s inverse), else None. The uid
+    is not checked here (core.orphans.is_job_uid does that)."""
+    if not name.startswith(TASK_CONSUMER_PREFIX):
+        return None
+    rest = name[len(TASK_CONSUMER_PREFIX) :]
+    uid, mark, generation = rest.rpartition(CONSUMER_GENERATION_MARK)
+    if mark and generation.isdigit() and generation == str(int(generation)) and int(generation) > 0:
+        return uid, int(generation)
+    return rest, 0
 
 
 def results_subject(pipeline: str, uid: str) -> str:

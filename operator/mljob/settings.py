@@ -217,10 +217,17 @@ class OperatorSettings(CollectorSettings):
     consumer_replicas: int | None = _var(
         "CONSUMER_REPLICAS",
         None,
-        "JetStream replicas of each job's consumer; a work-queue stream (the task streams) takes "
-        "only its own count",
-        shown="the stream's",
+        "JetStream replicas of each job's consumer: by default one on a replicated task stream "
+        "(limits retention), the stream's own on a one-replica (work-queue) stream, which takes no other",
+        shown="1 or the stream's",
         ge=1,
+    )
+    consumer_replace_seconds: float = _var(
+        "CONSUMER_REPLACE_SECONDS",
+        120.0,
+        "a job's consumer that has not answered this long while its stream does (a one-replica "
+        "consumer whose NATS server is lost) is replaced under a new name",
+        gt=0,
     )
     run_collector: bool = _var(
         "RUN_COLLECTOR",

@@ -15,6 +15,7 @@ run of each fault is not in bench/ yet.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Callable
@@ -217,3 +218,60 @@ def test_one_node_of_each_killed_within_ten_seconds(ha: HA) -> None:
         return recovered
 
     _run(ha, "allatonce", fault)
+
+
+# ---------------------------------------------------------------------- a lost server's consumer
+def _consumer_server(ha: HA, uid: str, timeout: float = 60.0) -> str:
+    """The NATS server holding the job's (one-replica) consumer."""
+
+    async def ask() -> str | None:
+        nc = await ha.stack.nats()
+        try:
+            info = await nc.jetstream().consumer_info(
+                protocol.task_stream(PIPELINE), protocol.task_consumer(uid)
+            )
+            return info.cluster.leader if info.cluster is not None else None
+        except Exception:
+            return None
+        finally:
+            await nc.close()
+
+    deadline = time.monotonic() + timeout
+    while (server := asyncio.run(ask())) is None:
+        assert time.monotonic() < deadline, f"the consumer of job {uid} named no server within {timeout:g}s"
+        time.sleep(1)
+    return server
+
+
+@pytest.mark.timeout(900)
+def test_the_nats_node_holding_the_jobs_consumer_lost(ha: HA) -> None:
+    """The server holding the job's one-replica consumer SIGKILLed and kept down: once the
+    consumer has not answered for MLJOB_CONSUMER_REPLACE_SECONDS (20 s here) the operator
+    replaces it under the next generation's name, the workers rebind through the registry, and
+    the job ends exact on two of the three nodes. The server back afterwards, the replaced
+    consumer it still holds is removed (the orphan sweep) and nothing is left behind."""
+    from mljob_dev.devstack import nats_cluster
+
+    name = "consumerlost"
+    uid, ids = _start_job(ha, name)
+    seen = _under_way(ha, name)
+    stack = ha.devstack()
+    node = nats_cluster.node_of_server(stack, _consumer_server(ha, uid))
+    nats_cluster.kill(stack, node)
+    try:
+        ha.wait_progress(name, seen, timeout=20 + RECOVERY_BOUND + 60)  # detection, replacement, rebind
+        status = ha.wait_terminal(name, timeout=420)
+        assert (status["phase"], status["processed"], status["failed"]) == ("Succeeded", ITEMS, 0), ha.logs()
+        assert status.get("consumerGeneration") == 1, status
+        replaced = [c for c in status.get("conditions", []) if c.get("type") == "ConsumerAvailable"]
+        assert replaced and replaced[0]["status"] == "True" and replaced[0]["reason"] == "ConsumerReplaced", (
+            status
+        )
+    finally:
+        nats_cluster.start_node(ha.devstack(), node)
+    nats_cluster.wait_formed(ha.devstack())
+    deadline = time.monotonic() + 120
+    while ha.nats_leftovers(uid, PIPELINE)["consumer"]:
+        assert time.monotonic() < deadline, "the replaced consumer was not removed after its server came back"
+        time.sleep(2)
+    assert_job_invariants(ha, uid, ids, PIPELINE, status)

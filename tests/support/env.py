@@ -174,7 +174,7 @@ class E2E:
             js = nc.jetstream()
             out = {"consumer": True, "registry": True}
             tasks = await jetstream.job_task_count(js, pipeline, uid)
-            out["consumer"] = tasks > 0 or await jetstream.job_consumer_exists(js, pipeline, uid)
+            out["consumer"] = tasks > 0 or await job_consumers(js, pipeline, uid) != []
             try:
                 kv = await js.key_value(protocol.REGISTRY_BUCKET)
                 await kv.get(protocol.registry_key(pipeline, uid))
@@ -184,6 +184,24 @@ class E2E:
             return out
 
         return asyncio.run(check())
+
+
+async def job_consumers(js: Any, pipeline: str, uid: str) -> list[str]:
+    """The names of every consumer of the job on its pipeline's stream, replaced ones included."""
+    from nats.js.errors import NotFoundError
+
+    from mljob import protocol
+
+    names: list[str] = []
+    while True:
+        try:
+            page = await js.consumers_info(protocol.task_stream(pipeline), len(names))
+        except NotFoundError:
+            return []
+        if not page:
+            break
+        names.extend(str(c.name) for c in page)
+    return [n for n in names if (protocol.parse_task_consumer(n) or ("", 0))[0] == uid]
 
 
 def make_e2e(stack: Any, kubectl: Any, tmp_dir: Path) -> Iterator[E2E]:

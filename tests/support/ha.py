@@ -20,11 +20,16 @@ from support.env import E2E
 from support.harness import Proc, mljob_cmd
 from support.waiting import wait_for
 
-#: Short leases so the standby takes over in seconds (the chart's defaults are 15/10/2).
+#: Short leases so the standby takes over in seconds (the chart's defaults are 15/10/2); a job
+#: consumer silent for 20 s is replaced (120 s by default), and a consumer its lost server held
+#: is swept soon after the server is back.
 LEASE = {
     "MLJOB_LEASE_DURATION_SECONDS": "6",
     "MLJOB_RENEW_DEADLINE_SECONDS": "4",
     "MLJOB_RETRY_PERIOD_SECONDS": "1",
+    "MLJOB_CONSUMER_REPLACE_SECONDS": "20",
+    "MLJOB_ORPHAN_SWEEP_INTERVAL": "10",
+    "MLJOB_ORPHAN_GRACE_SECONDS": "20",
 }
 
 

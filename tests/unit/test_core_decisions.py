@@ -19,6 +19,7 @@ from mljob.core.reconcile import (
     ledger_agrees,
     needs_stream_view,
     progress_percent,
+    silent_since,
     status_delta,
     verdict,
 )
@@ -31,6 +32,7 @@ ALIVE = StreamView(stream_exists=True, consumer_exists=True, num_pending=0)
 UNDELIVERED = StreamView(stream_exists=True, consumer_exists=True, num_pending=4)
 NO_STREAM = StreamView(stream_exists=False, consumer_exists=False)
 NO_CONSUMER = StreamView(stream_exists=True, consumer_exists=False)
+SILENT = StreamView(stream_exists=True, consumer_exists=True, consumer_answers=False)
 
 
 def snap(
@@ -49,6 +51,7 @@ def snap(
     ttl: int | None = None,
     finished_ago: float | None = None,
     recreations: int = 0,
+    silent_for: float | None = None,
 ) -> Snapshot:
     return Snapshot(
         phase=phase,
@@ -67,6 +70,8 @@ def snap(
         stream=stream,
         stream_recreations=recreations,
         max_stream_recreations=3,
+        consumer_silent_since=None if silent_for is None else NOW - silent_for,
+        consumer_replace_seconds=120.0,
     )
 
 
@@ -147,6 +152,36 @@ HALF = ItemCounts(10, 5, 0)
             Action.FINISH,
             Phase.SUCCEEDED,
             None,
+        ),
+        # a consumer whose server stopped answering: waited for, then replaced under a new name
+        (snap(Phase.RUNNING, HALF, stream=SILENT, silent_for=119), Action.PROGRESS, None, None),
+        (snap(Phase.RUNNING, HALF, stream=SILENT, silent_for=120), Action.REPLACE_CONSUMER, None, None),
+        (snap(Phase.RUNNING, HALF, stream=ALIVE, silent_for=500), Action.PROGRESS, None, None),  # answers now
+        (
+            snap(Phase.RUNNING, HALF, stream=None, silent_for=500),
+            Action.PROGRESS,
+            None,
+            None,
+        ),  # not looked at
+        # its counters are unknown: a stall is never taken for lost items while it is silent
+        (snap(Phase.RUNNING, HALF, stream=SILENT, silent_for=60, idle=700), Action.PROGRESS, None, None),
+        (
+            snap(Phase.RUNNING, ItemCounts(10, 0, 0), stream=SILENT, silent_for=500),
+            Action.FINISH,
+            Phase.SUCCEEDED,
+            None,
+        ),
+        (
+            snap(Phase.RUNNING, HALF, stream=SILENT, silent_for=500, cancel=True),
+            Action.CANCEL,
+            Phase.CANCELLED,
+            None,
+        ),
+        (
+            snap(Phase.RUNNING, HALF, stream=SILENT, silent_for=500, deadline=50),
+            Action.FAIL_PENDING,
+            Phase.FAILED,
+            "DeadlineExceeded",
         ),
         # row 5: stalls; the threshold decides, and never num_ack_pending (row 3)
         (snap(Phase.RUNNING, HALF, stream=ALIVE, idle=599), Action.PROGRESS, None, None),
@@ -338,3 +373,21 @@ def test_failed_item_summaries_name_ten_ids_and_count_the_rest() -> None:
     ids = [f"i{n}" for n in range(25)]
     assert summarize_ids(ids) == ", ".join(ids[:10]) + " and 15 more"
     assert summarize_ids(ids[:3]) == "i0, i1, i2"
+
+
+@pytest.mark.parametrize(
+    ("previous", "stream", "counts_changed", "expected"),
+    [
+        (None, SILENT, False, NOW),  # first silent look: from now
+        (NOW - 50, SILENT, False, NOW - 50),  # still silent: since the first
+        (NOW - 50, ALIVE, False, None),  # it answered
+        (NOW - 50, NO_CONSUMER, False, None),  # missing is REDISPATCH's case, not silence
+        (NOW - 50, None, False, NOW - 50),  # not looked at this tick
+        (NOW - 50, None, True, None),  # the counts moved: a consumer delivers
+        (NOW - 50, SILENT, True, None),
+    ],
+)
+def test_a_consumer_is_silent_since_the_first_of_an_unbroken_run_of_silent_looks(
+    previous: float | None, stream: StreamView | None, counts_changed: bool, expected: float | None
+) -> None:
+    assert silent_since(previous, stream, counts_changed, NOW) == expected

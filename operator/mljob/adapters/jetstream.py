@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -17,7 +19,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -42,6 +44,8 @@ class JobStreamSettings:
     #: The job consumer's replicas; None: one on a limits stream, the stream's on a work-queue
     #: stream (which accepts no other, NATS error 10134).
     consumer_replicas: int | None = None
+    #: Which of the job's consumers (`protocol.task_consumer`): 0, or its Nth replacement.
+    consumer_generation: int = 0
 
 
 def task_stream_retention(replicas: int) -> RetentionPolicy:
@@ -71,7 +75,7 @@ async def ensure_job_stream(js: JetStreamContext, settings: JobStreamSettings) -
     """
     stream, retention = await _pipeline_stream(js, settings.pipeline, settings.replicas)
     subject = protocol.task_subject(settings.pipeline, settings.uid)
-    consumer = protocol.task_consumer(settings.uid)
+    consumer = protocol.task_consumer(settings.uid, settings.consumer_generation)
     await js.add_consumer(
         stream,
         ConsumerConfig(
@@ -126,20 +130,39 @@ async def _pipeline_stream(
     return stream, info.config.retention
 
 
-async def delete_job_tasks(js: JetStreamContext, pipeline: str, uid: str) -> bool:
-    """Purge the job's tasks from its pipeline's stream, then delete its consumer. True when the
-    consumer was there. The consumer goes last: it marks a job whose tasks may be left, so an
-    interrupted cleanup is found again (by the job's loop or the orphan sweep)."""
+#: Seconds a replaced consumer's deletion may take: its server is likely lost, and the request
+#: then times out; the orphan sweep removes one that comes back.
+OLD_CONSUMER_DELETE_TIMEOUT = 2.0
+
+
+async def delete_job_tasks(js: JetStreamContext, pipeline: str, uid: str, generation: int = 0) -> bool:
+    """Purge the job's tasks from its pipeline's stream, then delete its consumer (and, best
+    effort, the consumers it replaced). True when the consumer was there. The consumer goes
+    last: it marks a job whose tasks may be left, so an interrupted cleanup is found again (by
+    the job's loop or the orphan sweep)."""
     stream = protocol.task_stream(pipeline)
     try:
         purged = await js.purge_stream(stream, subject=protocol.task_subject(pipeline, uid))
     except NotFoundError:
         return False
+    for replaced in range(generation):
+        await delete_replaced_consumer(js, pipeline, uid, replaced)
     try:
-        deleted = await js.delete_consumer(stream, protocol.task_consumer(uid))
+        deleted = await js.delete_consumer(stream, protocol.task_consumer(uid, generation))
     except NotFoundError:
         deleted = False
     return bool(purged and deleted)
+
+
+async def delete_replaced_consumer(js: JetStreamContext, pipeline: str, uid: str, generation: int) -> bool:
+    """Delete a consumer the job replaced, if it can be: True when deleted, False when it is
+    gone already or its server does not answer (never raises for that)."""
+    stream, consumer = protocol.task_stream(pipeline), protocol.task_consumer(uid, generation)
+    try:
+        await asyncio.wait_for(js.delete_consumer(stream, consumer), OLD_CONSUMER_DELETE_TIMEOUT)
+    except (NotFoundError, ServiceUnavailableError, NoRespondersError, TimeoutError):
+        return False  # nats' TimeoutError is a TimeoutError too
+    return True
 
 
 async def job_task_count(js: JetStreamContext, pipeline: str, uid: str) -> int:
@@ -152,9 +175,9 @@ async def job_task_count(js: JetStreamContext, pipeline: str, uid: str) -> int:
     return int((info.state.subjects or {}).get(subject, 0))
 
 
-async def job_consumer_exists(js: JetStreamContext, pipeline: str, uid: str) -> bool:
+async def job_consumer_exists(js: JetStreamContext, pipeline: str, uid: str, generation: int = 0) -> bool:
     try:
-        await js.consumer_info(protocol.task_stream(pipeline), protocol.task_consumer(uid))
+        await js.consumer_info(protocol.task_stream(pipeline), protocol.task_consumer(uid, generation))
     except NotFoundError:
         return False
     return True
@@ -290,25 +313,28 @@ class JobConsumerInfo:
     uid: str
     pipeline: str
     created: datetime | None
+    generation: int = 0
 
     @property
     def name(self) -> str:
         """`<stream>/<consumer>`: what a human reads in a log line (it carries the UID)."""
-        return f"{protocol.task_stream(self.pipeline)}/{protocol.task_consumer(self.uid)}"
+        return f"{protocol.task_stream(self.pipeline)}/{protocol.task_consumer(self.uid, self.generation)}"
 
 
 def job_of_consumer(stream_name: str, consumer_name: str) -> tuple[str, str] | None:
     """(pipeline, uid) when this is a job's consumer on a pipeline's task stream, else None.
 
-    Only ``workers-<uuid>`` on ``MLJOB_TASKS_<pipeline>`` qualifies: shared streams (MLJOB_RESULTS,
+    Only ``workers-<uuid>`` (or its replacement ``workers-<uuid>-r<N>``) on
+    ``MLJOB_TASKS_<pipeline>`` qualifies: shared streams (MLJOB_RESULTS,
     advisories) and foreign consumers are never a job's.
     """
     if not stream_name.startswith(protocol.TASK_STREAM_PREFIX):
         return None
     pipeline = stream_name[len(protocol.TASK_STREAM_PREFIX) :]
-    if not consumer_name.startswith(protocol.TASK_CONSUMER_PREFIX):
+    parsed = protocol.parse_task_consumer(consumer_name)
+    if parsed is None:
         return None
-    uid = consumer_name[len(protocol.TASK_CONSUMER_PREFIX) :]
+    uid = parsed[0]
     return (pipeline, uid) if pipeline and is_job_uid(uid) else None
 
 
@@ -336,8 +362,13 @@ async def list_job_consumers(js: JetStreamContext) -> list[JobConsumerInfo]:
             continue  # deleted since the listing
         for consumer in consumers:
             job = job_of_consumer(name, str(consumer.name or ""))
-            if job is not None:
-                found.append(JobConsumerInfo(uid=job[1], pipeline=job[0], created=consumer.created))
+            parsed = protocol.parse_task_consumer(str(consumer.name or ""))
+            if job is not None and parsed is not None:
+                found.append(
+                    JobConsumerInfo(
+                        uid=job[1], pipeline=job[0], created=consumer.created, generation=parsed[1]
+                    )
+                )
     return found
 
 

@@ -36,6 +36,8 @@ class DispatchTarget:
     namespace: str
     name: str
     spec: MLJobSpec
+    #: Which of the job's consumers is current (0, or its Nth replacement).
+    consumer_generation: int = 0
 
 
 #: Bytes per read of a URL manifest: its body is parsed as it arrives, a block at a time.
@@ -173,4 +175,5 @@ def stream_settings(
         max_ack_pending=max_ack_pending,
         replicas=replicas,
         consumer_replicas=consumer_replicas,
+        consumer_generation=target.consumer_generation,
     )

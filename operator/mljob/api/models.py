@@ -305,4 +305,10 @@ class MLJobStatus(_Model):
         ge=0,
         description="How often the job's lost stream was recreated and its pending items re-dispatched.",
     )
+    consumer_generation: int | None = Field(
+        default=None,
+        ge=0,
+        description="How often the job's consumer was replaced because its NATS server stopped answering "
+        "(its name ends in -r<N>).",
+    )
     diagnostics: list[Diagnostic] = Field(default_factory=list, max_length=MAX_DIAGNOSTICS)

@@ -72,6 +72,11 @@ class JobView:
     def pipeline(self) -> str:
         return str(self.spec.get("pipeline", ""))
 
+    @property
+    def consumer_generation(self) -> int:
+        """Which of the job's consumers is current (`protocol.task_consumer`)."""
+        return int(self.status.get("consumerGeneration") or 0)
+
     def refresh_from_body(self) -> None:
         """A terminal phase someone else wrote (another replica, a mirrored verdict) wins."""
         body_status = self.body.get("status") or {}
@@ -154,7 +159,9 @@ async def target_of(view: JobView) -> DispatchTarget:
             raise JobGone(f"the MLJob {view.ref.namespace}/{view.ref.name} no longer exists")
         spec = fresh.get("spec") or {}
     validated = MLJobSpec.model_validate(dict(spec))
-    return DispatchTarget(view.ref.uid, view.ref.namespace, view.ref.name, validated)
+    return DispatchTarget(
+        view.ref.uid, view.ref.namespace, view.ref.name, validated, view.consumer_generation
+    )
 
 
 class JobGone(Exception):

@@ -19,7 +19,16 @@ from typing import Any
 from mljob.adapters.services import Services
 from mljob.api.models import TERMINAL_PHASES
 from mljob.controller import observe
-from mljob.controller.actions import cancel, cleanup, dispatch, fail_items, finish, redispatch, state
+from mljob.controller.actions import (
+    cancel,
+    cleanup,
+    dispatch,
+    fail_items,
+    finish,
+    redispatch,
+    replace_consumer,
+    state,
+)
 from mljob.controller.jobview import JobView, iso, parse_time
 from mljob.core import index, reconcile
 from mljob.core.counts import ItemCounts
@@ -52,6 +61,8 @@ class JobLoop:
         self.quiet_ticks = 0
         self.snapshot: reconcile.Snapshot | None = None
         self._prefetched: tuple[ItemCounts | None] | None = None
+        #: since when every look found the job's consumer not answering (reconcile.silent_since)
+        self.consumer_silent_since: float | None = None
 
     @property
     def uid(self) -> str:
@@ -134,7 +145,7 @@ class JobLoop:
         if index.FINALIZER not in current:
             return
         try:
-            await cleanup.on_deleted(self.s, ref, self.view.pipeline)
+            await cleanup.on_deleted(self.s, ref, self.view.pipeline, self.view.consumer_generation)
         except Exception as err:
             raise CleanupFailed(
                 f"cleanup of {ref.namespace}/{ref.name} failed ({type(err).__name__}: {err}); retrying. "
@@ -174,11 +185,16 @@ class JobLoop:
         self.previous_counts = counts
         plain = observe.snapshot(self.s, view, counts, None, self.watching_since)
         stream = (
-            await observe.stream_view(self.s, view.pipeline, view.ref.uid)
+            await observe.stream_view(self.s, view.pipeline, view.ref.uid, view.consumer_generation)
             if reconcile.needs_stream_view(plain, changed)
             else None
         )
-        snapshot = observe.snapshot(self.s, view, counts, stream, self.watching_since)
+        self.consumer_silent_since = reconcile.silent_since(
+            self.consumer_silent_since, stream, changed, time.time()
+        )
+        snapshot = observe.snapshot(
+            self.s, view, counts, stream, self.watching_since, self.consumer_silent_since
+        )
         plan = reconcile.decide(snapshot)
         self.snapshot = snapshot
         self.quiet_ticks = self.quiet_ticks + 1 if reconcile.is_quiet(plan, changed) else 0
@@ -200,13 +216,13 @@ class JobLoop:
         match plan.action:
             case reconcile.Action.CLEANUP:
                 if not self.cleaned:
-                    await cleanup.cleanup_job(s, view.ref.uid, view.pipeline)
+                    await cleanup.cleanup_job(s, view.ref.uid, view.pipeline, view.consumer_generation)
                     await cleanup.mirror_terminal_to_postgres(s, view)
                     self.cleaned = True
                 return True
             case reconcile.Action.DELETE:
                 if not self.cleaned:
-                    await cleanup.cleanup_job(s, view.ref.uid, view.pipeline)
+                    await cleanup.cleanup_job(s, view.ref.uid, view.pipeline, view.consumer_generation)
                 await cleanup.delete_after_ttl(s, view)
                 return True
             case reconcile.Action.CANCEL:
@@ -222,6 +238,9 @@ class JobLoop:
                 return await self._ended(await fail_items.fail_pending(s, view, plan))
             case reconcile.Action.REDISPATCH:
                 await redispatch.redispatch(s, view)
+            case reconcile.Action.REPLACE_CONSUMER:
+                await replace_consumer.replace_consumer(s, view)
+                self.consumer_silent_since = None
             case reconcile.Action.WAIT_FOR_WORKERS:
                 await self.progress(plan.status, counts, stalled=plan.message)
             case reconcile.Action.PROGRESS:
@@ -251,7 +270,9 @@ class JobLoop:
         """After a terminal transition: clean up at once (the TTL, if any, is waited for next)."""
         if not shown:
             return False  # the MLJob does not show the verdict yet: try again next tick
-        await cleanup.cleanup_job(self.s, self.view.ref.uid, self.view.pipeline)
+        await cleanup.cleanup_job(
+            self.s, self.view.ref.uid, self.view.pipeline, self.view.consumer_generation
+        )
         self.cleaned = True
         return True
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from nats.js.errors import NotFoundError
+import nats.errors
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from mljob import protocol
 from mljob.adapters import jetstream
@@ -13,15 +14,25 @@ from mljob.controller.jobview import JobView, parse_time
 from mljob.core import reconcile
 from mljob.core.counts import ItemCounts
 
+#: What a consumer that does not answer raises (its one server down, or not elected yet).
+NOT_ANSWERING = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
 
-async def stream_view(services: Services, pipeline: str, uid: str) -> reconcile.StreamView:
+
+async def stream_view(
+    services: Services, pipeline: str, uid: str, generation: int = 0
+) -> reconcile.StreamView:
     """The job's consumer counters; whether its pipeline's stream exists when the consumer is
-    missing."""
+    missing; whether the consumer answers when the stream does (raises when neither does: NATS
+    itself is away, and the tick is retried)."""
+    stream = protocol.task_stream(pipeline)
     try:
-        info = await services.js.consumer_info(protocol.task_stream(pipeline), protocol.task_consumer(uid))
+        info = await services.js.consumer_info(stream, protocol.task_consumer(uid, generation))
     except NotFoundError:
         exists = await jetstream.pipeline_stream_exists(services.js, pipeline)
         return reconcile.StreamView(stream_exists=exists, consumer_exists=False)
+    except NOT_ANSWERING:
+        exists = await jetstream.pipeline_stream_exists(services.js, pipeline)
+        return reconcile.StreamView(stream_exists=exists, consumer_exists=exists, consumer_answers=not exists)
     last = info.delivered.last_active if info.delivered is not None else None
     return reconcile.StreamView(
         stream_exists=True,
@@ -44,6 +55,7 @@ def snapshot(
     counts: ItemCounts | None,
     stream: reconcile.StreamView | None,
     watching_since: float,
+    consumer_silent_since: float | None = None,
 ) -> reconcile.Snapshot:
     """Every fact a decision uses, the clock and all activity signals included."""
     spec = view.spec
@@ -74,5 +86,7 @@ def snapshot(
         stream_recreations=int(status.get("streamRecreations", 0)),
         max_stream_recreations=services.settings.max_stream_recreations,
         stream_recreation_pending=view.has_condition("StreamAvailable", "False"),
+        consumer_silent_since=consumer_silent_since,
+        consumer_replace_seconds=services.settings.consumer_replace_seconds,
         state_unavailable=view.has_condition("StateAvailable", "False"),
     )

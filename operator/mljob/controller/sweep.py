@@ -118,8 +118,11 @@ async def _age_redis_keys(services: Services, seen: Observation, live: set[str])
 async def delete(services: Services, orphan: Resource, redis_keys: Sequence[str] = ()) -> None:
     """Remove one orphan with the same calls the per-job cleanup uses (all idempotent)."""
     if orphan.kind is Kind.TASKS:  # named `<stream>/<consumer>`: the job's tasks and consumer
-        pipeline = orphan.name.partition("/")[0].removeprefix(protocol.TASK_STREAM_PREFIX)
-        await jetstream.delete_job_tasks(services.js, pipeline, orphan.uid)
+        stream, _, consumer = orphan.name.partition("/")
+        pipeline = stream.removeprefix(protocol.TASK_STREAM_PREFIX)
+        parsed = protocol.parse_task_consumer(consumer)
+        generation = parsed[1] if parsed is not None else 0
+        await jetstream.delete_job_tasks(services.js, pipeline, orphan.uid, generation)
     elif orphan.kind is Kind.REGISTRY:
         pipeline = orphan.name.rpartition(".")[0]
         await jetstream.unregister_job(services.registry, pipeline, orphan.uid)

@@ -12,7 +12,8 @@ Order matters and is part of the contract:
 5. dispatch runs until every item is published;
 6. missing Redis state is rebuilt, never read as complete (failure-modes rows 8, 12);
 7. a missing stream or consumer is recreated and the pending items re-dispatched, a bounded
-   number of times (row 11);
+   number of times (row 11); a consumer whose server has not answered for
+   `consumer_replace_seconds` is replaced under a new name;
 8. no activity for the stall timeout: items that were all delivered are lost and fail; items
    never delivered wait for workers, reported by a condition (row 5). Never decided from
    `num_ack_pending` (row 3).
@@ -35,6 +36,7 @@ class Action(StrEnum):
     FINISH = "finish"  # guarded terminal transition in Postgres, then the CR
     REBUILD_STATE = "rebuild-state"  # Redis lost the job's state: rebuild it from the ledger
     REDISPATCH = "redispatch"  # stream or consumer gone: recreate, publish what has no result
+    REPLACE_CONSUMER = "replace-consumer"  # the consumer's server stopped answering: a new consumer
     FAIL_PENDING = "fail-pending"  # fail every item without an outcome, then finish
     WAIT_FOR_WORKERS = "wait-for-workers"  # stalled with undelivered items: say so, fail nothing
     CANCEL = "cancel"  # Canceling (guarded), clean up, then Cancelled
@@ -66,6 +68,9 @@ class StreamView:
     num_redelivered: int = 0
     num_ack_pending: int = 0  # reported in diagnostics only, never decided on (row 3)
     last_delivery: float | None = None  # unix seconds of the consumer's last delivery
+    #: False: the stream answered and the consumer did not (a one-replica consumer whose NATS
+    #: server is down); its counters above are then unknown
+    consumer_answers: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,10 @@ class Snapshot:
     max_stream_recreations: int = 3
     #: a recreation was begun (counted, `StreamAvailable=False`) and not yet seen through
     stream_recreation_pending: bool = False
+    #: since when (unix seconds) every look at the consumer found it not answering; None: it answered
+    consumer_silent_since: float | None = None
+    #: a consumer silent this long is replaced (its server is taken as lost)
+    consumer_replace_seconds: float = 120.0
     #: `StateAvailable=False`: a finish or rebuild found no items in the ledger to work from, and
     #: only a change in Redis or the ledger can move the job
     state_unavailable: bool = False
@@ -169,6 +178,29 @@ def ttl_expires_at(s: Snapshot) -> float | None:
     return s.completion_time + s.ttl_seconds_after_finished
 
 
+def consumer_lost(s: Snapshot) -> bool:
+    """The job's consumer has not answered for `consumer_replace_seconds`, while its stream did."""
+    return (
+        s.stream is not None
+        and not s.stream.consumer_answers
+        and s.consumer_silent_since is not None
+        and s.now - s.consumer_silent_since >= s.consumer_replace_seconds
+    )
+
+
+def silent_since(
+    previous: float | None, stream: StreamView | None, counts_changed: bool, now: float
+) -> float | None:
+    """Since when the job's consumer has not answered, after this tick's look (None: it answered,
+    or the job's counts moved, which only a working consumer makes them do). Not looked at this
+    tick: as before."""
+    if counts_changed or (stream is not None and stream.consumer_answers):
+        return None
+    if stream is None:
+        return previous
+    return previous if previous is not None else now
+
+
 def stalled(s: Snapshot) -> bool:
     return s.last_activity is not None and s.now - s.last_activity >= s.stall_timeout_seconds
 
@@ -203,6 +235,8 @@ def decide(s: Snapshot) -> Plan:
         return Plan(Action.REDISPATCH, status=fields)  # carry a begun recreation through
     if s.counts.pending == 0:
         return _finish(s, s.counts)
+    if consumer_lost(s):
+        return Plan(Action.REPLACE_CONSUMER, status=fields)
     if s.stream is not None and not (s.stream.stream_exists and s.stream.consumer_exists):
         if s.stream_recreations < s.max_stream_recreations:
             return Plan(Action.REDISPATCH, status=fields)
@@ -216,7 +250,7 @@ def decide(s: Snapshot) -> Plan:
             fail_reason=FailReason.STREAM_LOST,
             message=message,
         )
-    if stalled(s) and s.stream is not None:
+    if stalled(s) and s.stream is not None and s.stream.consumer_answers:  # silent: counters unknown
         if s.stream.num_pending == 0:
             message = (
                 f"no activity for {s.stall_timeout_seconds}s and every task was delivered at least "

@@ -65,5 +65,5 @@ async def cancel(services: Services, view: JobView, plan: reconcile.Plan) -> boo
         await services.kube.event(
             view.ref, "Canceling", "spec.cancel was set: stopping dispatch and cleaning up"
         )
-    await cleanup_job(services, uid, view.pipeline)
+    await cleanup_job(services, uid, view.pipeline, view.consumer_generation)
     return await finish.finish(services, view, verdict)

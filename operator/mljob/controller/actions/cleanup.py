@@ -16,18 +16,19 @@ from mljob.ops import metrics
 log = logging.getLogger(__name__)
 
 
-async def cleanup_job(services: Services, uid: str, pipeline: str) -> None:
-    """The registry entry, the job's tasks and consumer, the Redis keys. Safe to repeat.
+async def cleanup_job(services: Services, uid: str, pipeline: str, generation: int = 0) -> None:
+    """The registry entry, the job's tasks and consumer (of `generation`, and best effort the
+    ones it replaced), the Redis keys. Safe to repeat.
 
     Without a pipeline (a spec that never validated) nothing was ever created in NATS.
     """
     if pipeline:
         await jetstream.unregister_job(services.registry, pipeline, uid)
-        await jetstream.delete_job_tasks(services.js, pipeline, uid)
+        await jetstream.delete_job_tasks(services.js, pipeline, uid, generation)
     await services.state.delete(uid)
     services.heartbeats.forget(uid)
     metrics.CLEANUPS.inc()
-    log.debug("cleaned up job %s (consumer %s)", uid, protocol.task_consumer(uid))
+    log.debug("cleaned up job %s (consumer %s)", uid, protocol.task_consumer(uid, generation))
 
 
 async def mirror_terminal_to_postgres(services: Services, view: JobView) -> None:
@@ -46,11 +47,11 @@ async def mirror_terminal_to_postgres(services: Services, view: JobView) -> None
         )
 
 
-async def on_deleted(services: Services, ref: JobRef, pipeline: str) -> None:
+async def on_deleted(services: Services, ref: JobRef, pipeline: str, generation: int = 0) -> None:
     """The finalizer: clean up, and a job that was not terminal becomes Cancelled (reason
     Deleted) in Postgres, which keeps the history. Raises when NATS, Redis or Postgres is down,
     so kopf retries."""
-    await cleanup_job(services, ref.uid, pipeline)
+    await cleanup_job(services, ref.uid, pipeline, generation)
     row = await services.jobs.get(ref.uid)
     if row is None or row.phase in TERMINAL_PHASES:
         return

@@ -1,0 +1,65 @@
+"""The REPLACE_CONSUMER action: the job's consumer stopped answering while its stream answers.
+
+Why: on a replicated (limits-retention) task stream each job's consumer has one replica, so it
+lives on one NATS server (docs/architecture.md, "Scale"). While that server is down the
+consumer's requests time out and its job waits; a server back within
+`MLJOB_CONSUMER_REPLACE_SECONDS` brings the consumer back with its state. Past that the server
+is taken as lost and the job gets a new consumer under the next generation's name: NATS keeps
+the old one's assignment (creating or deleting it times out too), so the old name cannot be
+reused. Workers learn the new name from the registry entry and rebind.
+
+The new consumer delivers the job's tasks from the start of the stream: the tasks with a result
+are worked again and their results dropped as duplicates (the results stream's `Nats-Msg-Id`,
+then the ledger's first outcome), so nothing is counted twice; that is the price of a lost
+server, paid only then.
+
+Crash-safe: the new generation is written to the status first; a crash before the consumer
+exists leaves a status naming a consumer that is missing, which is the REDISPATCH case (the
+consumer created, unresolved items re-published, deduplicated, the registry entry written).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mljob import protocol
+from mljob.adapters import jetstream
+from mljob.adapters.services import Services
+from mljob.controller.actions.redispatch import ensure_stream_and_registry
+from mljob.controller.jobview import JobView, target_of
+
+log = logging.getLogger(__name__)
+
+
+async def replace_consumer(services: Services, view: JobView) -> None:
+    old = view.consumer_generation
+    new = old + 1
+    uid, pipeline = view.ref.uid, view.pipeline
+    silent = services.settings.consumer_replace_seconds
+    message = (
+        f"the job's consumer {protocol.task_consumer(uid, old)} has not answered for over {silent:g}s "
+        f"while its stream does (its NATS server is down or lost); replaced by "
+        f"{protocol.task_consumer(uid, new)}, which delivers the job's tasks again (results already "
+        f"stored are deduplicated)"
+    )
+    log.warning("job %s/%s (%s): %s", view.ref.namespace, view.ref.name, uid, message)
+    await view.set_conditions(
+        ("ConsumerAvailable", "False", "Replacing", message),
+        extra={"consumerGeneration": new, "diagnostics": view.with_diagnostic("ConsumerReplaced", message)},
+    )
+    await services.kube.event(view.ref, "ConsumerReplaced", message, warning=True)
+    entry = await ensure_stream_and_registry(services, await target_of(view))
+    await jetstream.register_job(services.registry, entry)
+    if not await jetstream.delete_replaced_consumer(services.js, pipeline, uid, old):
+        log.info(
+            "job %s: the replaced consumer %s could not be deleted now (its server does not answer); "
+            "the job's cleanup tries again",
+            uid,
+            protocol.task_consumer(uid, old),
+        )
+    await view.set_conditions(
+        ("ConsumerAvailable", "True", "ConsumerReplaced", f"workers pull from {entry.consumer}")
+    )
+
+
+__all__ = ["replace_consumer"]
