@@ -262,6 +262,8 @@ def test_a_reader_sees_exactly_its_jobs_items(api: Api) -> None:
         "processed": 120,
         "failed": 12,
     }
+    stale = api.get(f"/api/v1/namespaces/{api.e2e.namespace}/mljobs?continue=bm90LWEtdG9rZW4", "reader")
+    assert stale.status == 400 and stale.json()["error"].startswith("continue: not a token this API returned")
     assert api.get(api.job("no-such-job"), "reader").status == 404
 
 

@@ -38,6 +38,7 @@ KUBE_TIMEOUT_SECONDS = 10.0
 #: Exports streaming at once: each holds a Postgres connection for as long as it streams.
 MAX_EXPORTS = 4
 CONTENT_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+PROBES = frozenset({"/healthz", "/readyz"})
 
 
 class Jobs(Protocol):
@@ -114,7 +115,10 @@ async def _answers(
         log.exception("%s %s failed", request.method, request.path)
         response = _error(ApiError(500, "internal error: the API's log has the details"))
     user = seen.user
-    log.info(
+    # Probes come every few seconds and name nobody: a line only when they fail.
+    quiet = request.path in PROBES and response.status < 400
+    log.log(
+        logging.DEBUG if quiet else logging.INFO,
         "%s %s %d %s %.0fms",
         request.method,
         request.path,
@@ -216,8 +220,13 @@ async def list_jobs(request: web.Request) -> web.Response:
             namespace, query.limit, query.continue_token, KUBE_TIMEOUT_SECONDS
         )
     except Exception as err:
-        if getattr(err, "status", None) == 410:
+        status = getattr(err, "status", None)
+        if status == 410:
             raise ApiError(400, "continue: that listing expired; start again without it") from None
+        if status == 400 and query.continue_token is not None:
+            raise ApiError(
+                400, "continue: not a token this API returned; pass the `next` of the page before"
+            ) from None
         raise _kube_error(err, namespace, "list MLJobs") from None
     return web.json_response(
         {
