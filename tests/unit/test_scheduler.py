@@ -374,3 +374,33 @@ async def test_jobs_due_together_are_observed_in_one_redis_read(world: FakeWorld
         assert max(batched) <= 8, "at most as many as there are free workers"
     finally:
         await restarted.stop()
+
+
+def test_the_watch_handler_runs_on_the_event_loop_not_in_a_thread() -> None:
+    """kopf runs a plain (sync) handler in a thread of its executor; the scheduler is not
+    thread-safe (a burst of 10,000 MLJobs once left its feeder asleep on an Event set from
+    that thread, every job waiting forever), so the handler must be a coroutine function."""
+    import inspect
+
+    from mljob.controller import handlers
+
+    assert inspect.iscoroutinefunction(handlers.job_event)
+
+
+async def test_the_scheduler_refuses_a_watch_event_from_another_thread(
+    world: FakeWorld, scheduler: Scheduler
+) -> None:
+    body = new_job(world, name="threaded")
+    errors: list[BaseException] = []
+
+    def from_a_thread() -> None:
+        try:
+            scheduler.observe("ADDED", body)
+        except BaseException as err:
+            errors.append(err)
+
+    await asyncio.to_thread(from_a_thread)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
+    assert uid_of(body) not in scheduler.jobs
+    scheduler.observe("ADDED", body)  # on the loop it is taken
+    assert uid_of(body) in scheduler.jobs

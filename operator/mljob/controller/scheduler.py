@@ -72,6 +72,7 @@ class Scheduler:
     def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         """A watch event (None: kopf's initial listing). Keeps the slim body; makes the job due at
         once when the event matters; forgets the job once the API server deleted it."""
+        asyncio.get_running_loop()  # raises off the event loop's thread: nothing here is thread-safe
         meta = body.get("metadata") or {}
         uid = str(meta.get("uid", ""))
         if not uid:
