@@ -19,7 +19,7 @@ deps:
 $(BIN)/mljob: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[operator,devstack,dev]'
+	$(BIN)/pip install -q -e '.[operator,devstack,dev,notebook]'
 	@touch $@
 
 venv: $(BIN)/mljob

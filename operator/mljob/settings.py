@@ -1,4 +1,4 @@
-"""Every MLJOB_* setting of the operator, the collector, the API and the worker, in one place.
+"""Every MLJOB_* setting of the operator, the collector, the API, the worker and the client, in one place.
 
 Each field names its environment variable, type, default and meaning; the README's table is
 rendered from these classes (`python -m mljob.settings`) and a test keeps the two equal. Command
@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PREFIX = "MLJOB_"
-S = TypeVar("S", bound="NatsSettings")
+S = TypeVar("S", bound=BaseSettings)
 
 
 def _var(
@@ -355,6 +355,63 @@ class ApiSettings(StoreSettings):
     )
 
 
+#: The chart's Service of the read-only API, for the release `mljob-operator` in `mljob`.
+DEFAULT_API_SERVICE = "mljob/mljob-operator-api:http"
+
+
+class ClientSettings(BaseSettings):
+    """`mljob status|items|retry|results|watch|cancel`, `kubectl mljob` and `mljob.client`: where
+    the read-only API is and which token to send it. Kubernetes itself is reached as kubectl
+    does (`--kubeconfig`, `KUBECONFIG`, the context's namespace)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, populate_by_name=True, extra="ignore", env_ignore_empty=False
+    )
+
+    api_url: str | None = _var(
+        "API_URL",
+        None,
+        "the read-only API's base URL, e.g. `http://localhost:8080` after a port-forward "
+        "(`--api-url`); unset: through the apiserver's service proxy to `MLJOB_API_SERVICE`",
+        shown="(none)",
+    )
+    api_service: str = _var(
+        "API_SERVICE",
+        DEFAULT_API_SERVICE,
+        "the API's Service as `NAMESPACE/NAME[:PORT]`, reached through the apiserver's service "
+        "proxy with the kubeconfig's credentials (`--api-service`)",
+    )
+    api_token: SecretStr | None = _var(
+        "API_TOKEN",
+        None,
+        "the bearer token sent to the API (`--token`), e.g. a `kubectl create token`; unset: the "
+        "kubeconfig user's token",
+        shown="the kubeconfig's",
+        flag="--token",
+    )
+
+    @field_validator("api_url", "api_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("api_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("input should be an http:// or https:// URL")
+        return value.rstrip("/") if value is not None else None
+
+    @field_validator("api_service")
+    @classmethod
+    def _service_ref(cls, value: str) -> str:
+        namespace, slash, rest = value.partition("/")
+        name = rest.partition(":")[0]
+        if not slash or not namespace or not name:
+            raise ValueError("input should be NAMESPACE/NAME or NAMESPACE/NAME:PORT")
+        return value
+
+
 class WorkerSettings(NatsSettings):
     """A worker process (`mljob worker`, or `WorkerConfig(pipeline=...)` in Python)."""
 
@@ -440,11 +497,12 @@ class WorkerSettings(NatsSettings):
         return value
 
 
-ROLES: dict[str, type[NatsSettings]] = {
+ROLES: dict[str, type[BaseSettings]] = {
     "operator": OperatorSettings,
     "collector": CollectorSettings,
     "api": ApiSettings,
     "worker": WorkerSettings,
+    "client": ClientSettings,
 }
 
 
@@ -468,7 +526,7 @@ def load(cls: type[S], **flags: Any) -> S:
         raise SettingsError(describe(cls, err, set(given))) from None
 
 
-def describe(cls: type[NatsSettings], err: ValidationError, flags: set[str]) -> str:
+def describe(cls: type[BaseSettings], err: ValidationError, flags: set[str]) -> str:
     """One line per refused setting: `MLJOB_X: input should be ..., got 'value'`."""
     by_name = {
         **{env_name(info): name for name, info in cls.model_fields.items()},
@@ -523,6 +581,7 @@ def rows() -> Iterator[tuple[str, str, str, str]]:
         OperatorSettings,
         ApiSettings,
         WorkerSettings,
+        ClientSettings,
     ):
         for field, info in cls.model_fields.items():
             name = env_name(info)

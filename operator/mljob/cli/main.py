@@ -1,4 +1,5 @@
-"""The `mljob` command: operator, worker, collector, the read-only API, migrations, CRD rendering;
+"""The `mljob` command: operator, worker, collector, the read-only API, migrations, CRD rendering,
+the job commands (`status`, `items`, `retry`, `results`, `watch`, `cancel`, also `kubectl mljob`);
 from a source checkout also the development tools (`mljob dev`, `mljob chaos`, from `mljob_dev`)."""
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ import os
 import sys
 from pathlib import Path
 
+from mljob.cli.jobs import COMMANDS as JOB_COMMANDS
+
 #: What the operator extra brings (import names).
 #: Sub-commands `mljob_dev` adds: named in a wheel's help, refused there with one line.
 DEV_COMMANDS = ("dev", "chaos")
 OPERATOR_MODULES = ("kopf", "kubernetes", "redis", "psycopg", "psycopg_pool", "yaml")
+#: What the client extra brings, for the job commands (mljob.cli.jobs, also `kubectl mljob`).
+CLIENT_MODULES = ("kubernetes", "yaml")
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
@@ -74,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mljob.cli.api import add_parser as add_api_parser
     from mljob.cli.collector import add_parser as add_collector_parser
+    from mljob.cli.jobs import add_parsers as add_job_parsers
     from mljob.cli.operator import add_parser as add_operator_parser
     from mljob.cli.worker import add_parser as add_worker_parser
 
@@ -81,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_collector_parser(sub)
     add_api_parser(sub)
     add_worker_parser(sub)
+    add_job_parsers(sub)
     try:
         from mljob_dev.cli import add_parsers as add_dev_parsers
     except ImportError:  # an installed wheel or image: the development tools stay in the repository
@@ -102,6 +109,7 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "migrate": ("operator", OPERATOR_MODULES),
     "crd": ("operator", OPERATOR_MODULES),
     "dev stack": ("devstack", ("cryptography", "psycopg")),
+    **{command: ("client", CLIENT_MODULES) for command in JOB_COMMANDS},
 }
 
 
