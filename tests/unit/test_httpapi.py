@@ -443,7 +443,11 @@ class DownState:
 
 
 class SlowNats:
+    asked: list[str] = []
+
     async def consumer_info(self, stream: str, consumer: str, timeout: float | None = None) -> Any:
+        self.asked.append(consumer)
+
         class Info:
             num_pending, num_ack_pending, num_redelivered = 2, 1, 0
 
@@ -467,6 +471,10 @@ async def test_a_store_down_blanks_its_part_never_the_summary() -> None:
         "redis": "Redis: ConnectionError: Error 111 connecting to 127.0.0.1:6379. Connection refused.",
     }
     assert answer["disagreements"] == []
+    replaced = job()
+    replaced["status"]["consumerGeneration"] = 2  # the operator replaced the consumer twice
+    assert (await summary.summary(stores, replaced))["nats"]["consumer"].endswith("-r2")
+    assert SlowNats.asked[-1] == "workers-11111111-1111-4111-8111-111111111111-r2"
 
 
 def test_export_rows_encode_as_jsonl_and_csv() -> None:

@@ -92,8 +92,11 @@ async def redis_part(state: JobState, uid: str) -> tuple[dict[str, Any], RedisVi
     return part, RedisView(present=True, total=counts.total, pending=counts.pending, failed=counts.failed)
 
 
-async def nats_part(js: JetStreamContext, pipeline: str, uid: str) -> tuple[dict[str, Any], NatsView]:
-    stream, consumer = protocol.task_stream(pipeline), protocol.task_consumer(uid)
+async def nats_part(
+    js: JetStreamContext, pipeline: str, uid: str, generation: int = 0
+) -> tuple[dict[str, Any], NatsView]:
+    """The job's current consumer (`status.consumerGeneration`: a replaced one has a new name)."""
+    stream, consumer = protocol.task_stream(pipeline), protocol.task_consumer(uid, generation)
     part: dict[str, Any] = {"stream": stream, "consumer": consumer}
     try:
         info = await js.consumer_info(stream, consumer, timeout=STORE_TIMEOUT_SECONDS)
@@ -116,7 +119,7 @@ async def summary(stores: Stores, body: Mapping[str, Any]) -> dict[str, Any]:
     (pg, pg_error), (rd, rd_error), (nt, nt_error) = await asyncio.gather(
         _bounded("Postgres", ledger.job_part(stores.pool, uid)),
         _bounded("Redis", redis_part(stores.state, uid)),
-        _bounded("NATS", nats_part(stores.js, pipeline, uid)),
+        _bounded("NATS", nats_part(stores.js, pipeline, uid, int(status.get("consumerGeneration") or 0))),
     )
     errors = {
         key: error
