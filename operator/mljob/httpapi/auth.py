@@ -12,6 +12,10 @@ not twenty, and a revoked token or right is refused again within `ttl`. Refusals
 too (a flood of bad tokens costs one review each per `ttl`); an apiserver that cannot be asked
 is not (the next request asks again). Tokens are never logged: the TokenReview's reply, which
 echoes it, is reduced to its status by the adapter.
+
+A browser cannot add a header by itself: the job pages' login form (`pages`) puts the token in
+an HttpOnly, SameSite=Strict cookie, `COOKIE`, read here after the two headers, so the pages'
+links (the results export, the throughput the chart reads) are checked by the same two reviews.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from mljob.api.models import GROUP, PLURAL
 #: The header that carries the token through the apiserver's service proxy: the apiserver
 #: authenticates the caller by `Authorization` and removes that header before proxying.
 TOKEN_HEADER = "X-MLJob-Token"
+#: The cookie the pages' login sets (HttpOnly, SameSite=Strict; Secure over TLS).
+COOKIE = "mljob_token"
 #: How long one review may take before the request is answered 503.
 REVIEW_TIMEOUT_SECONDS = 5.0
 #: Answers kept at most (each is a hash and a few strings): a flood of distinct tokens
@@ -66,9 +72,9 @@ class User:
     extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def bearer_token(headers: Mapping[str, str]) -> str | None:
+def bearer_token(headers: Mapping[str, str], cookies: Mapping[str, str] | None = None) -> str | None:
     """The caller's token: `Authorization: Bearer <token>`, else the `X-MLJob-Token` header
-    (with or without `Bearer `); None when neither carries one."""
+    (with or without `Bearer `), else the pages' cookie; None when none carries one."""
     for header in ("Authorization", TOKEN_HEADER):
         value = headers.get(header, "").strip()
         scheme, _, rest = value.partition(" ")
@@ -76,7 +82,8 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
             return rest.strip()
         if header == TOKEN_HEADER and value and " " not in value:
             return value
-    return None
+    value = (cookies or {}).get(COOKIE, "").strip()
+    return value if value and " " not in value else None
 
 
 def token_key(token: str) -> str:
@@ -175,7 +182,8 @@ class Reviewer:
         if token is None:
             raise Unauthenticated(
                 "no token: send `Authorization: Bearer <token>` (or the X-MLJob-Token header through "
-                "the apiserver's service proxy) with a Kubernetes token, e.g. `kubectl create token`"
+                "the apiserver's service proxy) with a Kubernetes token, e.g. `kubectl create token`; "
+                "in a browser, log in at /ui/"
             )
         key = token_key(token)
         found, known = self.users.get(key)

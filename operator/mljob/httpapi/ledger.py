@@ -16,7 +16,7 @@ import csv
 import io
 import json
 from collections.abc import AsyncGenerator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from mljob.adapters.results_store import on_writable
 from mljob.httpapi.disagree import LedgerView
-from mljob.httpapi.params import ExportFormat, ItemsQuery, encode_cursor
+from mljob.httpapi.params import MAX_BUCKETS, ExportFormat, ItemsQuery, bucket_width, encode_cursor
 from mljob.ops.metrics import DECIDED_REASONS, HANDLER_FAILED, failure_reason
 
 #: The `reason` values of failed items (ops.metrics' rule: the prefix of an error the operator
@@ -48,6 +48,19 @@ _REGISTERED = "SELECT count(*) FROM mljob_items WHERE job_uid = %(uid)s"
 _OUTCOMES = f"""
 SELECT outcome, CASE WHEN outcome = 'failed' THEN {_REASON} END, count(*)
 FROM mljob_results WHERE job_uid = %(uid)s GROUP BY 1, 2
+"""
+_SPAN = """
+SELECT coalesce(start_time, created_at), coalesce(completion_time, now()), completion_time IS NOT NULL
+FROM mljob_jobs WHERE uid = %(uid)s
+"""
+# Results per bucket of `recorded_at` (Postgres' clock: the workers' clocks may differ), counted
+# in the database: one pass over the job's rows, at most 2 x (MAX_BUCKETS + 1) rows back.
+_THROUGHPUT = """
+SELECT greatest(floor(extract(epoch FROM recorded_at - %(t0)s) / %(width)s), 0)::bigint AS n,
+       outcome, count(*)
+FROM mljob_results
+WHERE job_uid = %(uid)s AND recorded_at < %(t0)s + make_interval(secs => %(window)s)
+GROUP BY 1, 2 ORDER BY 1
 """
 _EXPORT = """
 SELECT item_id, outcome, error, attempts, worker, finished_at, result::text
@@ -110,6 +123,47 @@ async def job_part(pool: AsyncConnectionPool, uid: str) -> tuple[dict[str, Any],
         phase=row[0] if row is not None else None, registered=registered, succeeded=succeeded, failed=failed
     )
     return part, view
+
+
+async def throughput(pool: AsyncConnectionPool, uid: str, asked: int | None) -> dict[str, Any]:
+    """Results recorded per bucket from the job's start to its end (or now): `{"uid", "bucket"
+    (seconds), "start", "end", "finished" (the job has its verdict), "points": [{"start",
+    "succeeded", "failed"}]}`, every bucket of the span listed (zeros too), at most MAX_BUCKETS + 1
+    of them; a result recorded later than that (after a verdict) is left out. No job row: no
+    points. The width is `asked` unless that makes more than MAX_BUCKETS buckets
+    (`params.bucket_width`): the answer's `bucket` is the width used."""
+
+    async def read(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, list[tuple[Any, ...]], int]:
+        span = await (await conn.execute(_SPAN, {"uid": uid})).fetchone()
+        if span is None:
+            return None, [], 0
+        t0, t1, _ = span
+        width = bucket_width((t1 - t0).total_seconds(), asked)
+        args = {"uid": uid, "t0": t0, "width": width, "window": width * (MAX_BUCKETS + 1)}
+        return span, list(await (await conn.execute(_THROUGHPUT, args)).fetchall()), width
+
+    span, rows, width = await on_writable(pool, read)
+    if span is None:
+        return {"uid": uid, "bucket": None, "start": None, "end": None, "finished": False, "points": []}
+    t0, t1, finished = span
+    last = min(
+        max(int((t1 - t0).total_seconds() // width), max((int(n) for n, _, _ in rows), default=0)),
+        MAX_BUCKETS,
+    )
+    counts = [{"succeeded": 0, "failed": 0} for _ in range(last + 1)]
+    for n, outcome, count in rows:
+        if int(n) <= last and outcome in ("succeeded", "failed"):
+            counts[int(n)][outcome] += int(count)
+    return {
+        "uid": uid,
+        "bucket": width,
+        "start": rfc3339(t0),
+        "end": rfc3339(t1),
+        "finished": bool(finished),
+        "points": [
+            {"start": rfc3339(t0 + timedelta(seconds=width * n)), **count} for n, count in enumerate(counts)
+        ],
+    }
 
 
 def _items_sql(query: ItemsQuery) -> sql.Composed:

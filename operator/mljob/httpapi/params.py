@@ -26,6 +26,14 @@ DEFAULT_JOBS_LIMIT = 500
 MAX_JOBS_LIMIT = 1000
 ExportFormat = Literal["jsonl", "csv"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = ("jsonl", "csv")
+#: Throughput: at most this many buckets between a job's start and its end (or now); without
+#: `bucket`, the width is the smallest of `NICE_BUCKETS` that gives at most `AUTO_BUCKETS`.
+MAX_BUCKETS = 1000
+AUTO_BUCKETS = 120
+NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+#: The widest bucket one may ask for (a week).
+MAX_BUCKET_SECONDS = 7 * 86400
+_UNITS = {"s": 1, "m": 60, "h": 3600}
 #: The longest cursor `encode_cursor` makes (a UTF-8 id of MAX_ITEM_ID_LENGTH characters).
 _MAX_CURSOR = (MAX_ITEM_ID_LENGTH * 4 * 4) // 3 + 4
 
@@ -142,3 +150,35 @@ def export_format(query: Mapping[str, str]) -> ExportFormat:
     if fmt not in EXPORT_FORMATS:
         raise ParamError(f"format: one of {', '.join(EXPORT_FORMATS)} expected, got {fmt!r}")
     return fmt  # type: ignore[return-value]  # checked against EXPORT_FORMATS above
+
+
+def throughput_bucket(query: Mapping[str, str]) -> int | None:
+    """`bucket` of the throughput: seconds, as `30`, `30s`, `5m` or `1h` (None: chosen from the
+    job's duration)."""
+    _only(query, ("bucket",))
+    text = query.get("bucket")
+    if text is None:
+        return None
+    problem = f"bucket: seconds expected (e.g. 10s, 5m, 1h), from 1s to {MAX_BUCKET_SECONDS // 86400} days"
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    if not number.isdigit():
+        raise ParamError(f"{problem}, got {text!r}")
+    seconds = int(number) * _UNITS[unit]
+    if not 1 <= seconds <= MAX_BUCKET_SECONDS:
+        raise ParamError(f"{problem}, got {text!r}")
+    return seconds
+
+
+def bucket_width(span_seconds: float, asked: int | None) -> int:
+    """The bucket width for a job that has run `span_seconds`: `asked` when that gives at most
+    `MAX_BUCKETS` buckets, else (and without `asked`) the smallest nice width that gives at most
+    `MAX_BUCKETS` (`AUTO_BUCKETS` without `asked`); whole days past the nice widths."""
+    limit = MAX_BUCKETS if asked is not None else AUTO_BUCKETS
+    least = max(span_seconds, 0.0) / limit
+    if asked is not None and asked >= least:
+        return asked
+    for width in NICE_BUCKETS:
+        if width >= least and (asked is None or width >= asked):
+            return width
+    days = -(-int(least) // 86400) or 1
+    return max(days * 86400, asked or 0)

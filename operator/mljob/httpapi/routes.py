@@ -6,6 +6,8 @@
     GET /api/v1/namespaces/{ns}/mljobs/{name}             a job's summary (`get`, as all below)
     GET /api/v1/namespaces/{ns}/mljobs/{name}/items       its items, a page at a time
     GET /api/v1/namespaces/{ns}/mljobs/{name}/results     its results, streamed (jsonl or csv)
+    GET /api/v1/namespaces/{ns}/mljobs/{name}/throughput  results recorded per time bucket
+    GET /ui/...                                           the job pages (`pages`), same rules
 
 Every request under /api is authenticated (401 with `WWW-Authenticate: Bearer`) and authorised
 (403) by the apiserver before anything is read (`auth.Reviewer`), so a caller without the right
@@ -93,6 +95,17 @@ class _Seen:
 _SEEN: ContextVar[_Seen] = ContextVar("mljob_api_request")
 
 
+def noted(user: User) -> None:
+    """Name `user` in the request's log line (the pages' login reviews a token itself)."""
+    _SEEN.get().user = user
+
+
+def noted_user() -> str | None:
+    """The name of the user the request was reviewed as, if it was."""
+    user = _SEEN.get().user
+    return user.name if user is not None else None
+
+
 @web.middleware
 async def _answers(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -132,7 +145,7 @@ async def _answers(
 async def _caller(request: web.Request) -> tuple[str, User]:
     """The caller's token and who it is (401 otherwise)."""
     state = request.app[STATE]
-    token = bearer_token(request.headers)
+    token = bearer_token(request.headers, request.cookies)
     try:
         user = await state.reviewer.user(token)
     except Unauthenticated as err:
@@ -145,7 +158,13 @@ async def _caller(request: web.Request) -> tuple[str, User]:
     return token, user
 
 
-async def _allowed(request: web.Request, verb: str, namespace: str, name: str | None) -> None:
+async def caller(request: web.Request) -> User:
+    """Who is asking (ApiError 401 or 503 otherwise)."""
+    return (await _caller(request))[1]
+
+
+async def authorise(request: web.Request, verb: str, namespace: str, name: str | None) -> None:
+    """ApiError 401, 403 or 503 unless the caller may `verb` MLJobs there (the one named `name`)."""
     token, user = await _caller(request)
     try:
         await request.app[STATE].reviewer.require(token, user, verb, namespace, name)
@@ -155,10 +174,10 @@ async def _allowed(request: web.Request, verb: str, namespace: str, name: str | 
         raise ApiError(503, str(err)) from None
 
 
-async def _job(request: web.Request) -> dict[str, Any]:
+async def read_job(request: web.Request) -> dict[str, Any]:
     """The MLJob of the path, once the caller may `get` it (401, 403, then 404)."""
     namespace, name = request.match_info["ns"], request.match_info["name"]
-    await _allowed(request, "get", namespace, name)
+    await authorise(request, "get", namespace, name)
     try:
         body = await request.app[STATE].kube.get_job(namespace, name, timeout=KUBE_TIMEOUT_SECONDS)
     except Exception as err:
@@ -182,7 +201,7 @@ def _kube_error(err: Exception, namespace: str, what: str) -> ApiError:
     return ApiError(503, f"cannot {what} from the Kubernetes API ({cause}); try again")
 
 
-def _stores(request: web.Request) -> Stores:
+def stores_of(request: web.Request) -> Stores:
     stores = request.app[STATE].stores
     if stores is None:
         raise ApiError(503, "not connected to the stores yet; try again in a moment")
@@ -208,13 +227,15 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "not ready", "error": problem}, status=503)
 
 
-async def list_jobs(request: web.Request) -> web.Response:
+async def read_jobs(request: web.Request, query: params.JobsQuery) -> dict[str, Any]:
+    """A page of the namespace's MLJobs, once the caller may `list` them: `{"items": [job_entry],
+    "next": the apiserver's continue token or None}`."""
+    await authorise(request, "list", request.match_info["ns"], None)
+    return await _jobs_page(request, query)
+
+
+async def _jobs_page(request: web.Request, query: params.JobsQuery) -> dict[str, Any]:
     namespace = request.match_info["ns"]
-    await _allowed(request, "list", namespace, None)
-    try:
-        query = params.jobs_query(_query(request))
-    except params.ParamError as err:
-        raise ApiError(400, str(err)) from None
     try:
         page = await request.app[STATE].kube.list_jobs_page(
             namespace, query.limit, query.continue_token, KUBE_TIMEOUT_SECONDS
@@ -228,32 +249,63 @@ async def list_jobs(request: web.Request) -> web.Response:
                 400, "continue: not a token this API returned; pass the `next` of the page before"
             ) from None
         raise _kube_error(err, namespace, "list MLJobs") from None
-    return web.json_response(
-        {
-            "items": [job_entry(body) for body in page.get("items") or []],
-            "next": (page.get("metadata") or {}).get("continue") or None,
-        }
-    )
+    return {
+        "items": [job_entry(body) for body in page.get("items") or []],
+        "next": (page.get("metadata") or {}).get("continue") or None,
+    }
+
+
+async def read_items(request: web.Request, uid: str, query: params.ItemsQuery) -> dict[str, Any]:
+    """A page of the job's items (ledger.items_page), 503 when Postgres cannot be read."""
+    pool = stores_of(request).pool
+    try:
+        return await ledger.items_page(pool, uid, query)
+    except Exception as err:
+        raise ApiError(503, f"cannot read the items from Postgres ({one_line(err)}); try again") from None
+
+
+async def read_throughput(request: web.Request, uid: str, bucket: int | None) -> dict[str, Any]:
+    """The job's results per time bucket (ledger.throughput), 503 when Postgres cannot be read."""
+    pool = stores_of(request).pool
+    try:
+        return await ledger.throughput(pool, uid, bucket)
+    except Exception as err:
+        raise ApiError(
+            503, f"cannot read the throughput from Postgres ({one_line(err)}); try again"
+        ) from None
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    namespace = request.match_info["ns"]
+    await authorise(request, "list", namespace, None)
+    try:
+        query = params.jobs_query(_query(request))
+    except params.ParamError as err:
+        raise ApiError(400, str(err)) from None
+    return web.json_response(await _jobs_page(request, query))
 
 
 async def get_summary(request: web.Request) -> web.Response:
-    body = await _job(request)
-    return web.json_response(await summary(_stores(request), body))
+    body = await read_job(request)
+    return web.json_response(await summary(stores_of(request), body))
 
 
 async def get_items(request: web.Request) -> web.Response:
-    body = await _job(request)
+    body = await read_job(request)
     try:
         query = params.items_query(_query(request), ledger.REASONS)
     except params.ParamError as err:
         raise ApiError(400, str(err)) from None
-    stores = _stores(request)
-    uid = str(body["metadata"]["uid"])
+    return web.json_response(await read_items(request, str(body["metadata"]["uid"]), query))
+
+
+async def get_throughput(request: web.Request) -> web.Response:
+    body = await read_job(request)
     try:
-        page = await ledger.items_page(stores.pool, uid, query)
-    except Exception as err:
-        raise ApiError(503, f"cannot read the items from Postgres ({one_line(err)}); try again") from None
-    return web.json_response(page)
+        bucket = params.throughput_bucket(_query(request))
+    except params.ParamError as err:
+        raise ApiError(400, str(err)) from None
+    return web.json_response(await read_throughput(request, str(body["metadata"]["uid"]), bucket))
 
 
 async def get_results(request: web.Request) -> web.StreamResponse:
@@ -261,12 +313,12 @@ async def get_results(request: web.Request) -> web.StreamResponse:
     whatever the job's size. A stream cut short (Postgres lost midway) ends the connection
     without the chunked encoding's last chunk, so a client sees a broken transfer, never a
     short file that looks whole."""
-    body = await _job(request)
+    body = await read_job(request)
     try:
         fmt = params.export_format(_query(request))
     except params.ParamError as err:
         raise ApiError(400, str(err)) from None
-    stores = _stores(request)
+    stores = stores_of(request)
     state = request.app[STATE]
     namespace, name, uid = (
         body["metadata"]["namespace"],
@@ -319,4 +371,8 @@ def make_app(state: ApiState) -> web.Application:
     app.router.add_get(base + "/{name}", get_summary)
     app.router.add_get(base + "/{name}/items", get_items)
     app.router.add_get(base + "/{name}/results", get_results)
+    app.router.add_get(base + "/{name}/throughput", get_throughput)
+    from mljob.httpapi import pages  # it builds on this module's reads
+
+    pages.add_routes(app)
     return app
