@@ -19,7 +19,7 @@ deps:
 $(BIN)/mljob: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[operator,devstack,dev,notebook]'
+	$(BIN)/pip install -q -e '.[operator,devstack,dev,notebook,browser]'
 	@touch $@
 
 venv: $(BIN)/mljob
@@ -39,6 +39,7 @@ unit: venv
 	$(BIN)/pytest -m unit -q
 
 test: deps venv lint typecheck tools
+	@scripts/install-deps --browser
 	@scripts/run-tests -m "not node and not ha"
 
 # The node's tests (tests/node): as root, with containerd, a kubelet and buildah; CI runs them after `make test`.

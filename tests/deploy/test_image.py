@@ -109,11 +109,13 @@ def test_entrypoint_is_the_mljob_console_script_of_the_built_wheel(tmp_path: Pat
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         scripts = zf.read(entry_points).decode()
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert re.search(r"^\[console_scripts\]\nmljob = mljob\.cli\.main:main$", scripts, re.M), scripts
+    assert re.search(r"^\[console_scripts\]\n(.+\n)*mljob = mljob\.cli\.main:main$", scripts, re.M), scripts
     assert "Provides-Extra: operator" in metadata
     # What the operator reads from its own package at run time is in the wheel.
     for sql in (ROOT / "operator" / "mljob" / "db" / "migrations").glob("*.sql"):
         assert f"mljob/db/migrations/{sql.name}" in names
+    for static in (ROOT / "operator" / "mljob" / "httpapi" / "static").iterdir():  # the job pages'
+        assert f"mljob/httpapi/static/{static.name}" in names
     # The development tools (local stack, demo, fault injection) are not shipped.
     shipped = {name.split("/", 1)[0] for name in names if name.endswith(".py")}
     assert shipped == {"mljob"}, shipped
