@@ -239,8 +239,13 @@ async def _drop_nats_and_redis(run: mljob_common.Session) -> None:
     finally:
         await nc.close()
     import redis
+    from redis.cluster import RedisCluster
 
-    client = redis.Redis.from_url(run.stack.env["MLJOB_REDIS_URL"])
+    url = run.stack.env["MLJOB_REDIS_URL"]
+    # On a Redis Cluster (`--ha`) a multi-key DEL must stay in one slot: the cluster client scans
+    # every primary and splits the DEL by slot.
+    clustered = run.stack.env.get("MLJOB_REDIS_CLUSTER", "").lower() in ("1", "true", "yes")
+    client: Any = RedisCluster.from_url(url) if clustered else redis.Redis.from_url(url)
     keys = list(client.scan_iter(match=f"{run.prefix}:*", count=1000))
     for start in range(0, len(keys), 1000):
         client.delete(*keys[start : start + 1000])
