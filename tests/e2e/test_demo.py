@@ -43,11 +43,18 @@ def test_demo_script_recovers_crashes_agrees_with_postgres_and_leaves_nothing_ru
         "DEMO_ITEMS": str(ITEMS),
         "DEMO_LATENCY_SECONDS": "0.002",
         "DEMO_TEST_MARK": mark,
+        "DEMO_WAIT": "0",  # no waiting for Enter at the end
     }
     for var in ("KUBECONFIG", "MLJOB_STACK_DIR", "DEMO_CRASH_ITEMS", "DEMO_WORKERS"):
         env.pop(var, None)
     proc = subprocess.run(
-        [str(ROOT / "scripts" / "demo")], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
+        [str(ROOT / "scripts" / "demo")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
     )
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
@@ -101,3 +108,17 @@ def test_demo_script_recovers_crashes_agrees_with_postgres_and_leaves_nothing_ru
     assert re.search(r"registry mljob-registry/demo-classify\.\S+: gone", out), out
     assert re.search(r"Redis mljob:\{\S+\}:\*: 0 key\(s\)", out), out
     assert re.search(r"\b0 of \d+ observed resource\(s\) would be removed", out), out
+
+    # The job page answered the viewer the demo set up, with Postgres' counts; then its address,
+    # the login's token file and the commands to try (never the token itself).
+    assert re.search(
+        rf"the job page answers 200 as system:serviceaccount:default:demo-viewer: "
+        rf"{ITEMS - failed:,} succeeded, {failed:,} failed, as in Postgres",
+        out,
+    ), out
+    page = re.search(r"open +(http://127\.0\.0\.1:\d+/ui/namespaces/default/mljobs/demo-classify)\n", out)
+    assert page, out
+    token_file = Path(logs.group(1)) / "viewer.token"
+    assert f"with the token in {token_file}" in out and token_file.read_text().strip() not in out
+    for command in ("status demo-classify", "items demo-classify --failed", "results demo-classify -o csv"):
+        assert f"kubectl mljob {command}" in out, out
