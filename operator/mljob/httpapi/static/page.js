@@ -41,19 +41,29 @@
     return (s / 3600).toFixed(1) + " h";
   }
 
+  // The axis' top: the peak rounded up to 1, 2 or 5 times a power of ten.
+  function nice(peak) {
+    if (!(peak > 0)) return 1;
+    var ten = Math.pow(10, Math.floor(Math.log10(peak)));
+    var steps = [1, 2, 5, 10];
+    for (var i = 0; i < steps.length; i++) if (steps[i] * ten >= peak) return steps[i] * ten;
+    return 10 * ten;
+  }
+
   function draw(figure, data) {
     var points = data.points, width = data.bucket;
     var W = 720, H = 220, left = 52, right = 8, top = 10, bottom = 28;
     var plotW = W - left - right, plotH = H - top - bottom;
     var peak = 0;
     points.forEach(function (p) { peak = Math.max(peak, (p.succeeded + p.failed) / width); });
-    var ymax = peak > 0 ? peak * 1.1 : 1;
+    var ymax = nice(peak);
     var svg = node("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": "results per second" });
     var axis = node("g", { "class": "axis" }, svg);
     [0, 0.5, 1].forEach(function (f) {
       var y = top + plotH - f * plotH;
       node("line", { x1: left, x2: W - right, y1: y, y2: y, "class": "grid" }, axis);
-      text(axis, left - 6, y + 4, (ymax * f).toFixed(ymax * f >= 10 ? 0 : 1) + "/s", "end");
+      var v = ymax * f;
+      text(axis, left - 6, y + 4, (v >= 10 || v === 0 ? v.toFixed(0) : v.toFixed(1)) + "/s", "end");
     });
     var step = plotW / Math.max(points.length, 1);
     var bars = node("g", { "class": "bars" }, svg);
