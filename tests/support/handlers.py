@@ -70,6 +70,17 @@ def nul_on_listed(task: Any) -> dict[str, Any]:
     return {"id": task.item_id}
 
 
+def two_reasons(task: Any) -> dict[str, Any]:
+    """Fails two ways: ids whose number ends in 7 raise a PermanentError (HandlerFailed, the error
+    quoting the id), those ending in 3 return a result Postgres refuses (a NUL: ResultRejected)."""
+    number = _number(task.item_id)
+    if number % 10 == 7:
+        raise PermanentError(f"item {task.item_id} is unreadable")
+    if number % 10 == 3:
+        return {"id": task.item_id, "caption": "cut\u0000here"}
+    return {"id": task.item_id, "double": number * 2}
+
+
 def sleep_from_id(task: Any) -> dict[str, Any]:
     """Sleeps the seconds written after '@' in the id ('j3-last@0.4'), else $MLJOB_TEST_SLEEP:
     one worker gives each job of a race its own timing."""
