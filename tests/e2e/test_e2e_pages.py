@@ -200,6 +200,14 @@ def test_the_job_page_in_a_browser(served: Served, tmp_path: Path) -> None:
         points = page.evaluate("JSON.parse(document.getElementById('throughput').dataset.points).points")
         assert sum(p["succeeded"] for p in points) == len(rows) - len(failed)
         assert sum(p["failed"] for p in points) == len(failed)
+        hourly = page.goto(served.url(f"/api/v1/namespaces/{ns}/mljobs/{NAME}/throughput?bucket=1h"))
+        assert hourly is not None and hourly.status == 200
+        data = hourly.json()  # the job took seconds: one bucket of an hour holds every result
+        assert (data["uid"], data["bucket"], data["finished"]) == (served.uid, 3600, True)
+        assert [(p["succeeded"], p["failed"]) for p in data["points"]] == [
+            (len(rows) - len(failed), len(failed))
+        ]
+        page.go_back()
 
         # The markup in an id is text on the page, and the browser ran none of it.
         assert EVIL in failed
