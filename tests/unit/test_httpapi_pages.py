@@ -220,6 +220,7 @@ async def test_a_page_without_a_token_is_the_login_form_that_comes_back(
         answer = await client.get(JOB + "?reason=Lost")
         text = await answer.text()
         assert answer.status == 401 and 'action="../../../login"' in text
+        assert "log in with a Kubernetes token to see this page" in text
         assert 'name="next" value="/ui/namespaces/team-a/mljobs/job-1?reason=Lost"' in text
         assert answer.headers["Content-Security-Policy"].startswith("default-src 'none'; script-src 'self'")
         assert (await client.get("/ui/")).status == 200
@@ -299,6 +300,15 @@ async def test_a_token_without_get_sees_403_pages(monkeypatch: pytest.MonkeyPatc
         answer = await client.get(JOB)
         text = await answer.text()
         assert answer.status == 403 and "bob may not get mljobs.mljob.dev &#x27;job-1&#x27;" in text
+        relogin = re.search(r'<a href="([^"]+)" id="relogin">', text)
+        assert (
+            relogin and relogin.group(1) == "../../../login?next=%2Fui%2Fnamespaces%2Fteam-a%2Fmljobs%2Fjob-1"
+        )
+        form = await (await client.get("/ui/login?next=%2Fui%2Fnamespaces%2Fteam-a%2Fmljobs%2Fjob-1")).text()
+        assert 'name="next" value="/ui/namespaces/team-a/mljobs/job-1"' in form and 'name="token"' in form
+        assert (
+            'name="next" value=""' in await (await client.get("/ui/login?next=//elsewhere.example/")).text()
+        )
         assert (await client.get("/ui/namespaces/team-a/mljobs")).status == 403
         assert (await client.get("/api/v1/namespaces/team-a/mljobs/job-1")).status == 403
         client.session.cookie_jar.update_cookies({auth.COOKIE: "good"})

@@ -93,12 +93,14 @@ def _page(handler: Callable[[web.Request, render.Chrome], Awaitable[web.StreamRe
         try:
             return await handler(request, chrome)
         except routes.ApiError as err:
+            next_path = request.rel_url.raw_path_qs
             if err.code == 401:
-                next_path = request.rel_url.raw_path_qs
-                body = render.login_page(chrome, message=str(err), next_path=next_path)
-                return _html(body, 401)
+                sent = bearer_token(request.headers, request.cookies) is not None
+                message = str(err) if sent else "log in with a Kubernetes token to see this page"
+                return _html(render.login_page(chrome, message=message, next_path=next_path), 401)
             user = await _signed_in(request) if err.code != 503 else None
-            return _html(render.error_page(render.Chrome(chrome.here, user), err.code, str(err)), err.code)
+            body = render.error_page(render.Chrome(chrome.here, user), err.code, str(err), next_path)
+            return _html(body, err.code)
 
     return answer
 
@@ -138,6 +140,13 @@ def _safe_next(value: str) -> str | None:
     if not _PATH.match(parts.path) or "/../" in parts.path + "/" or "\\" in value:
         return None
     return value
+
+
+async def login_form(request: web.Request) -> web.StreamResponse:
+    """The login form, always (also to change tokens); `?next=` is where it goes afterwards."""
+    chrome = render.Chrome(here=_here(request))
+    next_path = _safe_next(request.query.get("next", ""))
+    return _html(render.login_page(chrome, next_path=next_path, namespace=request.query.get("namespace", "")))
 
 
 async def login(request: web.Request) -> web.StreamResponse:
@@ -260,7 +269,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(render.UI, to_start)
     app.router.add_get(render.START, start)
     app.router.add_post(render.LOGIN, login)
-    app.router.add_get(render.LOGIN, start)
+    app.router.add_get(render.LOGIN, login_form)
     app.router.add_post(render.LOGOUT, logout)
     app.router.add_get(render.STATIC + "/{file}", static)
     app.router.add_get(render.UI + "/namespaces/{ns}/mljobs", jobs)

@@ -198,14 +198,17 @@ def start_page(chrome: Chrome, namespace: str = "") -> Html:
     )
 
 
-def error_page(chrome: Chrome, code: int, message: str) -> Html:
+def error_page(chrome: Chrome, code: int, message: str, next_path: str | None = None) -> Html:
+    """A refusal (403, 404, 400, 503) with the API's message, and a way to log in as someone else
+    that comes back here."""
     what = {403: "Not allowed", 404: "Not found", 400: "Bad request", 503: "Unavailable"}.get(code, "Error")
+    login = rel(chrome.here, LOGIN) + ("?" + urlencode({"next": next_path}) if next_path else "")
     return page(
         chrome,
         f"{code} {what}",
         el("h1", f"{code} {what}"),
         el("p", message, class_="error", id="error"),
-        el("p", el("a", "log in with another token", href=rel(chrome.here, LOGIN))),
+        el("p", el("a", "log in with another token", href=login, id="relogin")),
     )
 
 
