@@ -207,9 +207,14 @@ async def logout(request: web.Request) -> web.StreamResponse:
     chrome = render.Chrome(here=_here(request))
     response = _see_other(chrome, render.START)
     base = str((await request.post()).get("base") or "/")
-    for path in {"/", base}:
+    # One Set-Cookie per path the cookie may have been set on (aiohttp's cookie jar keeps one per name).
+    for path in sorted({"/", base}):
         if _PATH.match(path) and path.endswith("/") and ";" not in path:
-            response.del_cookie(COOKIE, path=path)
+            response.headers.add(
+                "Set-Cookie",
+                f'{COOKIE}=""; expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0; Path={path}; '
+                "HttpOnly; SameSite=Strict",
+            )
     return response
 
 

@@ -115,10 +115,12 @@ def page(chrome: Chrome, title: str, *body: Any, refresh: int | None = None) -> 
         el(
             "form",
             el("span", "signed in as ", el("strong", chrome.user), class_="who"),
+            el("input", type="hidden", name="base", value=""),
             el("button", "log out", type="submit"),
             method="post",
             action=rel(chrome.here, LOGOUT),
             class_="logout",
+            data_here=chrome.here,
         )
         if chrome.user
         else ""

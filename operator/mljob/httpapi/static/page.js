@@ -6,16 +6,16 @@
   var SVG = "http://www.w3.org/2000/svg";
 
   // Behind the apiserver's service proxy the pages live under a prefix the API never sees: the
-  // cookie must cover it (and only it), so the form tells the API where the pages are.
-  var login = document.querySelector("form.login");
-  if (login) {
-    var here = login.getAttribute("data-here") || "";
+  // cookie must cover it (and only it), so the login and logout forms tell the API where the
+  // pages are (data-here is the page's path as the API saw it).
+  Array.prototype.forEach.call(document.querySelectorAll("form[data-here]"), function (form) {
+    var here = form.getAttribute("data-here") || "";
     var path = window.location.pathname;
-    var base = login.querySelector('input[name="base"]');
+    var base = form.querySelector('input[name="base"]');
     if (base && here && path.slice(-here.length) === here) {
       base.value = path.slice(0, path.length - here.length) + "/";
     }
-  }
+  });
 
   var figure = document.getElementById("throughput");
   if (figure && figure.getAttribute("data-points")) {
