@@ -21,15 +21,11 @@ from typing import Any
 
 import pytest
 
-from mljob_dev.devstack.stack import free_port
-from support.chart import CHART, helm, set_args
+from support.api import MLJOBS, Rules, rbac_manifest, read_only_api, token
 from support.env import E2E
-from support.harness import Proc, mljob_cmd
 from support.stack import Kubectl
-from support.waiting import wait_for
 
 RELEASE = "api"
-API_SERVICE_ACCOUNT = f"{RELEASE}-mljob-operator-api"
 PIPELINE, IDLE = "apitest", "apiidle"
 A_ITEMS = [f"a-{n:03d}" for n in range(120)]  # tenth_fail: the ids ending in 7 fail
 B_ITEMS = [f"b-{n:03d}" for n in range(40)]
@@ -80,32 +76,17 @@ def _rbac(namespace: str, other: str) -> str:
     """A reader (get, list) and a lister (list only) in the job's namespace, a nobody there, and an
     outsider who may read the MLJobs of its own namespace only."""
 
-    def role(ns: str, name: str, verbs: list[str]) -> list[dict[str, Any]]:
-        return [
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": {"name": name, "namespace": ns},
-                "rules": [{"apiGroups": ["mljob.dev"], "resources": ["mljobs"], "verbs": verbs}],
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": name, "namespace": ns},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
-            },
-        ]
+    def mljobs(*verbs: str) -> Rules:
+        return [(MLJOBS, ["mljobs"], list(verbs))]
 
-    accounts = [(namespace, "reader"), (namespace, "lister"), (namespace, "nobody"), (other, "outsider")]
-    items: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}}
-        for ns, name in accounts
-    ]
-    items += role(namespace, "reader", ["get", "list"])
-    items += role(namespace, "lister", ["list"])
-    items += role(other, "outsider", ["get", "list"])
-    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+    return rbac_manifest(
+        [
+            (namespace, "reader", mljobs("get", "list")),
+            (namespace, "lister", mljobs("list")),
+            (namespace, "nobody", []),
+            (other, "outsider", mljobs("get", "list")),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,46 +94,21 @@ def api(e2e: E2E, kubectl: Kubectl) -> Iterator[Api]:
     namespace = e2e.namespace
     other = f"{namespace}-other"
     kubectl.run("create", "namespace", other)
-    values = {"watchNamespaces": [namespace], "admissionPolicy": {"enabled": False}, "api": {"enabled": True}}
-    helm("install", RELEASE, str(CHART), "-n", namespace, *set_args(values), kubeconfig=e2e.stack.kubeconfig)
-    try:
+    with read_only_api(e2e, kubectl, RELEASE) as served_api:
         kubectl.run("apply", "-f", "-", stdin=_rbac(namespace, other))
-
-        def token(ns: str, account: str) -> str:
-            return kubectl.run("-n", ns, "create", "token", account, "--duration=1h").stdout.strip()
-
-        tokens = {name: token(namespace, name) for name in ("reader", "lister", "nobody")}
-        tokens["outsider"] = token(other, "outsider")
-        api_kubeconfig = kubectl._token_kubeconfig(token(namespace, API_SERVICE_ACCOUNT))
-
+        tokens = {name: token(kubectl, namespace, name) for name in ("reader", "lister", "nobody")}
+        tokens["outsider"] = token(kubectl, other, "outsider")
         uids = {
             "api-a": e2e.apply("api-a", PIPELINE, A_ITEMS),
             "api-b": e2e.apply("api-b", PIPELINE, B_ITEMS),
             "api-idle": e2e.apply("api-idle", IDLE, IDLE_ITEMS),
         }
         e2e.start_worker(PIPELINE, "tenth_fail")
-        port = free_port()
-        proc = Proc(
-            "api",
-            mljob_cmd("api", "--host", "127.0.0.1", "--port", str(port)),
-            {**e2e.env_of("api"), "KUBECONFIG": api_kubeconfig},
-            e2e.log_dir,
-        )
-        e2e.procs.append(proc)
-        served = Api(e2e, f"http://127.0.0.1:{port}", tokens, other, uids)
-
-        def ready() -> bool:
-            if not proc.alive():
-                pytest.fail(f"mljob api exited:\n{proc.log_tail()}")
-            return served.get("/readyz").status == 200
-
-        wait_for(ready, 60, what=lambda: f"mljob api to be ready\n{proc.log_tail()}")
+        served = Api(e2e, served_api.base, tokens, other, uids)
         for name in ("api-a", "api-b"):
             assert e2e.wait_terminal(name, timeout=90)["phase"] == "Succeeded"
         e2e.wait_phase("api-idle", {"Running"}, timeout=60)
         yield served
-    finally:
-        helm("uninstall", RELEASE, "-n", namespace, kubeconfig=e2e.stack.kubeconfig, check=False)
 
 
 def test_no_token_is_401_with_a_bearer_challenge(api: Api) -> None:

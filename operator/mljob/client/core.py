@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TextIO
 
 from mljob.api.models import MAX_INLINE_ITEMS
 from mljob.client import itemsource, manifests, output, reads, statusview
@@ -167,10 +167,16 @@ class Client:
         return self.jobs.cancel(namespace, name)
 
     def wait(
-        self, name: str, namespace: str | None = None, timeout: float | None = None, progress: bool = True
+        self,
+        name: str,
+        namespace: str | None = None,
+        timeout: float | None = None,
+        progress: bool = True,
+        out: TextIO | None = None,
     ) -> dict[str, Any]:
-        """The MLJob's status once it has finished (TimeoutError after `timeout` seconds)."""
-        body = wait_for_job(self.jobs, self._ns(namespace), name, timeout=timeout, progress=progress)
+        """The MLJob's status once it has finished (TimeoutError after `timeout` seconds), with a
+        progress bar meanwhile (on `out`, default stderr; tqdm's where tqdm is installed)."""
+        body = wait_for_job(self.jobs, self._ns(namespace), name, timeout=timeout, progress=progress, out=out)
         return dict(body.get("status") or {})
 
     # ------------------------------------------------------------------ the read-only API

@@ -1,25 +1,22 @@
-"""Live MLJobs: a list and then a watch of the apiserver, in a thread (`Feed`), drawn as progress
-bars (`watch`) or waited on by one job (`wait`, with tqdm's bar where tqdm is installed).
+"""Live MLJobs: a list and then watches of the apiserver (`Feed`), drawn as progress bars
+(`watch`) or waited on by one job (`wait`, with tqdm's bar where tqdm is installed).
 
-The watch resumes from the last resourceVersion it saw when the apiserver ends it, and lists
-again when that version expired (410 Gone), so a long watch sees every change without polling.
+Each watch request asks the apiserver for the changes after the last resourceVersion seen and
+to end after about a second, so the caller redraws at least that often and nothing runs in a
+thread (a thread blocked in a read could not be stopped cleanly at exit); a version that expired
+(410 Gone) is listed again.
 """
 
 from __future__ import annotations
 
-import queue
 import sys
-import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, TextIO
 
-from mljob.client.errors import ClientError, Conflict, NotFound
+from mljob.client.errors import Conflict, NotFound
 from mljob.client.jobs import Jobs
 from mljob.client.progress import JobView, Painter, Tracker, bar, view
-
-#: How long one watch request runs before the apiserver ends it and the feed resumes it.
-WATCH_SECONDS = 60
 
 
 class Feed:
@@ -29,65 +26,29 @@ class Feed:
         self.jobs = jobs
         self.namespace = namespace
         self.names = set(names) if names else None
-        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.version = ""
 
     def _wanted(self, body: Mapping[str, Any]) -> bool:
         return self.names is None or (body.get("metadata") or {}).get("name") in self.names
 
-    def _list(self) -> tuple[list[dict[str, Any]], str]:
-        found = self.jobs.list(self.namespace)
-        version = str((found.get("metadata") or {}).get("resourceVersion") or "")
-        return [body for body in found.get("items") or [] if self._wanted(body)], version
-
     def start(self) -> list[dict[str, Any]]:
-        """The MLJobs now (raising what the listing raises); then changes arrive on `events`."""
-        bodies, version = self._list()
-        self._thread = threading.Thread(target=self._run, args=(version,), name="mljob-watch", daemon=True)
-        self._thread.start()
-        return bodies
-
-    def _run(self, version: str) -> None:
-        while not self._stop.is_set():
-            try:
-                for event in self.jobs.watch(self.namespace, version, WATCH_SECONDS):
-                    if self._stop.is_set():
-                        return
-                    body = event.get("object") or {}
-                    version = str((body.get("metadata") or {}).get("resourceVersion") or version)
-                    kind = event.get("type")
-                    if kind in ("ADDED", "MODIFIED", "DELETED") and self._wanted(body):
-                        self.events.put(("job", (body, kind == "DELETED")))
-            except Conflict:  # the version expired: list again, then watch from the new one
-                try:
-                    bodies, version = self._list()
-                except ClientError as err:
-                    self.events.put(("error", err))
-                    return
-                for body in bodies:
-                    self.events.put(("job", (body, False)))
-            except ClientError as err:
-                self.events.put(("error", err))
-                return
+        """The MLJobs now; `drain` then gives what changes."""
+        found = self.jobs.list(self.namespace)
+        self.version = str((found.get("metadata") or {}).get("resourceVersion") or "")
+        return [body for body in found.get("items") or [] if self._wanted(body)]
 
     def drain(self, timeout: float) -> list[tuple[dict[str, Any], bool]]:
-        """The changes that arrived within `timeout` (waiting for the first); ClientError when
-        the watch failed."""
+        """The changes within about `timeout` seconds (at least one): (MLJob, deleted) each."""
         out: list[tuple[dict[str, Any], bool]] = []
         try:
-            item = self.events.get(timeout=timeout)
-            while True:
-                kind, payload = item
-                if kind == "error":
-                    raise payload
-                out.append(payload)
-                item = self.events.get_nowait()
-        except queue.Empty:
-            return out
-
-    def stop(self) -> None:
-        self._stop.set()
+            for event in self.jobs.watch(self.namespace, self.version, max(round(timeout), 1)):
+                body = event.get("object") or {}
+                self.version = str((body.get("metadata") or {}).get("resourceVersion") or self.version)
+                if event.get("type") in ("ADDED", "MODIFIED", "DELETED") and self._wanted(body):
+                    out.append((body, event.get("type") == "DELETED"))
+        except Conflict:  # the version expired: what is there now, then changes from there
+            out.extend((body, False) for body in self.start())
+        return out
 
 
 def watch(
@@ -123,7 +84,6 @@ def watch(
             for body, deleted in feed.drain(interval):
                 tracker.update(view(body, deleted), clock())
     finally:
-        feed.stop()
         painter.done()
 
 
@@ -141,7 +101,6 @@ def wait(
     feed = Feed(jobs, namespace, [name])
     bodies = feed.start()
     if not bodies:
-        feed.stop()
         raise NotFound(f"no MLJob {name!r} in namespace {namespace!r}")
     body = bodies[0]
     deadline = None if timeout is None else clock() + timeout
@@ -163,7 +122,6 @@ def wait(
                     raise NotFound(f"MLJob {namespace}/{name} was deleted before it finished")
                 body = changed
     finally:
-        feed.stop()
         if shown is not None:
             shown.close()
 
