@@ -62,8 +62,16 @@ def test_worker_only_install(tmp_path: Path) -> None:
         refused.stderr.strip()
         == "mljob operator needs the operator extra: pip install 'mljob-operator[operator]'"
     )
+    client = run([mljob, "status", "some-job"], tmp_path)
+    assert client.returncode == 2, client.stdout + client.stderr
+    assert (
+        client.stderr.strip() == "mljob status needs the client extra: pip install 'mljob-operator[client]'"
+    )
+    plugin = run([str(target / "bin" / "kubectl-mljob"), "status", "some-job"], tmp_path)
+    assert plugin.returncode == 2, plugin.stdout + plugin.stderr
+    assert "kubectl mljob needs the client extra" in plugin.stderr
     stack = run([mljob, "dev", "stack", "up"], tmp_path)
     assert stack.returncode == 2, stack.stdout + stack.stderr
     assert "needs the devstack extra" in stack.stderr
-    assert "Traceback" not in refused.stderr + stack.stderr
+    assert "Traceback" not in refused.stderr + stack.stderr + client.stderr + plugin.stderr
     assert sys.executable != python  # the checks above ran in the fresh venv, not this one
