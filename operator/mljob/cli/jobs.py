@@ -156,6 +156,13 @@ def guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
             return 0
         except KeyboardInterrupt:
             return 130
+        except Exception as err:  # a defect of the client: still one line, naming what broke
+            print(
+                f"error: {args.command} failed unexpectedly ({type(err).__name__}: {err}); "
+                "please report it with the command that gave it",
+                file=sys.stderr,
+            )
+            return 1
 
     return run
 
