@@ -17,7 +17,17 @@ from mljob.cli.main import build_parser
 from mljob.client import manifests
 from mljob.client.errors import UsageError
 from mljob.client.manifests import RETRY_ITEMS, RETRY_OF, RETRY_OF_UID, RETRY_REASON
-from mljob.client.rate import Rate, SampleLog, add, average_since, eta, format_duration, format_rate, rate
+from mljob.client.rate import (
+    Rate,
+    SampleLog,
+    add,
+    average_since,
+    eta,
+    format_duration,
+    format_rate,
+    from_throughput,
+    rate,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -206,6 +216,39 @@ def test_rate_over_the_last_minute(
     samples: list[tuple[float, int]], now: float, expected: Rate | None
 ) -> None:
     assert rate(samples, now) == expected
+
+
+def t(seconds: int) -> str:
+    return f"1970-01-01T00:{seconds // 60:02d}:{seconds % 60:02d}Z"
+
+
+def points(width: int, counts: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    return [{"start": t(n * width), "succeeded": ok, "failed": bad} for n, (ok, bad) in enumerate(counts)]
+
+
+@pytest.mark.parametrize(
+    ("buckets", "end", "expected"),
+    [
+        ([], t(100), None),
+        # 5 s buckets from 0 to 100: those from 40 on (twelve and the one just begun) cover the minute
+        (points(5, [(5, 0)] * 20 + [(4, 1)]), t(100), Rate(65 / 60, 60.0)),
+        (points(5, [(50, 0)] * 8 + [(0, 0)] * 13), t(100), Rate(0.0, 60.0)),  # it stopped 60 s ago
+        (points(5, [(30, 0)]), t(3), Rate(10.0, 3.0)),  # a job younger than the window: since its start
+        (points(5, [(30, 0)]), t(0), None),  # no span yet
+        # wide buckets (a long job): as many as cover the minute, over their longer span
+        (points(120, [(600, 0), (90, 30)]), t(150), Rate(720 / 150, 150.0)),
+        (points(120, [(600, 0), (90, 30), (60, 0)]), t(300), Rate(60 / 60, 60.0)),
+    ],
+)
+def test_rate_from_the_apis_throughput(
+    buckets: list[dict[str, Any]], end: str, expected: Rate | None
+) -> None:
+    got = from_throughput(buckets, end)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and got.seconds == expected.seconds
+        assert got.per_second == pytest.approx(expected.per_second)
 
 
 @pytest.mark.parametrize(

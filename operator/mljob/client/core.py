@@ -24,11 +24,11 @@ from typing import Any, TextIO
 
 from mljob.api.models import MAX_INLINE_ITEMS
 from mljob.client import itemsource, manifests, output, reads, statusview
-from mljob.client.errors import ClientError, UsageError, require
+from mljob.client.errors import ClientError, Forbidden, Unauthorized, UsageError, require
 from mljob.client.jobs import Jobs
 from mljob.client.kubeconfig import Connection, connect
 from mljob.client.progress import TERMINAL
-from mljob.client.rate import SampleLog, average_since, eta, rate
+from mljob.client.rate import Rate, SampleLog, average_since, eta, from_throughput, rate
 from mljob.client.transport import ApiTransport, ServiceRef
 from mljob.client.watching import wait as wait_for_job
 
@@ -187,23 +187,34 @@ class Client:
     def status(
         self, name: str, namespace: str | None = None, samples: SampleLog | None = None
     ) -> dict[str, Any]:
-        """The summary with the rate over the last minute (from this machine's earlier looks at
-        the job, else the average since it started), the ETA and the runbook's word on each
-        disagreement."""
+        """The summary with the rate over the last minute and the ETA (`rate_of`) and the runbook's
+        word on each disagreement."""
         data = self.summary(name, namespace)
         return statusview.as_data(data, *self.rate_of(data, samples))
 
-    @staticmethod
-    def rate_of(summary: dict[str, Any], samples: SampleLog | None = None) -> tuple[Any, float | None]:
+    def rate_of(
+        self, summary: dict[str, Any], samples: SampleLog | None = None
+    ) -> tuple[Rate | None, float | None]:
+        """The rate over the last minute and the ETA of a running job (None, None when it has
+        finished): from the API's throughput (Postgres' count of results per 5 s), else from
+        this machine's earlier looks at the job, else the average since it started."""
         status = summary.get("status") or {}
         total, processed, _ = statusview.counts(summary)
         if status.get("phase") in TERMINAL:
             return None, None
+        current = None
+        try:
+            answer = reads.throughput(self.api, str(summary.get("namespace")), str(summary.get("name")))
+            current = from_throughput(answer.get("points") or [], answer.get("end"))
+        except (Forbidden, Unauthorized):
+            raise
+        except ClientError:  # an API without the throughput, or Postgres not readable now
+            current = None
         now = time.time()
         log = samples or SampleLog(str(summary.get("uid") or "unknown"))
-        current = rate(log.record(processed, now), now) or average_since(
-            status.get("startTime"), processed, now
-        )
+        sampled = log.record(processed, now)
+        if current is None:
+            current = rate(sampled, now) or average_since(status.get("startTime"), processed, now)
         return current, (eta(total - processed, current) if total else None)
 
     def pages(

@@ -1,13 +1,15 @@
-"""Progress rate and ETA from samples of a job's processed count. Pure but for `SampleLog`.
+"""Progress rate and ETA: from the API's throughput (results per bucket, counted by Postgres), or
+from samples of a job's processed count. Pure but for `SampleLog`.
 
 A sample is (seconds, processed). The rate over the last `window` seconds is the count gained
 from the oldest sample in that window to now, where "now" carries the latest count known: a job
 that stopped moving decays to 0 within the window instead of keeping its last speed. When no
 sample is older than a second, there is no rate (None), and so no ETA.
 
-`SampleLog` keeps a job's samples between two runs of `mljob status` in the user's cache
-(`$XDG_CACHE_HOME/mljob/samples/<uid>.json`), so a second look a while later has a rate over
-the last minute; with none yet, status falls back to the average since the job started.
+`mljob status` takes the rate from the API's throughput (`from_throughput`). An API without it
+(or one that cannot read Postgres) leaves samples: `SampleLog` keeps a job's between two runs of
+`mljob status` in the user's cache (`$XDG_CACHE_HOME/mljob/samples/<uid>.json`), so a second look
+a while later has a rate over the last minute; with none yet, the average since the job started.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 Sample = tuple[float, int]
 WINDOW_SECONDS = 60.0
@@ -71,6 +74,29 @@ def rate(samples: Sequence[Sample], now: float, window: float = WINDOW_SECONDS) 
     if span < 1.0:
         return None
     return Rate(max(latest - first[1], 0) / span, span)
+
+
+def from_throughput(
+    points: Sequence[Mapping[str, Any]], end: str | None, window: float = WINDOW_SECONDS
+) -> Rate | None:
+    """Items per second over the last `window` seconds up to `end`, from the API's throughput:
+    results recorded per bucket (`start`, `succeeded`, `failed`), counted by Postgres. The
+    trailing buckets are taken until they cover the window (the last one runs to `end`), so a
+    bucket wider than the window still gives a rate, over its longer span (None: no points)."""
+    until = parse_time(end)
+    if until is None or not points:
+        return None
+    count, begun = 0, until
+    for point in reversed(points):
+        start = parse_time(point.get("start"))
+        if start is None:
+            return None
+        begun = start
+        count += int(point.get("succeeded") or 0) + int(point.get("failed") or 0)
+        if until - begun >= window:
+            break
+    span = until - begun
+    return Rate(count / span, span) if span >= 1.0 else None
 
 
 def average_since(start: str | None, processed: int, now: float) -> Rate | None:

@@ -113,6 +113,11 @@ def items(
         yield from current.items
 
 
+def throughput(api: ApiTransport, namespace: str, name: str, bucket: str = "5s") -> dict[str, Any]:
+    """Results recorded per `bucket` from the job's start to now (or its end), counted by Postgres."""
+    return api.get_json(job_path(namespace, name, "/throughput"), {"bucket": bucket}, Target(namespace, name))
+
+
 ExportFormat = Literal["jsonl", "csv"]
 
 
