@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,13 +23,10 @@ from typing import Any
 
 import pytest
 
-from mljob_dev.devstack.stack import free_port
+from support.api import MLJOBS, rbac_manifest, read_only_api, token
 from support.browser import chromium
-from support.chart import CHART, helm, set_args
 from support.env import E2E
-from support.harness import Proc, mljob_cmd
 from support.stack import Kubectl
-from support.waiting import wait_for
 
 PIPELINE = "pagestest"
 NAME = "pages-job"
@@ -61,72 +56,20 @@ class Served:
             return {item: (outcome, error) for item, outcome, error in cur.fetchall()}
 
 
-def _rbac(namespace: str) -> str:
-    """A reader (get and list on MLJobs) and a nobody (no Role) in the job's namespace."""
-    meta = {"name": "reader", "namespace": namespace}
-    rule = {"apiGroups": ["mljob.dev"], "resources": ["mljobs"], "verbs": ["get", "list"]}
-    items: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": who, "namespace": namespace}}
-        for who in ("reader", "nobody")
-    ]
-    items.append(
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta, "rules": [rule]}
-    )
-    items.append(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": meta,
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
-            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
-        }
-    )
-    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
-
-
 @pytest.fixture(scope="module")
 def served(e2e: E2E, kubectl: Kubectl) -> Iterator[Served]:
     """The job run to its verdict, and `mljob api` on a token of the chart's API ServiceAccount
-    (the chart installed with api.enabled into the test's namespace, watching it only)."""
+    (support.api: the chart installed with api.enabled into the test's namespace, watching it
+    only); a reader (get and list on MLJobs) and a nobody (no Role) in that namespace."""
     namespace = e2e.namespace
     uid = e2e.apply(NAME, PIPELINE, ITEMS)
     e2e.start_worker(PIPELINE, "two_reasons")
-    values = {"watchNamespaces": [namespace], "admissionPolicy": {"enabled": False}, "api": {"enabled": True}}
-    helm("install", RELEASE, str(CHART), "-n", namespace, *set_args(values), kubeconfig=e2e.stack.kubeconfig)
-    try:
-        kubectl.run("apply", "-f", "-", stdin=_rbac(namespace))
-
-        def token(account: str) -> str:
-            return kubectl.run("-n", namespace, "create", "token", account, "--duration=1h").stdout.strip()
-
-        tokens = {who: token(who) for who in ("reader", "nobody")}
-        port = free_port()
-        proc = Proc(
-            "api",
-            mljob_cmd("api", "--host", "127.0.0.1", "--port", str(port)),
-            {
-                **e2e.env_of("api"),
-                "KUBECONFIG": kubectl._token_kubeconfig(token(f"{RELEASE}-mljob-operator-api")),
-            },
-            e2e.log_dir,
-        )
-        e2e.procs.append(proc)
-        base = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            if not proc.alive():
-                pytest.fail(f"mljob api exited:\n{proc.log_tail()}")
-            try:
-                with urllib.request.urlopen(base + "/readyz", timeout=5) as reply:
-                    return bool(reply.status == 200)
-            except OSError:
-                return False
-
-        wait_for(ready, 60, what=lambda: f"mljob api to be ready\n{proc.log_tail()}")
+    with read_only_api(e2e, kubectl, RELEASE) as api:
+        grants = [(namespace, "reader", [(MLJOBS, ["mljobs"], ["get", "list"])]), (namespace, "nobody", [])]
+        kubectl.run("apply", "-f", "-", stdin=rbac_manifest(grants))
+        tokens = {who: token(kubectl, namespace, who) for who in ("reader", "nobody")}
         status = e2e.wait_terminal(NAME, timeout=90)
-        yield Served(e2e, base, tokens, uid, status)
-    finally:
-        helm("uninstall", RELEASE, "-n", namespace, kubeconfig=e2e.stack.kubeconfig, check=False)
+        yield Served(e2e, api.base, tokens, uid, status)
 
 
 def _ids(page: Any) -> list[str]:
