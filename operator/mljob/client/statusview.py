@@ -88,7 +88,7 @@ def _stores(summary: Mapping[str, Any], now: float) -> list[str]:
     else:
         columns.append(
             [
-                "state",
+                "present",
                 rd.get("total"),
                 rd.get("processed"),
                 rd.get("failed"),
@@ -105,7 +105,7 @@ def _stores(summary: Mapping[str, Any], now: float) -> list[str]:
     else:
         columns.append(
             [
-                "consumer",
+                "present",
                 None,
                 None,
                 None,
