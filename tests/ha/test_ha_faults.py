@@ -10,7 +10,7 @@ is well under way, and then asserts what a user relies on:
 
 The workers are slowed (`slow` with a per-item sleep) so the job outlasts the fault and its
 recovery. The jobs are of 12,000 items, what the suite's time allows; the issue's 100,000-item
-run of each fault is not in bench/ yet.
+run of each fault is `python -m bench.mljob_faults` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
