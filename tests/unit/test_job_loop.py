@@ -64,7 +64,7 @@ def failed_with(world: FakeWorld, uid: str, reason: str) -> set[str]:
 def assert_cleaned_up(world: FakeWorld, body: dict[str, Any]) -> None:
     uid = uid_of(body)
     stream = world.js.streams.get(protocol.task_stream(PIPELINE))
-    assert stream is None or protocol.task_consumer(uid) not in stream.consumers
+    assert stream is None or not [c for c in stream.consumers if c.startswith(protocol.task_consumer(uid))]
     assert world.js.task_ids(protocol.task_stream(PIPELINE), protocol.task_subject(PIPELINE, uid)) == []
     assert protocol.registry_key(PIPELINE, uid) not in world.registry.entries
     assert uid not in world.state.jobs
@@ -457,6 +457,43 @@ async def test_consumer_lost_mid_run_is_recreated_and_the_stream_drained(world: 
     assert status(body)["streamRecreations"] == 1
     assert sorted(world.js.task_ids(stream)) == await world.results.unresolved_items(uid), "no duplicates"
 
+    await world.work(uid, 10)
+    assert await loop.step()
+    assert status(body)["phase"] == Phase.SUCCEEDED
+    assert_accounted(world, body)
+
+
+async def test_a_silent_consumer_is_replaced_skipping_replacements_placed_on_the_lost_server(
+    world: FakeWorld, clock: Clock
+) -> None:
+    """The R1 consumer's server is lost: after `consumer_replace_seconds` of silence the job gets
+    the next generation's consumer. NATS marks a SIGKILLed server offline only after its orphan
+    timeout, so the first two replacements land on the lost server too (their creation times
+    out): the one replacement skips them at once instead of waiting for them to fall silent."""
+    body = new_job(world, 10)
+    uid = uid_of(body)
+    loop = await running(world, body)
+    await world.work(uid, 3)
+    assert not await ticks(loop, 2)
+
+    world.js.unanswering |= {protocol.task_consumer(uid, generation) for generation in range(3)}
+    assert not await ticks(loop, 2)
+    assert not status(body).get("consumerGeneration"), "silence shorter than the bound is waited out"
+    clock.advance(world.services.settings.consumer_replace_seconds + 1)
+    assert not await loop.step()
+
+    assert status(body)["consumerGeneration"] == 3
+    registered = world.registry.entries[protocol.registry_key(PIPELINE, uid)]
+    entry = protocol.RegistryEntry.model_validate_json(registered)
+    assert entry.consumer == protocol.task_consumer(uid, 3)
+    replaced = [d for d in status(body)["diagnostics"] if d["reason"] == "ConsumerReplaced"]
+    assert len(replaced) == 1, "one replacement, however many placements it took"
+    available = condition(body, "ConsumerAvailable")
+    assert available is not None
+    assert (available["status"], available["reason"]) == ("True", "ConsumerReplaced")
+    assert [e.reason for e in world.kube.events_of(uid)].count("ConsumerReplaced") == 1
+
+    world.js.unanswering.clear()  # the server back: the job's cleanup removes every generation
     await world.work(uid, 10)
     assert await loop.step()
     assert status(body)["phase"] == Phase.SUCCEEDED

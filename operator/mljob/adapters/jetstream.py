@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import nats.errors
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -25,6 +26,10 @@ from pydantic import ValidationError
 
 from mljob import protocol
 from mljob.core.orphans import is_job_uid
+
+#: What a request to a consumer whose one server does not answer raises (the server down, or
+#: the consumer's leader not elected yet).
+NOT_ANSWERING = (nats.errors.TimeoutError, NoRespondersError, ServiceUnavailableError)
 
 #: Long enough that an operator restarted after a crash re-publishes into the dedup window.
 DUPLICATE_WINDOW_SECONDS = 2 * 3600.0
@@ -65,13 +70,16 @@ def job_consumer_replicas(retention: RetentionPolicy | str | None, configured: i
     return 1 if retention == RetentionPolicy.LIMITS else None  # the server's answer is a plain str
 
 
-async def ensure_job_stream(js: JetStreamContext, settings: JobStreamSettings) -> protocol.RegistryEntry:
+async def ensure_job_stream(
+    js: JetStreamContext, settings: JobStreamSettings, consumer_timeout: float | None = None
+) -> protocol.RegistryEntry:
     """Create (idempotently) the pipeline's task stream and the job's durable pull consumer.
 
     The stream is shared by the pipeline's jobs; each job's consumer is filtered to the job's own
     subject, so the consumers never overlap (a work-queue stream requires that). The consumer is
     R1 on a replicated (limits) stream, see `task_stream_retention`; a stream created before
-    keeps its retention, and its consumers their rule.
+    keeps its retention, and its consumers their rule. `consumer_timeout` bounds the consumer's
+    creation (the connection's request timeout when None).
     """
     stream, retention = await _pipeline_stream(js, settings.pipeline, settings.replicas)
     subject = protocol.task_subject(settings.pipeline, settings.uid)
@@ -87,6 +95,7 @@ async def ensure_job_stream(js: JetStreamContext, settings: JobStreamSettings) -
             filter_subject=subject,
             num_replicas=job_consumer_replicas(retention, settings.consumer_replicas),
         ),
+        timeout=consumer_timeout,
     )
     return protocol.RegistryEntry(
         uid=settings.uid,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-import nats.errors
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import NotFoundError
 
 from mljob import protocol
 from mljob.adapters import jetstream
@@ -13,9 +12,6 @@ from mljob.adapters.services import Services
 from mljob.controller.jobview import JobView, parse_time
 from mljob.core import reconcile
 from mljob.core.counts import ItemCounts
-
-#: What a consumer that does not answer raises (its one server down, or not elected yet).
-NOT_ANSWERING = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
 
 
 async def stream_view(
@@ -30,7 +26,7 @@ async def stream_view(
     except NotFoundError:
         exists = await jetstream.pipeline_stream_exists(services.js, pipeline)
         return reconcile.StreamView(stream_exists=exists, consumer_exists=False)
-    except NOT_ANSWERING:
+    except jetstream.NOT_ANSWERING:
         exists = await jetstream.pipeline_stream_exists(services.js, pipeline)
         return reconcile.StreamView(stream_exists=exists, consumer_exists=exists, consumer_answers=not exists)
     last = info.delivered.last_active if info.delivered is not None else None

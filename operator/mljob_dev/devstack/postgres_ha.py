@@ -184,6 +184,43 @@ def streaming(stack: Stack) -> int:
     return int(row[0]) if row else 0
 
 
+def switchover(stack: Stack, candidate: PostgresNode, timeout: float = 90.0) -> None:
+    """Make `candidate` the primary by a planned switchover (Patroni's REST API), the other node
+    back as its streaming standby; nothing when it is primary already."""
+    leader = wait_primary(stack, timeout=timeout)
+    if leader.n == candidate.n:
+        return
+    body = json.dumps({"leader": leader.name, "candidate": candidate.name}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{leader.api_port}/switchover",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        if resp.status != 200:
+            raise StackError(f"Patroni refused the switchover to {candidate.name}: {resp.read()!r}")
+    _wait(
+        stack, lambda: (primary(stack) or leader).n == candidate.n, timeout, f"{candidate.name} to be primary"
+    )
+    _wait(stack, lambda: streaming(stack) == NODES - 1, timeout, "the standby to stream from the primary")
+
+
+def terminate_clients(stack: Stack, database: str = "mljob") -> int:
+    """End every client session of `database` on the primary (what a network blip or a pooler
+    restart does): each process reconnects through its DSN. How many were ended."""
+    import psycopg
+
+    leader = wait_primary(stack)
+    with psycopg.connect(_node_dsn(leader), connect_timeout=2, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def kill_primary(stack: Stack) -> PostgresNode:
     """SIGKILL the primary's Patroni and its Postgres (a crash of that node); returns the node."""
     leader = primary(stack)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import nats.errors
 from nats.errors import NoRespondersError
 from nats.js.api import (
     ConsumerConfig,
@@ -84,6 +85,9 @@ class FakeJetStream:
         #: Called with the number of publish calls so far, before one is served: a test's way to
         #: break NATS at a chosen moment (raise, or delete the stream).
         self.before_publish: Callable[[int], None] | None = None
+        #: Consumers whose one server is down (an R1 consumer on a lost node): asking about or
+        #: deleting them times out, and creating one records the assignment, then times out.
+        self.unanswering: set[str] = set()
 
     async def key_value(self, bucket: str) -> FakeKeyValue:
         return self.buckets[bucket]
@@ -137,10 +141,16 @@ class FakeJetStream:
             consumer = found.consumers[config.durable_name] = _Consumer(config, datetime.now(UTC))
         else:
             consumer.config = config
+        self._answer(config.durable_name)
         return self._consumer_info(stream, config.durable_name)
+
+    def _answer(self, consumer: str) -> None:
+        if consumer in self.unanswering:
+            raise nats.errors.TimeoutError()
 
     async def delete_consumer(self, stream: str, consumer: str) -> bool:
         found = self._stream(stream)
+        self._answer(consumer)
         if found.consumers.pop(consumer, None) is None:
             raise _not_found(f"consumer {consumer}")
         return True
@@ -171,6 +181,7 @@ class FakeJetStream:
         )
 
     async def consumer_info(self, stream: str, consumer: str, timeout: float | None = None) -> ConsumerInfo:
+        self._answer(consumer)
         return self._consumer_info(stream, consumer)
 
     async def publish_async(
@@ -215,6 +226,8 @@ class FakeJetStream:
         """Deliver up to `batch` messages never delivered before, oldest first."""
         found = self._stream(stream)
         state = found.consumers[consumer]
+        if consumer in self.unanswering:
+            return []
         fresh = [
             m for seq, m in sorted(found.messages.items()) if seq not in state.deliveries and _for(state, m)
         ][:batch]

@@ -51,8 +51,12 @@ class FakeWorld:
         )
 
     def pull(self, uid: str, count: int) -> list[Pulled]:
-        """A worker takes up to `count` undelivered tasks of the job (and may never answer)."""
+        """A worker takes up to `count` undelivered tasks of the job (and may never answer), from
+        the consumer the registry names (as workers rebind), else the first generation's."""
         consumer = protocol.task_consumer(uid)
+        for key, value in self.registry.entries.items():
+            if key.endswith(f".{uid}"):
+                consumer = protocol.RegistryEntry.model_validate_json(value).consumer
         stream = next((name for name, s in self.js.streams.items() if consumer in s.consumers), None)
         if stream is None:
             return []

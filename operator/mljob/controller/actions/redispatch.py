@@ -81,7 +81,9 @@ async def redispatch(services: Services, view: JobView) -> int:
     return republished
 
 
-async def ensure_stream_and_registry(services: Services, target: DispatchTarget) -> protocol.RegistryEntry:
+async def ensure_stream_and_registry(
+    services: Services, target: DispatchTarget, consumer_timeout: float | None = None
+) -> protocol.RegistryEntry:
     """The job's stream and consumer, and the registry bucket (NATS may have lost it too)."""
     settings = services.settings
     await jetstream.registry(services.js, settings.stream_replicas)
@@ -90,4 +92,5 @@ async def ensure_stream_and_registry(services: Services, target: DispatchTarget)
         stream_settings(
             target, settings.stream_replicas, settings.max_ack_pending, settings.consumer_replicas
         ),
+        consumer_timeout,
     )
