@@ -158,10 +158,12 @@ def test_nats_node_stopped_for_a_minute_and_a_collector_killed(ha: HA) -> None:
         ha.collectors[0].send(signal.SIGKILL)
         nats_cluster.stop(stack, node)
         stopped_at, seen = time.monotonic(), ha.progress(name)
-        # More than the workers held (2 x 10 handlers x 32-task batches) and less than was left.
-        ha.wait_progress(name, seen + MOVED_DURING_OUTAGE, timeout=20 + RECOVERY_BOUND)
-        time.sleep(max(0.0, 60 - (time.monotonic() - stopped_at)))
-        nats_cluster.start_node(ha.devstack(), node)
+        try:
+            # More than the workers held (2 x 10 handlers x 32-task batches), less than was left.
+            ha.wait_progress(name, seen + MOVED_DURING_OUTAGE, timeout=20 + RECOVERY_BOUND)
+            time.sleep(max(0.0, 60 - (time.monotonic() - stopped_at)))
+        finally:
+            nats_cluster.start_node(ha.devstack(), node)
         return time.monotonic()
 
     _run(ha, name, fault)

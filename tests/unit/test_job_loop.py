@@ -500,6 +500,29 @@ async def test_a_silent_consumer_is_replaced_skipping_replacements_placed_on_the
     assert_accounted(world, body)
 
 
+async def test_a_consumer_nats_answers_is_offline_is_replaced_too(world: FakeWorld, clock: Clock) -> None:
+    """A server stopped cleanly is known to NATS as offline: requests about its consumers are
+    answered at once with "consumer is offline" (err_code 10119), not a timeout. That is the
+    same silence: the consumer is replaced after the bound, not retried forever."""
+    body = new_job(world, 10)
+    uid = uid_of(body)
+    loop = await running(world, body)
+    await world.work(uid, 4)
+    assert not await ticks(loop, 2)
+
+    world.js.offline.add(protocol.task_consumer(uid))
+    assert not await ticks(loop, 2)
+    clock.advance(world.services.settings.consumer_replace_seconds + 1)
+    assert not await loop.step()
+    assert status(body)["consumerGeneration"] == 1
+
+    world.js.offline.clear()
+    await world.work(uid, 10)
+    assert await loop.step()
+    assert status(body)["phase"] == Phase.SUCCEEDED
+    assert_accounted(world, body)
+
+
 async def test_dispatch_interrupted_resumes_from_the_cursor(world: FakeWorld) -> None:
     """NATS fails mid-dispatch (the stream survives): the next tick publishes the rest, once."""
     body = new_job(world, 10)

@@ -20,16 +20,35 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    BucketNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from mljob import protocol
 from mljob.core.orphans import is_job_uid
 
-#: What a request to a consumer whose one server does not answer raises (the server down, or
-#: the consumer's leader not elected yet).
-NOT_ANSWERING = (nats.errors.TimeoutError, NoRespondersError, ServiceUnavailableError)
+#: JetStream's error code for a consumer whose servers are all known to be offline (a server
+#: stopped cleanly, or one NATS has noticed is gone): answered at once, as a 500.
+CONSUMER_OFFLINE_CODE = 10119
+
+#: What a request to a consumer whose one server does not answer may raise (the server down, or
+#: the consumer's leader not elected yet); `not_answering` says which of them mean that.
+NOT_ANSWERING = (nats.errors.TimeoutError, NoRespondersError, APIError)
+
+
+def not_answering(err: BaseException) -> bool:
+    """Whether a consumer request failed because the consumer's server is away: it timed out,
+    nobody answered, JetStream said 503, or it said the consumer is offline."""
+    if isinstance(err, (nats.errors.TimeoutError, NoRespondersError, ServiceUnavailableError)):
+        return True
+    return isinstance(err, APIError) and err.err_code == CONSUMER_OFFLINE_CODE
+
 
 #: Long enough that an operator restarted after a crash re-publishes into the dedup window.
 DUPLICATE_WINDOW_SECONDS = 2 * 3600.0
@@ -169,8 +188,12 @@ async def delete_replaced_consumer(js: JetStreamContext, pipeline: str, uid: str
     stream, consumer = protocol.task_stream(pipeline), protocol.task_consumer(uid, generation)
     try:
         await asyncio.wait_for(js.delete_consumer(stream, consumer), OLD_CONSUMER_DELETE_TIMEOUT)
-    except (NotFoundError, ServiceUnavailableError, NoRespondersError, TimeoutError):
-        return False  # nats' TimeoutError is a TimeoutError too
+    except NotFoundError:
+        return False
+    except (*NOT_ANSWERING, TimeoutError) as err:  # nats' TimeoutError is a TimeoutError too
+        if isinstance(err, APIError) and not not_answering(err):
+            raise
+        return False
     return True
 
 

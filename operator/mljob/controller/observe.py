@@ -26,7 +26,9 @@ async def stream_view(
     except NotFoundError:
         exists = await jetstream.pipeline_stream_exists(services.js, pipeline)
         return reconcile.StreamView(stream_exists=exists, consumer_exists=False)
-    except jetstream.NOT_ANSWERING:
+    except jetstream.NOT_ANSWERING as err:
+        if not jetstream.not_answering(err):
+            raise
         exists = await jetstream.pipeline_stream_exists(services.js, pipeline)
         return reconcile.StreamView(stream_exists=exists, consumer_exists=exists, consumer_answers=not exists)
     last = info.delivered.last_active if info.delivered is not None else None

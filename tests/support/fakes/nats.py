@@ -19,7 +19,7 @@ from nats.js.api import (
     StreamInfo,
     StreamState,
 )
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError, ServerError
 from nats.js.kv import KeyValue
 
 from mljob import protocol
@@ -88,6 +88,9 @@ class FakeJetStream:
         #: Consumers whose one server is down (an R1 consumer on a lost node): asking about or
         #: deleting them times out, and creating one records the assignment, then times out.
         self.unanswering: set[str] = set()
+        #: Consumers whose server NATS knows to be down (stopped cleanly): requests about them
+        #: are answered at once with JetStream's "consumer is offline".
+        self.offline: set[str] = set()
 
     async def key_value(self, bucket: str) -> FakeKeyValue:
         return self.buckets[bucket]
@@ -147,6 +150,8 @@ class FakeJetStream:
     def _answer(self, consumer: str) -> None:
         if consumer in self.unanswering:
             raise nats.errors.TimeoutError()
+        if consumer in self.offline:
+            raise ServerError(code=500, err_code=10119, description="consumer is offline")
 
     async def delete_consumer(self, stream: str, consumer: str) -> bool:
         found = self._stream(stream)
@@ -226,7 +231,7 @@ class FakeJetStream:
         """Deliver up to `batch` messages never delivered before, oldest first."""
         found = self._stream(stream)
         state = found.consumers[consumer]
-        if consumer in self.unanswering:
+        if consumer in self.unanswering or consumer in self.offline:
             return []
         fresh = [
             m for seq, m in sorted(found.messages.items()) if seq not in state.deliveries and _for(state, m)

@@ -16,7 +16,9 @@ server, paid only then.
 Where the new consumer lands is the meta leader's choice among the stream's servers, and a
 server killed without a word is only known to be offline after NATS's orphan timeout (5 x 30 s);
 the new consumer can land on the very server that is lost, and its creation then times out. The
-next generation is tried at once, each creation given `CREATE_TIMEOUT` (one on a live server
+next generation is tried at once (a creation JetStream refuses outright, a 503 while its meta
+leader is elected, placed nothing: the same name is tried again a second later), each creation
+given `CREATE_TIMEOUT` (one on a live server
 takes milliseconds), for up to `PLACEMENT_BUDGET` seconds, rather than waiting another
 `MLJOB_CONSUMER_REPLACE_SECONDS` for the misplaced one to fall silent. On the clustered test
 stack the meta leader was seen to place five tries in a row on the lost server, so the budget
@@ -30,9 +32,12 @@ consumer created, unresolved items re-published, deduplicated, the registry entr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import replace
+
+import nats.errors
 
 from mljob import protocol
 from mljob.adapters import jetstream
@@ -44,8 +49,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds a new consumer's creation may take before it is taken as placed on the lost server.
 CREATE_TIMEOUT = 2.0
-#: Seconds one replacement keeps trying generations before it is left to the next detection.
+#: Seconds one replacement keeps trying before it is left to the next detection.
 PLACEMENT_BUDGET = 90.0
+#: Seconds between tries JetStream refused outright (its meta leader being elected: a 503), which
+#: placed nothing, so the same name is tried again.
+REFUSED_RETRY_SECONDS = 1.0
 
 
 async def replace_consumer(services: Services, view: JobView) -> bool:
@@ -74,20 +82,30 @@ async def replace_consumer(services: Services, view: JobView) -> bool:
                 services, replace(target, consumer_generation=new), CREATE_TIMEOUT
             )
             break
-        except jetstream.NOT_ANSWERING:
+        except jetstream.NOT_ANSWERING as err:
+            if not jetstream.not_answering(err):
+                raise
             await jetstream.pipeline_stream_exists(services.js, pipeline)  # raises: NATS itself is away
+            misplaced = isinstance(err, nats.errors.TimeoutError)  # else refused: nothing was placed
             out_of_time = time.monotonic() >= deadline
             log.warning(
-                "job %s: the new consumer %s did not answer its creation (placed on a server that is "
-                "down and not yet known to be offline)%s",
+                "job %s: the new consumer %s was not created (%s)%s",
                 uid,
                 protocol.task_consumer(uid, new),
-                "; left to the next detection" if out_of_time else "; trying the next generation",
+                "it did not answer: placed on a server that is down and not yet known to be offline"
+                if misplaced
+                else f"JetStream refused it for now: {type(err).__name__}: {err}",
+                "; left to the next detection"
+                if out_of_time
+                else ("; trying the next generation" if misplaced else "; trying again"),
             )
             if out_of_time:
                 return False
-            new += 1
-            await view.write({"consumerGeneration": new})  # before it exists: crash-safe as above
+            if misplaced:
+                new += 1
+                await view.write({"consumerGeneration": new})  # before it exists: crash-safe as above
+            else:
+                await asyncio.sleep(REFUSED_RETRY_SECONDS)
     await jetstream.register_job(services.registry, entry)
     if not await jetstream.delete_replaced_consumer(services.js, pipeline, uid, old):
         log.info(
