@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import nats.errors
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -39,13 +38,14 @@ CONSUMER_OFFLINE_CODE = 10119
 
 #: What a request to a consumer whose one server does not answer may raise (the server down, or
 #: the consumer's leader not elected yet); `not_answering` says which of them mean that.
-NOT_ANSWERING = (nats.errors.TimeoutError, NoRespondersError, APIError)
+NOT_ANSWERING = (TimeoutError, NoRespondersError, APIError)
 
 
 def not_answering(err: BaseException) -> bool:
-    """Whether a consumer request failed because the consumer's server is away: it timed out,
-    nobody answered, JetStream said 503, or it said the consumer is offline."""
-    if isinstance(err, (nats.errors.TimeoutError, NoRespondersError, ServiceUnavailableError)):
+    """Whether a consumer request failed because the consumer's server is away: it timed out
+    (nats' TimeoutError is a TimeoutError too), nobody answered, JetStream said 503, or it said
+    the consumer is offline."""
+    if isinstance(err, (TimeoutError, NoRespondersError, ServiceUnavailableError)):
         return True
     return isinstance(err, APIError) and err.err_code == CONSUMER_OFFLINE_CODE
 
@@ -190,8 +190,8 @@ async def delete_replaced_consumer(js: JetStreamContext, pipeline: str, uid: str
         await asyncio.wait_for(js.delete_consumer(stream, consumer), OLD_CONSUMER_DELETE_TIMEOUT)
     except NotFoundError:
         return False
-    except (*NOT_ANSWERING, TimeoutError) as err:  # nats' TimeoutError is a TimeoutError too
-        if isinstance(err, APIError) and not not_answering(err):
+    except NOT_ANSWERING as err:
+        if not not_answering(err):
             raise
         return False
     return True

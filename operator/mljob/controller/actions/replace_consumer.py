@@ -16,11 +16,11 @@ server, paid only then.
 Where the new consumer lands is the meta leader's choice among the stream's servers, and a
 server killed without a word is only known to be offline after NATS's orphan timeout (5 x 30 s);
 the new consumer can land on the very server that is lost, and its creation then times out. The
-next generation is tried at once (a creation JetStream refuses outright, a 503 while its meta
-leader is elected, placed nothing: the same name is tried again a second later), each creation
-given `CREATE_TIMEOUT` (one on a live server
+next generation is tried at once, each creation given `CREATE_TIMEOUT` (one on a live server
 takes milliseconds), for up to `PLACEMENT_BUDGET` seconds, rather than waiting another
-`MLJOB_CONSUMER_REPLACE_SECONDS` for the misplaced one to fall silent. On the clustered test
+`MLJOB_CONSUMER_REPLACE_SECONDS` for the misplaced one to fall silent. A creation JetStream
+refuses outright (a 503 while its meta leader is elected) placed nothing: the same name is tried
+again a second later. On the clustered test
 stack the meta leader was seen to place five tries in a row on the lost server, so the budget
 is one of time, not of tries. Each misplaced try is an empty consumer on the lost server: the
 job's cleanup deletes it once its server answers again, else the orphan sweep.
@@ -36,8 +36,6 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-
-import nats.errors
 
 from mljob import protocol
 from mljob.adapters import jetstream
@@ -86,18 +84,20 @@ async def replace_consumer(services: Services, view: JobView) -> bool:
             if not jetstream.not_answering(err):
                 raise
             await jetstream.pipeline_stream_exists(services.js, pipeline)  # raises: NATS itself is away
-            misplaced = isinstance(err, nats.errors.TimeoutError)  # else refused: nothing was placed
+            misplaced = isinstance(err, TimeoutError)  # else refused: nothing was placed
             out_of_time = time.monotonic() >= deadline
+            if misplaced:
+                why = "it did not answer: placed on a server that is down and not yet known to be offline"
+                then = "trying the next generation"
+            else:
+                why = f"JetStream refused it for now: {type(err).__name__}: {err}"
+                then = "trying again"
             log.warning(
-                "job %s: the new consumer %s was not created (%s)%s",
+                "job %s: the new consumer %s was not created (%s); %s",
                 uid,
                 protocol.task_consumer(uid, new),
-                "it did not answer: placed on a server that is down and not yet known to be offline"
-                if misplaced
-                else f"JetStream refused it for now: {type(err).__name__}: {err}",
-                "; left to the next detection"
-                if out_of_time
-                else ("; trying the next generation" if misplaced else "; trying again"),
+                why,
+                "left to the next detection" if out_of_time else then,
             )
             if out_of_time:
                 return False
